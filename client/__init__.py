@@ -1,0 +1,1 @@
+"""The hospital side: the ClientApp, local training, and (later) the site daemon."""

@@ -1,0 +1,97 @@
+"""The Flower ClientApp: thin glue between Flower messages and ``fedscan.client.training``.
+
+What leaves the site: the model weights after local training, scalar metrics, the example
+count, and the site's name. Errors are logged in full locally; the server gets only a
+generic reason, never a path, a DICOM value or a patient identifier.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedscan.client import training
+from fedscan.common.config import AppConfig
+from fedscan.common.data.layout import SiteDir
+from fedscan.common.errors import FedscanError
+from fedscan.common.weights import load_record, to_record
+
+log = logging.getLogger("fedscan.client")
+
+app = ClientApp()
+
+# Preprocessed arrays stay on the site's machine, outside the hospital's data folder.
+DEFAULT_CACHE = Path.home() / ".cache" / "fedscan"
+
+
+class SiteFailure(RuntimeError):
+    """What the server is told when a site fails: a category, no details."""
+
+
+@contextmanager
+def _site_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except FedscanError as exc:
+        log.error("site %s failed: %s", what, exc)
+        raise SiteFailure(f"site {what} failed: data or configuration problem (see the site log)") from None
+    except Exception:
+        log.exception("site %s failed", what)
+        raise SiteFailure(f"site {what} failed: internal error (see the site log)") from None
+
+
+def _site_dir(context: Context, cfg: AppConfig) -> SiteDir:
+    nc = context.node_config
+    if "data-dir" in nc:  # a deployed SuperNode names its own data folder
+        path = Path(str(nc["data-dir"]))
+        return SiteDir(str(nc.get("site-name", path.name)), path)
+    pid = int(nc["partition-id"])  # simulation: one partition per site folder
+    name = cfg.site_names[pid]
+    if cfg.run.data_root is None:
+        raise FedscanError("the run has no data_root for simulated sites")
+    return SiteDir(name, cfg.run.data_root / name)
+
+
+def _open(context: Context, cfg: AppConfig) -> training.LocalSite:
+    site = _site_dir(context, cfg)
+    node_cache = str(context.node_config.get("cache-dir", ""))
+    cache_root = cfg.run.cache_dir or (Path(node_cache) if node_cache else DEFAULT_CACHE)
+    return training.open_site(site, cfg.run, cache_root)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = AppConfig.from_run_config(context.run_config)
+    conf = msg.content["config"]
+    with _site_errors("training"):
+        site = _open(context, cfg)
+        model = training.new_model(cfg.run)
+        load_record(model, msg.content["arrays"])
+        metrics = training.train_local(
+            model, site, cfg.run,
+            server_round=int(conf["server-round"]),
+            epochs=int(conf.get("local-epochs", cfg.run.local_epochs)),
+            lr=float(conf.get("lr", cfg.run.learning_rate)),
+            batch_size=int(conf.get("batch-size", cfg.run.batch_size)),
+        )
+        log.info("site %s round %s: trained on %d slices, loss %.4f", site.name,
+                 conf["server-round"], site.train_idx.size, metrics["train_loss"])
+    content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = AppConfig.from_run_config(context.run_config)
+    with _site_errors("evaluation"):
+        site = _open(context, cfg)
+        model = training.new_model(cfg.run)
+        load_record(model, msg.content["arrays"])
+        metrics = training.evaluate_local(model, site, cfg.run)
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    return Message(content=content, reply_to=msg)

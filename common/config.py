@@ -1,0 +1,165 @@
+"""Typed run configuration: one pydantic schema, loaded from TOML, overridden by CLI flags.
+
+A run is described by :class:`RunConfig`. It is validated before anything starts, and a
+validation error names the field, where the value came from and the allowed values.
+:class:`AppConfig` is what the Flower apps receive: the run config plus the site list.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedscan.common.errors import FedscanError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# The names a user can choose. Later issues add to these tuples and to the registries.
+TASKS: tuple[str, ...] = ("segmentation",)
+MODELS: tuple[str, ...] = ("unet",)
+STRATEGIES: tuple[str, ...] = ("fedavg",)
+
+# The key under [tool.flwr.app.config] that carries the AppConfig as JSON.
+RUN_CONFIG_KEY = "fedscan-config"
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    name = value.strip().lower()
+    if name not in allowed:
+        raise ValueError(f"unknown {what} '{value}'; allowed: {', '.join(allowed)}")
+    return name
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a federated run. Field names double as TOML keys."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    task: str = Field("segmentation", description=f"one of: {', '.join(TASKS)}")
+    model: str = Field("unet", description=f"one of: {', '.join(MODELS)}")
+    strategy: str = Field("fedavg", description=f"one of: {', '.join(STRATEGIES)}")
+    rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
+    local_epochs: int = Field(6, ge=1, le=1000, description="local epochs per round")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
+    batch_size: int = Field(8, ge=1, le=4096)
+    image_size: int = Field(96, ge=32, le=1024, description="square side, multiple of 16")
+    base_channels: int = Field(16, ge=4, le=256, description="U-Net width")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    sites: int = Field(3, ge=1, le=64, description="number of synthetic hospitals")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_root: Path | None = Field(None, description="folder of site folders")
+    output: Path = Field(Path("fedscan-out"), description="output folder")
+    cache_dir: Path | None = Field(None, description="preprocessed-data cache")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="patients held out")
+    ct_window: tuple[float, float] = Field((40.0, 400.0), description="(level, width) HU")
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        return _choice(v, TASKS, "task")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _choice(v, MODELS, "model")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        return _choice(v, STRATEGIES, "strategy")
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (the U-Net halves it 4 times), got {v}")
+        return v
+
+    @field_validator("ct_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] <= 0:
+            raise ValueError(f"window width must be positive, got {v[1]}")
+        return v
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The config as plain TOML values (paths as strings, unset values left out)."""
+        return json.loads(self.model_dump_json(exclude_none=True))
+
+
+class AppConfig(BaseModel):
+    """What the ServerApp and ClientApps receive through Flower's run config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    site_names: list[str] = Field(default_factory=list)
+
+    def to_run_config(self) -> dict[str, str]:
+        return {RUN_CONFIG_KEY: self.model_dump_json()}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> AppConfig:
+        raw = run_config.get(RUN_CONFIG_KEY, "")
+        if not raw:
+            return cls()
+        return cls.model_validate_json(str(raw))
+
+
+def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        top = str(e["loc"][0]) if e["loc"] else ""
+        src = sources.get(top, "")
+        msg = e["msg"].removeprefix("Value error, ")
+        where = f" (from {src})" if src else ""
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or "unknown" in msg else f" (got {got!r})"
+        if e["type"] == "extra_forbidden":
+            known = ", ".join(RunConfig.model_fields)
+            lines.append(f"{field}{where}: not a fedscan setting; known settings: {known}")
+        else:
+            lines.append(f"{field}{where}: {msg}{shown}")
+    return "invalid run configuration:\n  " + "\n  ".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config TOML file, turning a missing or malformed file into a FedscanError."""
+    if not path.is_file():
+        raise FedscanError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedscanError(f"config file {path} is not valid TOML: {exc}") from None
+    # Accept both `local_epochs` and `local-epochs`; allow an optional [fedscan] table.
+    data = data.get("fedscan", data)
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_run_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Build a RunConfig from an optional TOML file and CLI overrides (None = not given)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        for key, val in read_toml(path).items():
+            values[key] = val
+            sources[key] = str(path)
+    for key, val in (overrides or {}).items():
+        if val is None:
+            continue
+        values[key] = val
+        sources[key] = "--" + key.replace("_", "-")
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as err:
+        raise FedscanError(_format_errors(err, sources)) from None

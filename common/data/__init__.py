@@ -1,0 +1,1 @@
+"""Site data: DICOM in, aligned masks, preprocessing, cache, datasets, synthetic sites."""

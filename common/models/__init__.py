@@ -1,0 +1,1 @@
+"""Networks fedscan trains, chosen by name through the registry."""

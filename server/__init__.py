@@ -1,0 +1,1 @@
+"""The coordinator side: the ServerApp, strategies, reports and the simulation launcher."""

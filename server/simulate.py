@@ -1,0 +1,339 @@
+"""`fedscan simulate`: a whole federation on one machine, on Flower's simulation engine.
+
+The launcher owns the Flower runtime it uses. It starts a private ``flower-superlink
+--simulation`` (Ray backend) on free loopback ports with a per-run FLWR_HOME, telemetry,
+update checks and runtime dependency installation off; submits the app with ``flwr run
+--stream``; shows per-round progress from the log stream; and stops every process it
+started, also on failure or Ctrl-C. A stale SuperLink on Flower's default ports is
+neither reused nor disturbed.
+
+Before Flower starts, every site is checked and its DICOM preprocessed into the local
+cache, so bad input fails fast with a message that names the site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli_w
+
+from fedscan.common.config import AppConfig, RunConfig
+from fedscan.common.data.layout import SiteDir, check_site, discover_sites
+from fedscan.common.data.synthetic import synthesize
+from fedscan.common.errors import FedscanError
+from fedscan.server.app import PROGRESS_TAG
+from fedscan.server.report import PER_SITE_CSV, REPORT_JSON, REPORT_MD
+
+log = logging.getLogger("fedscan.simulate")
+
+OUTPUT_NAMES = (REPORT_JSON, PER_SITE_CSV, REPORT_MD, "global_model.pt", "run_config.toml", "checkpoints")
+CONNECTION = "fedscan-sim"
+APP_NAME = "fedscan"
+
+# The Flower app that `flwr run` submits: the components of the installed fedscan package.
+# Same components as [tool.flwr.app] in the repository's pyproject.toml.
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedscan"
+version = "{version}"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedscan"
+
+[tool.flwr.app.components]
+serverapp = "fedscan.server.app:app"
+clientapp = "fedscan.client.app:app"
+
+[tool.flwr.app.config]
+fedscan-config = ""
+"""
+
+
+def offline_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: private home, no telemetry, no network installs."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    # make sure the Flower executables of this interpreter's environment are found first
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _flower_exe(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise FedscanError(f"'{name}' was not found; is flwr[simulation] installed in this environment?")
+    return found
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop ``proc`` and every process it started: SIGTERM, then SIGKILL after ``timeout``."""
+    try:
+        parent = psutil.Process(proc.pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    try:  # the whole session we started, including re-parented grandchildren
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class LocalSuperLink:
+    """A private simulation SuperLink for one run; a context manager that always cleans up."""
+
+    def __init__(self, home: Path, log_file: Path, startup_timeout: float = 60.0) -> None:
+        self.home = home
+        self.log_file = log_file
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalSuperLink:
+        self.port = free_port()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            _flower_exe("flower-superlink"), "--insecure", "--simulation",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--isolation", "subprocess",
+            "--disable-runtime-dependency-installation",
+        ]
+        self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in __exit__
+        self.proc = subprocess.Popen(
+            cmd, env=offline_env(self.home), stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"http://127.0.0.1:{self.port}/health"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FedscanError(
+                    f"the Flower SuperLink exited at start (code {self.proc.returncode})",
+                    hint=f"see {self.log_file}",
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise FedscanError(
+            f"the Flower SuperLink did not become ready within {self.startup_timeout:.0f}s",
+            hint=f"see {self.log_file}",
+        )
+
+    def write_connection(self) -> None:
+        """Write FLWR_HOME/config.toml so that `flwr run ... fedscan-sim` reaches this link."""
+        conf = {
+            "superlink": {
+                "default": CONNECTION,
+                CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True},
+            }
+        }
+        (self.home / "config.toml").write_text(tomli_w.dumps(conf))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_process_tree(self.proc)
+            self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs' results in one folder unless --overwrite is given."""
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [n for n in OUTPUT_NAMES if (out / n).exists()]
+    if existing and not overwrite:
+        raise FedscanError(
+            f"output folder {out} already holds results of a run ({', '.join(existing)})",
+            hint="choose a new --out, or pass --overwrite to replace them",
+        )
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def resolve_sites(cfg: RunConfig, out: Path, overwrite: bool, say: Callable[[str], None]) -> tuple[Path, list[SiteDir]]:
+    """The data root (synthesizing hospitals when none is given) and its checked sites."""
+    if cfg.data_root is None:
+        data_root = out / "data"
+        say(f"synthesizing {cfg.sites} hospitals (seed {cfg.seed}) into {data_root}")
+        synthesize(data_root, cfg.sites, cfg.seed, overwrite=True)
+    else:
+        data_root = Path(cfg.data_root).expanduser().resolve()
+    sites = discover_sites(data_root)
+    for site in sites:
+        check_site(site, cfg.task)
+    return data_root, sites
+
+
+def client_resources(cfg: RunConfig, n_sites: int) -> dict[str, Any]:
+    """Ray resources per simulated site: one CPU each; a share of the GPU when there is one."""
+    import torch
+
+    gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    return {
+        "num-supernodes": n_sites,
+        "client-resources-num-cpus": 1,
+        "client-resources-num-gpus": round(1.0 / min(n_sites, 4), 3) if gpu else 0.0,
+    }
+
+
+def _federation_config(values: dict[str, Any]) -> str:
+    parts = []
+    for k, v in values.items():
+        parts.append(f"{k}={json.dumps(v)}")
+    return " ".join(parts)
+
+
+def run_simulation(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    on_progress: Callable[[str], None] = print,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a simulated federation; return report.json's content. Raises FedscanError."""
+    say = on_stage or on_progress
+    out = Path(cfg.output).expanduser().resolve()
+    prepare_output(out, overwrite)
+    data_root, sites = resolve_sites(cfg, out, overwrite, say)
+    cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
+    run = cfg.model_copy(update={"data_root": data_root, "output": out, "cache_dir": cache_dir})
+
+    # Decode and preprocess every site now: bad data fails here, naming the site.
+    from fedscan.client.training import open_site  # torch import kept off the CLI's fast path
+
+    for site in sites:
+        say(f"checking and preprocessing site '{site.name}'")
+        local = open_site(site, run, cache_dir)
+        say(f"  {site.name}: {len(local.data)} slices from {local.data.n_patients} patients "
+            f"({local.train_idx.size} train / {local.val_idx.size} validation)")
+
+    app_cfg = AppConfig(run=run, site_names=[s.name for s in sites])
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedscan-flwr-") as tmp:
+        tmp_path = Path(tmp)
+        app_dir = tmp_path / "app"
+        app_dir.mkdir()
+        from fedscan.common import __version__
+
+        (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
+        overrides = tmp_path / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
+        home = tmp_path / "flwr-home"
+        say(f"starting Flower's simulation engine for {len(sites)} sites")
+        with LocalSuperLink(home, logs / "superlink.log") as link:
+            link.write_connection()
+            cmd = [
+                _flower_exe("flwr"), "run", str(app_dir), CONNECTION,
+                "--run-config", str(overrides),
+                "--federation-config", _federation_config(client_resources(run, len(sites))),
+                "--stream",
+            ]
+            _stream_run(cmd, offline_env(home), logs / "flower.log", on_progress)
+
+    report_path = out / REPORT_JSON
+    if not report_path.is_file():
+        raise FedscanError("the federated run ended without a report", hint=f"see {logs / 'flower.log'}")
+    report = json.loads(report_path.read_text())
+    if report.get("status") != "complete":
+        raise FedscanError(
+            f"the federated run did not complete ({report.get('rounds_completed', 0)} of "
+            f"{report.get('rounds')} rounds); partial results are in {out}",
+            hint=f"see {logs / 'flower.log'}",
+        )
+    return report
+
+
+def _stream_run(cmd: list[str], env: dict[str, str], log_path: Path, on_progress: Callable[[str], None]) -> None:
+    """Run `flwr run --stream`, keep its whole output in a log, pass progress lines on."""
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, bufsize=1, start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                idx = line.find(PROGRESS_TAG)
+                if idx >= 0:
+                    on_progress(line[idx + len(PROGRESS_TAG):].rstrip())
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                stop_process_tree(proc)
+    if proc.returncode != 0:
+        raise FedscanError(f"`flwr run` failed (exit code {proc.returncode})", hint=f"see {log_path}")

@@ -1,0 +1,71 @@
+"""Federated strategies, extended to keep each site's evaluation under its own name.
+
+Flower's strategies average evaluation metrics across sites; a hospital needs to see its
+own numbers. :class:`PerSiteEvaluation` records every reply's metrics under the site name
+the client sends, before the usual aggregation runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedscan.common.config import RunConfig
+
+log = logging.getLogger("fedscan.server")
+
+SiteMetrics = dict[str, dict[str, float]]
+
+
+def site_metrics_from_replies(replies: Iterable[Message]) -> SiteMetrics:
+    """{site name: {metric: value}} from evaluation replies; failed replies are logged."""
+    per_site: SiteMetrics = {}
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log.warning("node %s did not evaluate: %s", node, msg.error.reason)
+            continue
+        name = f"node-{node}"
+        if "site" in msg.content.config_records:
+            name = str(msg.content.config_records["site"].get("name", name))
+        records = list(msg.content.metric_records.values())
+        if not records:
+            log.warning("site %s sent no metrics", name)
+            continue
+        per_site[name] = {k: float(v) for k, v in records[0].items() if isinstance(v, (int, float))}
+    return per_site
+
+
+class PerSiteEvaluation(Strategy):
+    """Mixin: keeps ``site_history[round] = {site: metrics}``, then aggregates as usual."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.site_history: dict[int, SiteMetrics] = {}
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self.site_history[server_round] = site_metrics_from_replies(replies)
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
+
+
+class PerSiteFedAvg(PerSiteEvaluation, FedAvg):
+    """FedAvg (McMahan et al., AISTATS 2017) with per-site evaluation records."""
+
+
+_STRATEGIES: dict[str, type[PerSiteEvaluation]] = {"fedavg": PerSiteFedAvg}
+
+
+def build_strategy(cfg: RunConfig, n_sites: int) -> PerSiteEvaluation:
+    """The run's strategy; every site trains and evaluates in every round."""
+    cls = _STRATEGIES[cfg.strategy]
+    return cls(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=n_sites,
+        min_evaluate_nodes=n_sites,
+        min_available_nodes=n_sites,
+    )
