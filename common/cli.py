@@ -150,16 +150,20 @@ def simulate(
         task_id = progress.add_task("rounds", total=cfg.rounds)
 
         def on_progress(line: str) -> None:
+            if not progress.live.is_started:
+                progress.start()  # the bar appears once Flower runs the first round
             progress.console.print(f"  {line}", highlight=False)
             m = _ROUND_RE.search(line)
             if m and "done" in line:
                 progress.update(task_id, completed=int(m.group(1)))
 
         def on_stage(line: str) -> None:
-            progress.console.print(f"[dim]{line}[/]", highlight=False)
+            console.print(f"[dim]{line}[/]", highlight=False)
 
-        with progress:
+        try:
             report = run_simulation(cfg, overwrite=overwrite, on_progress=on_progress, on_stage=on_stage)
+        finally:
+            progress.stop()
         final = report["final"]
         out_dir = Path(cfg.output).resolve()
         out_console.print((out_dir / "report.md").read_text(), highlight=False)

@@ -48,7 +48,7 @@ class RunConfig(BaseModel):
     rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
     local_epochs: int = Field(6, ge=1, le=1000, description="local epochs per round")
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
-    batch_size: int = Field(8, ge=1, le=4096)
+    batch_size: int = Field(4, ge=1, le=4096)
     image_size: int = Field(96, ge=32, le=1024, description="square side, multiple of 16")
     base_channels: int = Field(16, ge=4, le=256, description="U-Net width")
     seed: int = Field(0, ge=0, le=2**31 - 1)

@@ -222,7 +222,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def resolve_sites(cfg: RunConfig, out: Path, overwrite: bool, say: Callable[[str], None]) -> tuple[Path, list[SiteDir]]:
+def resolve_sites(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> tuple[Path, list[SiteDir]]:
     """The data root (synthesizing hospitals when none is given) and its checked sites."""
     if cfg.data_root is None:
         data_root = out / "data"
@@ -265,8 +265,12 @@ def run_simulation(
     """Run a simulated federation; return report.json's content. Raises FedscanError."""
     say = on_stage or on_progress
     out = Path(cfg.output).expanduser().resolve()
-    prepare_output(out, overwrite)
-    data_root, sites = resolve_sites(cfg, out, overwrite, say)
+    if cfg.data_root is not None:  # check the data before anything is written
+        data_root, sites = resolve_sites(cfg, out, say)
+        prepare_output(out, overwrite)
+    else:
+        prepare_output(out, overwrite)
+        data_root, sites = resolve_sites(cfg, out, say)
     cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
     run = cfg.model_copy(update={"data_root": data_root, "output": out, "cache_dir": cache_dir})
 

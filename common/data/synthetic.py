@@ -129,7 +129,7 @@ def make_profiles(n_sites: int, seed: int) -> list[SiteProfile]:
                 manufacturer=make,
                 manufacturer_model=model,
                 lesion_prevalence=round(float(prevalence[i]), 2),
-                label_noise=0.3 if i == label_noise_site else 0.0,
+                label_noise=0.2 if i == label_noise_site else 0.0,
                 file_extension="" if i % 2 else ".dcm",
             )
         )
@@ -196,13 +196,13 @@ def _draw_lesions(
     lx, ly, lax, lay = liver
     masks = []
     for _ in range(k):
-        r = rng.uniform(7.0, 20.0)
+        r = rng.uniform(9.0, 22.0)
         # keep the centre far enough inside the liver for the whole lesion to fit
         ang, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 1))
         cx = lx + np.cos(ang) * rad * max(lax - r, 1.0)
         cy = ly + np.sin(ang) * rad * max(lay - r, 1.0)
         m = _ellipse(x, y, cx, cy, r, r * rng.uniform(0.75, 1.25))
-        contrast = rng.uniform(45, 90) * (1 if rng.random() < 0.4 else -1)
+        contrast = rng.uniform(50, 100) * (1 if rng.random() < 0.4 else -1)
         img[m] = 60.0 + contrast
         masks.append(m)
     return masks

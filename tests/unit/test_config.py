@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from fedscan.common.config import AppConfig, RunConfig, load_run_config
+from fedscan.common.errors import FedscanError
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_run_config()
+    assert cfg.model == "unet" and cfg.strategy == "fedavg" and cfg.rounds >= 1
+
+
+def test_unknown_model_names_field_and_allowed_values() -> None:
+    with pytest.raises(FedscanError) as exc:
+        load_run_config(overrides={"model": "resnet999"})
+    msg = str(exc.value)
+    assert "model (from --model)" in msg
+    assert "unknown model 'resnet999'" in msg and "allowed: unet" in msg
+
+
+def test_unknown_strategy() -> None:
+    with pytest.raises(FedscanError, match=r"strategy .*allowed: fedavg"):
+        load_run_config(overrides={"strategy": "fedmagic"})
+
+
+def test_rounds_below_one() -> None:
+    with pytest.raises(FedscanError) as exc:
+        load_run_config(overrides={"rounds": 0})
+    assert "rounds (from --rounds)" in str(exc.value)
+    assert "greater than or equal to 1" in str(exc.value)
+
+
+def test_image_size_must_be_multiple_of_16() -> None:
+    with pytest.raises(FedscanError, match="image_size.*multiple of 16"):
+        load_run_config(overrides={"image_size": 100})
+
+
+def test_toml_file_then_cli_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text('rounds = 7\nlocal-epochs = 3\nmodel = "UNET"\nseed = 5\n')
+    cfg = load_run_config(f, {"rounds": 2, "seed": None})
+    assert cfg.rounds == 2  # the flag wins
+    assert cfg.local_epochs == 3 and cfg.seed == 5  # the file fills the rest
+    assert cfg.model == "unet"  # names are case-insensitive
+
+
+def test_toml_errors_name_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text("rounds = -1\nlearnig_rate = 0.1\n")
+    with pytest.raises(FedscanError) as exc:
+        load_run_config(f)
+    msg = str(exc.value)
+    assert f"rounds (from {f})" in msg
+    assert "learnig_rate" in msg and "not a fedscan setting" in msg and "learning_rate" in msg
+
+
+def test_malformed_and_missing_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3\n")
+    with pytest.raises(FedscanError, match="not valid TOML"):
+        load_run_config(bad)
+    with pytest.raises(FedscanError, match="config file not found"):
+        load_run_config(tmp_path / "nope.toml")
+
+
+def test_device_choices() -> None:
+    with pytest.raises(FedscanError, match="device"):
+        load_run_config(overrides={"device": "tpu"})
+
+
+def test_app_config_round_trips_through_flower_run_config() -> None:
+    cfg = AppConfig(run=RunConfig(rounds=4, data_root=Path("/data")), site_names=["a", "b"])
+    back = AppConfig.from_run_config(cfg.to_run_config())
+    assert back == cfg
+    assert AppConfig.from_run_config({}) == AppConfig()
