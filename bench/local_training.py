@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from fedscan.client.training import evaluate_local, new_model, open_site, resolve_device, train_local
+from fedscan.client.training import evaluate_local, open_site, resolve_device, train_local
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.data.synthetic import synthesize
+from fedscan.common.models.registry import build_model
 
 
 def main() -> None:
@@ -39,10 +40,10 @@ def main() -> None:
             cfg = RunConfig(device=dev, local_epochs=args.epochs, image_size=args.image_size, seed=0)
             site = open_site(site_dir, cfg, Path(tmp) / "cache")
             torch.manual_seed(0)
-            model = new_model(cfg)
+            model = build_model(cfg)
             used = resolve_device(cfg.device)
             # warm-up: one short round so that CUDA context creation is not timed
-            train_local(new_model(cfg), site, cfg, server_round=0, epochs=1, lr=cfg.learning_rate,
+            train_local(build_model(cfg), site, cfg, server_round=0, epochs=1, lr=cfg.learning_rate,
                         batch_size=cfg.batch_size)
             if used.type == "cuda":
                 torch.cuda.synchronize()

@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedscan.client import training
 from fedscan.common.config import AppConfig
 from fedscan.common.data.layout import SiteDir
 from fedscan.common.errors import FedscanError
+from fedscan.common.models.registry import build_model
 from fedscan.common.weights import load_record, to_record
 
 log = logging.getLogger("fedscan.client")
@@ -70,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     with _site_errors("training"):
         site = _open(context, cfg)
-        model = training.new_model(cfg.run)
+        model = build_model(cfg.run)
         load_record(model, msg.content["arrays"])
         metrics = training.train_local(
             model, site, cfg.run,
@@ -90,7 +91,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     with _site_errors("evaluation"):
         site = _open(context, cfg)
-        model = training.new_model(cfg.run)
+        model = build_model(cfg.run)
         load_record(model, msg.content["arrays"])
         metrics = training.evaluate_local(model, site, cfg.run)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})

@@ -18,7 +18,7 @@ from torch import nn
 from fedscan.common.config import RunConfig
 from fedscan.common.data.dataset import SiteData, prepare_site, split_patients
 from fedscan.common.data.layout import SiteDir, check_site
-from fedscan.common.models.registry import NUM_CLASSES, build_model
+from fedscan.common.models.registry import NUM_CLASSES
 from fedscan.common.tasks import segmentation
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ def open_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> LocalSi
     data = prepare_site(site, cfg, cache_root)
     train_idx, val_idx = split_patients(data.patient, cfg.val_fraction, cfg.seed)
     return LocalSite(site.name, data, train_idx, val_idx)
-
-
-def new_model(cfg: RunConfig) -> nn.Module:
-    return build_model(cfg)
 
 
 def train_local(

@@ -54,6 +54,9 @@ def main(grid: Grid, context: Context) -> None:
             for s, r in summary["per_site"].items()
         )
         mean = summary["mean"]["dice"]
+        missing = recorder.history[-1].get("missing_sites")
+        if missing:
+            _progress("round %d: no evaluation from %s", server_round, ", ".join(missing))
         _progress("round %d/%d done: mean dice %s (%s)", server_round, run.rounds,
                   "n/a" if mean is None else f"{mean:.3f}", per_site)
         return None

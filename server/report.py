@@ -25,8 +25,6 @@ REPORT_JSON = "report.json"
 PER_SITE_CSV = "per_site.csv"
 REPORT_MD = "report.md"
 COLUMNS = (*METRICS, "loss", "num_examples")
-# for each metric, whether larger is better
-HIGHER_IS_BETTER = {"dice": True, "iou": True, "hd95": False, "loss": False}
 
 
 def _clean(value: Any) -> Any:
@@ -70,7 +68,13 @@ class RunRecorder:
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def record_round(self, server_round: int, per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
-        entry = {"round": server_round, "per_site": {s: site_row(m) for s, m in sorted(per_site.items())}}
+        entry: dict[str, Any] = {
+            "round": server_round,
+            "per_site": {s: site_row(m) for s, m in sorted(per_site.items())},
+        }
+        missing = [s for s in self.cfg.site_names if s not in per_site]
+        if missing:  # a site that failed or dropped out is named, not silently absent
+            entry["missing_sites"] = missing
         self.history = [h for h in self.history if h["round"] != server_round] + [entry]
         return summarize(entry["per_site"])
 

@@ -60,10 +60,6 @@ class SiteScan:
     series: list[SeriesHeader] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
-    @property
-    def n_files(self) -> int:
-        return sum(len(s.files) for s in self.series)
-
 
 def _floats(value: object, n: int) -> np.ndarray | None:
     try:

@@ -69,12 +69,11 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     assert (out / "global_model.pt").is_file() and (out / "run_config.toml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
 
-    import torch
-
     from fedscan.common.config import RunConfig
     from fedscan.common.models.registry import build_model
+    from fedscan.server.checkpoint import load_checkpoint
 
-    ckpt = torch.load(out / "global_model.pt", weights_only=True)
+    ckpt = load_checkpoint(out / "global_model.pt")
     assert ckpt["round"] == 2
     model = build_model(RunConfig.model_validate(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])  # the saved weights fit the configured model

@@ -69,6 +69,10 @@ def test_recorder_writes_history_final_mean_and_worst(tmp_path: Path) -> None:
                          "b": {"dice": 0.6, "iou": 0.5, "hd95": float("nan"), "loss": 0.5, "num-examples": 24}})
     rec.write("complete")
     rep = json.loads((tmp_path / "report.json").read_text())
+    assert "missing_sites" not in rep["history"][0]
+    rec.record_round(3, {"a": {"dice": 0.5, "num-examples": 12}})
+    assert rec.history[-1]["missing_sites"] == ["b"]
+    rec.history.pop()
     assert rep["status"] == "complete" and rep["rounds_completed"] == 2
     assert [h["round"] for h in rep["history"]] == [1, 2]
     assert rep["history"][0]["per_site"]["b"] == {

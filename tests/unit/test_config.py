@@ -74,3 +74,14 @@ def test_app_config_round_trips_through_flower_run_config() -> None:
     back = AppConfig.from_run_config(cfg.to_run_config())
     assert back == cfg
     assert AppConfig.from_run_config({}) == AppConfig()
+
+
+def test_flower_processes_run_offline(tmp_path: Path) -> None:
+    from fedscan.server.simulate import offline_env
+
+    env = offline_env(tmp_path)
+    assert env["FLWR_HOME"] == str(tmp_path)
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
