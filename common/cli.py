@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,9 +49,14 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every started process is stopped
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Print a FedscanError as a plain message and exit 2; Ctrl-C exits 130."""
+    """Print a FedscanError as a plain message and exit 2; Ctrl-C or SIGTERM exits 130."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     except FedscanError as exc:

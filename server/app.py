@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedscan.common.config import AppConfig
 from fedscan.common.models.registry import build_model
+from fedscan.common.weights import to_record
 from fedscan.server import checkpoint
 from fedscan.server.report import RunRecorder
 from fedscan.server.strategies import build_strategy
@@ -67,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=to_record(model),
             num_rounds=run.rounds,
             train_config=round_config,
             evaluate_config=ConfigRecord(),

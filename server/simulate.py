@@ -36,7 +36,8 @@ from fedscan.common.data.layout import SiteDir, check_site, discover_sites
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.errors import FedscanError
 from fedscan.server.app import PROGRESS_TAG
-from fedscan.server.report import PER_SITE_CSV, REPORT_JSON, REPORT_MD
+from fedscan.server.checkpoint import atomic_write_bytes
+from fedscan.server.report import PER_SITE_CSV, REPORT_JSON, REPORT_MD, report_markdown
 
 log = logging.getLogger("fedscan.simulate")
 
@@ -157,11 +158,11 @@ class LocalSuperLink:
             "--disable-runtime-dependency-installation",
         ]
         self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(
-            cmd, env=offline_env(self.home), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
         try:
+            self.proc = subprocess.Popen(
+                cmd, env=offline_env(self.home), stdout=self._log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
             self._wait_ready()
         except BaseException:
             self.__exit__(None, None, None)
@@ -297,15 +298,23 @@ def run_simulation(
         overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
         home = tmp_path / "flwr-home"
         say(f"starting Flower's simulation engine for {len(sites)} sites")
-        with LocalSuperLink(home, logs / "superlink.log") as link:
-            link.write_connection()
-            cmd = [
-                _flower_exe("flwr"), "run", str(app_dir), CONNECTION,
-                "--run-config", str(overrides),
-                "--federation-config", _federation_config(client_resources(run, len(sites))),
-                "--stream",
-            ]
-            _stream_run(cmd, offline_env(home), logs / "flower.log", on_progress)
+        try:
+            with LocalSuperLink(home, logs / "superlink.log") as link:
+                link.write_connection()
+                cmd = [
+                    _flower_exe("flwr"), "run", str(app_dir), CONNECTION,
+                    "--run-config", str(overrides),
+                    "--federation-config", _federation_config(client_resources(run, len(sites))),
+                    "--stream",
+                ]
+                _stream_run(cmd, offline_env(home), logs / "flower.log", on_progress)
+        except KeyboardInterrupt:
+            _mark_unfinished(out, "interrupted")
+            raise
+        except BaseException:
+            _mark_unfinished(out, "failed")
+            raise
+    _mark_unfinished(out, "failed")  # a ServerApp that died cannot have said so itself
 
     report_path = out / REPORT_JSON
     if not report_path.is_file():
@@ -318,6 +327,19 @@ def run_simulation(
             hint=f"see {logs / 'flower.log'}",
         )
     return report
+
+
+def _mark_unfinished(out: Path, status: str) -> None:
+    """Record in report.json that a run stopped before the ServerApp could finish it."""
+    path = out / REPORT_JSON
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if report.get("status") == "running":
+        report["status"] = status
+        atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write_bytes(out / REPORT_MD, report_markdown(report).encode())
 
 
 def _stream_run(cmd: list[str], env: dict[str, str], log_path: Path, on_progress: Callable[[str], None]) -> None:
