@@ -17,7 +17,7 @@ from torch import nn
 
 from fedscan.common.config import RunConfig
 from fedscan.common.data.dataset import SiteData, prepare_site, split_patients
-from fedscan.common.data.layout import SiteDir, check_site
+from fedscan.common.data.layout import SiteDir
 from fedscan.common.models.registry import NUM_CLASSES
 from fedscan.common.tasks import segmentation
 
@@ -50,7 +50,6 @@ class LocalSite:
 
 
 def open_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> LocalSite:
-    check_site(site, cfg.task)
     data = prepare_site(site, cfg, cache_root)
     train_idx, val_idx = split_patients(data.patient, cfg.val_fraction, cfg.seed)
     return LocalSite(site.name, data, train_idx, val_idx)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,10 +181,7 @@ def simulate(
 
 def main() -> None:
     """Entry point of the `fedscan` console script."""
-    try:
-        app()
-    except SystemExit as exc:
-        sys.exit(exc.code)
+    app()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import tomli_w
@@ -146,6 +146,7 @@ class LocalSuperLink:
         self.startup_timeout = startup_timeout
         self.port = 0
         self.proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
 
     def __enter__(self) -> LocalSuperLink:
         self.port = free_port()
@@ -205,8 +206,9 @@ class LocalSuperLink:
         if self.proc is not None:
             stop_process_tree(self.proc)
             self.proc = None
-        if getattr(self, "_log", None):
+        if self._log is not None:
             self._log.close()
+            self._log = None
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -250,10 +252,7 @@ def client_resources(cfg: RunConfig, n_sites: int) -> dict[str, Any]:
 
 
 def _federation_config(values: dict[str, Any]) -> str:
-    parts = []
-    for k, v in values.items():
-        parts.append(f"{k}={json.dumps(v)}")
-    return " ".join(parts)
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
 def run_simulation(

@@ -19,7 +19,7 @@ from fedscan.common.config import RunConfig
 from fedscan.common.data import cache
 from fedscan.common.data.dicom import list_files, read_pixels, scan_site
 from fedscan.common.data.labels import load_mask, mask_path
-from fedscan.common.data.layout import SiteDir
+from fedscan.common.data.layout import SiteDir, check_site
 from fedscan.common.data.preprocess import pad_to_square, resize_images, resize_labels, window
 from fedscan.common.errors import FedscanError
 
@@ -60,6 +60,7 @@ def preprocess_params(cfg: RunConfig) -> dict[str, object]:
 
 def build_site_data(site: SiteDir, cfg: RunConfig) -> SiteData:
     """Read DICOM and masks and preprocess them (no cache)."""
+    check_site(site, cfg.task)
     scan = scan_site(site.images)
     if scan.skipped:
         log.warning("site %s: %d file(s) not ingested", site.name, len(scan.skipped))
