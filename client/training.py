@@ -1,7 +1,7 @@
-"""Local training at a site, without Flower: device choice, seeding, train and evaluate.
+"""Local training at a site, without Flower: device and precision, seeding, train and evaluate.
 
 The ClientApp (``fedscan.client.app``) only converts Flower records to and from the
-calls here.
+calls here. The run's task (``fedscan.common.tasks``) owns the loss, loops and metrics.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch import nn
 from fedscan.common.config import RunConfig
 from fedscan.common.data.dataset import SiteData, prepare_site, split_patients
 from fedscan.common.data.layout import SiteDir
-from fedscan.common.models.registry import NUM_CLASSES
-from fedscan.common.tasks import segmentation
+from fedscan.common.tasks.precision import Precision, choose_precision
+from fedscan.common.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ def resolve_device(preference: str) -> torch.device:
     return torch.device("cuda")
 
 
+def run_precision(cfg: RunConfig) -> Precision:
+    """The device and numeric precision this site trains with (AMP only on CUDA)."""
+    return choose_precision(resolve_device(cfg.device), amp=cfg.amp, channels_last=cfg.channels_last)
+
+
 def site_seed(seed: int, site: str, server_round: int) -> int:
     """A per-site, per-round seed derived from the run seed: reproducible, not shared."""
     digest = hashlib.sha256(f"{seed}:{site}:{server_round}".encode()).digest()
@@ -41,16 +46,28 @@ def site_seed(seed: int, site: str, server_round: int) -> int:
 
 @dataclass
 class LocalSite:
-    """A site's prepared data and its patient-level split."""
+    """A site's prepared data and its patient-level split (slice indices)."""
 
     name: str
     data: SiteData
     train_idx: np.ndarray
     val_idx: np.ndarray
 
+    def describe(self) -> str:
+        """One line for the site's own log: sizes only, no identifiers."""
+        d = self.data
+        text = (f"{len(d)} images from {d.n_patients} patients "
+                f"({self.train_idx.size} train / {self.val_idx.size} validation images)")
+        if d.target is not None:
+            counts = np.bincount(np.asarray(d.target), minlength=2)
+            kind = "exams" if d.n_samples < len(d) else "labelled images"
+            text += f"; {d.n_samples} {kind}, per class {counts.tolist()}"
+        return text
+
 
 def open_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> LocalSite:
     data = prepare_site(site, cfg, cache_root)
+    get_task(cfg.task).check_data(data, cfg)
     train_idx, val_idx = split_patients(data.patient, cfg.val_fraction, cfg.seed)
     return LocalSite(site.name, data, train_idx, val_idx)
 
@@ -65,21 +82,15 @@ def train_local(
     lr: float,
     batch_size: int,
 ) -> dict[str, float]:
-    device = resolve_device(cfg.device)
-    metrics = segmentation.train(
-        model, site.data, site.train_idx, epochs=epochs, lr=lr, batch_size=batch_size,
-        device=device, seed=site_seed(cfg.seed, site.name, server_round),
+    metrics = get_task(cfg.task).train(
+        model, site.data, site.train_idx, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
+        seed=site_seed(cfg.seed, site.name, server_round), precision=run_precision(cfg),
     )
-    model.to("cpu")
-    metrics["num-examples"] = float(site.train_idx.size)
+    model.to("cpu", memory_format=torch.contiguous_format)
     return metrics
 
 
 def evaluate_local(model: nn.Module, site: LocalSite, cfg: RunConfig) -> dict[str, float]:
-    device = resolve_device(cfg.device)
-    metrics = segmentation.evaluate(
-        model, site.data, site.val_idx, batch_size=max(cfg.batch_size, 16), device=device,
-        n_classes=NUM_CLASSES,
-    )
-    model.to("cpu")
+    metrics = get_task(cfg.task).evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg))
+    model.to("cpu", memory_format=torch.contiguous_format)
     return metrics

@@ -8,7 +8,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -88,12 +88,17 @@ def synth(
     sites: int = typer.Option(3, "--sites", help="Number of hospitals to create."),
     out: Path = typer.Option(..., "--out", help="Folder to write the hospitals into."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same files."),
+    task: str = typer.Option("segmentation", "--task", help="segmentation (masks) or classification (labels.csv)."),
+    label_level: str = typer.Option("exam", "--label-level",
+                                    help="Classification: label whole exams (exam) or single images (image)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
 ) -> None:
-    """Create synthetic hospitals: CT-like DICOM series with lesion masks, one folder per site.
+    """Create synthetic hospitals: CT-like DICOM series with labels, one folder per site.
 
-    Sites differ like real hospitals do (noise, blur, calibration, slice thickness, scanner,
-    size, lesion prevalence, and one site with noisy labels); manifest.json records how.
+    Segmentation writes lesion masks; classification writes exams of 6-16 slices with a
+    label per exam (a lesion in any slice) or per image in labels/labels.csv. Sites differ
+    like real hospitals do (noise, blur, calibration, slice thickness, scanner, size, lesion
+    prevalence, and one site with noisy labels); manifest.json records how.
     """
     with user_errors():
         if sites < 1:
@@ -101,10 +106,17 @@ def synth(
         from fedscan.common.data.synthetic import synthesize
 
         with console.status("writing synthetic hospitals") as status:
-            manifest = synthesize(out, sites, seed, overwrite=overwrite,
+            manifest = synthesize(out, sites, seed, overwrite=overwrite, task=task.strip().lower(),
+                                  label_level=label_level.strip().lower(),
                                   on_site=lambda name: status.update(f"writing {name}"))
         for prof in manifest.sites:
             c = manifest.counts[prof.name]
+            if manifest.task == "classification":
+                out_console.print(
+                    f"{prof.name}: {c['exams']} exams, {c['slices']} slices, {c['labelled_positive']} "
+                    f"exams labelled positive ({prof.manufacturer}, noise {prof.noise_hu} HU)"
+                )
+                continue
             out_console.print(
                 f"{prof.name}: {c['patients']} patients, {c['slices']} slices, "
                 f"{c['lesion_slices']} with lesions ({prof.manufacturer}, noise {prof.noise_hu} HU)"
@@ -117,20 +129,20 @@ _ROUND_RE = re.compile(r"round (\d+)/(\d+)")
 
 @app.command()
 def simulate(
-    config: Optional[Path] = typer.Option(None, "--config", help="Run configuration (TOML)."),
-    sites: Optional[int] = typer.Option(None, "--sites", help="Synthetic hospitals to create when no --data-root is given."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="Federated rounds."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding one folder per site."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder for reports and weights."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    task: Optional[str] = typer.Option(None, "--task", help=f"One of: {', '.join(TASKS)}."),
-    model: Optional[str] = typer.Option(None, "--model", help=f"One of: {', '.join(MODELS)}."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help=f"One of: {', '.join(STRATEGIES)}."),
-    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local epochs per round."),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side in pixels (multiple of 16)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    config: Path | None = typer.Option(None, "--config", help="Run configuration (TOML)."),
+    sites: int | None = typer.Option(None, "--sites", help="Synthetic hospitals to create when no --data-root is given."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding one folder per site."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder for reports and weights."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    task: str | None = typer.Option(None, "--task", help=f"One of: {', '.join(TASKS)}."),
+    model: str | None = typer.Option(None, "--model", help=f"One of: {', '.join(MODELS)}."),
+    strategy: str | None = typer.Option(None, "--strategy", help=f"One of: {', '.join(STRATEGIES)}."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
+    learning_rate: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Image side in pixels (multiple of 16)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
 ) -> None:
     """Simulate a federation of hospitals on this machine and report results per site.
@@ -172,9 +184,10 @@ def simulate(
         final = report["final"]
         out_dir = Path(cfg.output).resolve()
         out_console.print((out_dir / "report.md").read_text(), highlight=False)
-        mean = final["mean"].get("dice")
+        main = report["metrics"]["main"]
+        mean = final["mean"].get(main)
         out_console.print(
-            f"mean Dice over {len(final['per_site'])} sites: "
+            f"mean {main} over {len(final['per_site'])} sites: "
             f"{'n/a' if mean is None else f'{mean:.3f}'}; results in {out_dir}"
         )
 

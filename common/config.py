@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedscan.common.errors import FedscanError
 
@@ -22,9 +22,26 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # The names a user can choose. Later issues add to these tuples and to the registries.
-TASKS: tuple[str, ...] = ("segmentation",)
-MODELS: tuple[str, ...] = ("unet",)
+TASKS: tuple[str, ...] = ("segmentation", "classification")
+MODELS: tuple[str, ...] = ("unet", "segnet", "densenet121", "resnet18", "mil")
 STRATEGIES: tuple[str, ...] = ("fedavg",)
+
+# Which models serve which task, and the model a task gets when none is named.
+TASK_MODELS: dict[str, tuple[str, ...]] = {
+    "segmentation": ("unet", "segnet"),
+    "classification": ("densenet121", "resnet18", "mil"),
+}
+DEFAULT_MODEL: dict[str, str] = {"segmentation": "unet", "classification": "mil"}
+# Models that classify whole exams (bags of images) rather than single images.
+EXAM_MODELS: tuple[str, ...] = ("mil",)
+# Settings a model gets unless the config file or a flag gives them. Tuned on the synthetic
+# hospitals for 3 rounds: the exam classifier learns from one label per exam and needs more
+# optimizer steps (small batches of exams, more local epochs); the classifiers work at 64 px.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mil": {"image_size": 64, "batch_size": 2, "local_epochs": 8},
+    "densenet121": {"image_size": 64, "batch_size": 16, "local_epochs": 2},
+    "resnet18": {"image_size": 64, "batch_size": 16, "local_epochs": 2},
+}
 
 # The key under [tool.flwr.app.config] that carries the AppConfig as JSON.
 RUN_CONFIG_KEY = "fedscan-config"
@@ -43,14 +60,23 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     task: str = Field("segmentation", description=f"one of: {', '.join(TASKS)}")
-    model: str = Field("unet", description=f"one of: {', '.join(MODELS)}")
+    model: str = Field("unet", description=f"one of: {', '.join(MODELS)}; default: unet or mil by task")
     strategy: str = Field("fedavg", description=f"one of: {', '.join(STRATEGIES)}")
     rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
     local_epochs: int = Field(6, ge=1, le=1000, description="local epochs per round")
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
     batch_size: int = Field(4, ge=1, le=4096)
     image_size: int = Field(96, ge=32, le=1024, description="square side, multiple of 16")
-    base_channels: int = Field(16, ge=4, le=256, description="U-Net width")
+    base_channels: int = Field(16, ge=4, le=256, description="U-Net and MIL encoder width")
+    unet_depth: int = Field(4, ge=1, le=6, description="U-Net pooling stages")
+    segnet_width: float = Field(1.0, gt=0.0, le=2.0, description="SegNet channel multiplier; 1.0 = VGG16")
+    num_classes: int = Field(2, ge=2, le=64, description="classes, background included")
+    class_weights: list[float] | Literal["balanced"] | None = Field(
+        None, description="classification loss weights per class, or 'balanced' (per site)"
+    )
+    mil_chunk_size: int = Field(32, ge=1, le=4096, description="images encoded at once per exam")
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")
+    channels_last: bool = Field(True, description="channels_last memory layout on CUDA")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     sites: int = Field(3, ge=1, le=64, description="number of synthetic hospitals")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -75,12 +101,55 @@ class RunConfig(BaseModel):
     def _strategy(cls, v: str) -> str:
         return _choice(v, STRATEGIES, "strategy")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_by_task_and_model(cls, data: Any) -> Any:
+        """A task without a named model gets the task's default model; a model its defaults."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("model") is None and isinstance(data.get("task"), str):
+            default = DEFAULT_MODEL.get(data["task"].strip().lower())
+            if default:
+                data["model"] = default
+        if isinstance(data.get("model"), str):
+            for key, value in MODEL_DEFAULTS.get(data["model"].strip().lower(), {}).items():
+                if data.get(key) is None:
+                    data[key] = value
+        return data
+
     @field_validator("image_size")
     @classmethod
     def _image_size(cls, v: int) -> int:
         if v % 16:
-            raise ValueError(f"must be a multiple of 16 (the U-Net halves it 4 times), got {v}")
+            raise ValueError(f"must be a multiple of 16, got {v}")
         return v
+
+    @field_validator("class_weights")
+    @classmethod
+    def _class_weights(cls, v: list[float] | str | None) -> list[float] | str | None:
+        if isinstance(v, list) and any(not (w > 0 and w < float("inf")) for w in v):
+            raise ValueError(f"class weights must be positive numbers, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.model not in TASK_MODELS[self.task]:
+            raise ValueError(
+                f"model '{self.model}' does not do {self.task}; for {self.task} choose one of: "
+                f"{', '.join(TASK_MODELS[self.task])}"
+            )
+        factor = {"unet": 2**self.unet_depth, "segnet": 32}.get(self.model, 16)
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size must be a multiple of {factor} for {self.model} "
+                f"(it halves the image {factor.bit_length() - 1} times), got {self.image_size}"
+            )
+        if isinstance(self.class_weights, list) and len(self.class_weights) != self.num_classes:
+            raise ValueError(
+                f"class_weights has {len(self.class_weights)} values but num_classes is {self.num_classes}"
+            )
+        return self
 
     @field_validator("ct_window")
     @classmethod

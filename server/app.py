@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedscan.common.config import AppConfig
 from fedscan.common.models.registry import build_model
+from fedscan.common.tasks.registry import task_metrics
 from fedscan.common.weights import to_record
 from fedscan.server import checkpoint
 from fedscan.server.report import RunRecorder
@@ -39,6 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(run.seed)
     model = build_model(run)
     strategy = build_strategy(run, n_sites)
+    _, main_metric = task_metrics(run.task)
     recorder = RunRecorder(run.output, cfg)
     checkpoint.save_run_config(run.output, run)
     recorder.write("running")
@@ -51,14 +53,14 @@ def main(grid: Grid, context: Context) -> None:
         summary = recorder.record_round(server_round, strategy.site_history.get(server_round, {}))
         recorder.write("running")
         per_site = ", ".join(
-            f"{s} {r['dice']:.3f}" if r.get("dice") is not None else f"{s} n/a"
+            f"{s} {r[main_metric]:.3f}" if r.get(main_metric) is not None else f"{s} n/a"
             for s, r in summary["per_site"].items()
         )
-        mean = summary["mean"]["dice"]
+        mean = summary["mean"][main_metric]
         missing = recorder.history[-1].get("missing_sites")
         if missing:
             _progress("round %d: no evaluation from %s", server_round, ", ".join(missing))
-        _progress("round %d/%d done: mean dice %s (%s)", server_round, run.rounds,
+        _progress("round %d/%d done: mean %s %s (%s)", server_round, run.rounds, main_metric,
                   "n/a" if mean is None else f"{mean:.3f}", per_site)
         return None
 
@@ -79,4 +81,4 @@ def main(grid: Grid, context: Context) -> None:
         _progress("run failed")
         raise
     rep = recorder.write("complete")
-    _progress("run complete: final mean dice %s", rep["final"]["mean"].get("dice"))
+    _progress("run complete: final mean %s %s", main_metric, rep["final"]["mean"].get(main_metric))

@@ -1,7 +1,9 @@
 """Run reports: per-site history and final results as report.json, per_site.csv, report.md.
 
-Each hospital counts once: ``mean`` is the unweighted mean over sites, and ``worst`` is
-the site with the lowest Dice. A metric that is undefined at a site (NaN) is written as
+The metrics are the run task's (``fedscan.common.tasks``): Dice and friends for
+segmentation, balanced accuracy, AUROC and friends for classification. Each hospital counts
+once: ``mean`` is the unweighted mean over sites, and ``worst`` is the site with the lowest
+main metric (Dice, or balanced accuracy). A metric that is undefined at a site (NaN) is written as
 null in JSON, empty in CSV and "n/a" in Markdown, and left out of the mean.
 The files are rewritten after every round, each atomically.
 """
@@ -17,14 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from fedscan.common import __version__
-from fedscan.common.config import AppConfig
-from fedscan.common.tasks.segmentation import METRICS
+from fedscan.common.config import EXAM_MODELS, AppConfig
+from fedscan.common.tasks.registry import task_metrics
 from fedscan.server.checkpoint import atomic_write_bytes
 
 REPORT_JSON = "report.json"
 PER_SITE_CSV = "per_site.csv"
 REPORT_MD = "report.md"
-COLUMNS = (*METRICS, "loss", "num_examples")
+
+# How report.md labels the metrics; metrics not listed keep their own name.
+_TITLES = {
+    "dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "lesion_sensitivity": "lesion sensitivity",
+    "lesion_fp_per_image": "lesion FP / image", "auroc": "AUROC",
+    "balanced_accuracy": "balanced accuracy", "sensitivity": "sensitivity",
+    "specificity": "specificity", "f1": "F1", "accuracy": "accuracy",
+}
 
 
 def _clean(value: Any) -> Any:
@@ -33,10 +42,21 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def site_row(metrics: dict[str, float]) -> dict[str, Any]:
-    """A site's metrics under the report's names (``num-examples`` -> ``num_examples``)."""
+def columns(task: str) -> tuple[str, ...]:
+    """The per-site columns of a task's report, in order."""
+    return (*task_metrics(task)[0], "loss", "num_examples")
+
+
+def site_row(metrics: dict[str, float], task: str = "segmentation") -> dict[str, Any]:
+    """A site's metrics under the report's names (``num-examples`` -> ``num_examples``).
+
+    The task's metrics come first, in its order; other scalar metrics the site sent (for
+    example per-class values) follow, sorted by name.
+    """
     row: dict[str, Any] = {}
-    for key in COLUMNS:
+    cols = columns(task)
+    extra = sorted(k for k in metrics if k.replace("-", "_") not in cols)
+    for key in (*cols, *extra):
         src = "num-examples" if key == "num_examples" else key
         if src in metrics:
             val = metrics[src]
@@ -44,13 +64,15 @@ def site_row(metrics: dict[str, float]) -> dict[str, Any]:
     return row
 
 
-def summarize(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``mean`` over sites of each metric, and the ``worst`` site by Dice with its metrics."""
+def summarize(per_site: dict[str, dict[str, Any]], task: str = "segmentation") -> dict[str, Any]:
+    """``mean`` over sites of each metric, and the ``worst`` site by the main metric."""
+    names, main = task_metrics(task)
     mean: dict[str, Any] = {}
-    for m in (*METRICS, "loss"):
+    keys = [k for r in per_site.values() for k in r if k != "num_examples"]
+    for m in dict.fromkeys([*names, "loss", *keys]):
         vals = [r[m] for r in per_site.values() if r.get(m) is not None]
         mean[m] = sum(vals) / len(vals) if vals else None
-    scored = [(r["dice"], s) for s, r in per_site.items() if r.get("dice") is not None]
+    scored = [(r[main], s) for s, r in per_site.items() if r.get(main) is not None]
     worst: dict[str, Any] = {}
     if scored:
         site = min(scored)[1]
@@ -70,17 +92,18 @@ class RunRecorder:
     def record_round(self, server_round: int, per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "round": server_round,
-            "per_site": {s: site_row(m) for s, m in sorted(per_site.items())},
+            "per_site": {s: site_row(m, self.cfg.run.task) for s, m in sorted(per_site.items())},
         }
         missing = [s for s in self.cfg.site_names if s not in per_site]
         if missing:  # a site that failed or dropped out is named, not silently absent
             entry["missing_sites"] = missing
         self.history = [h for h in self.history if h["round"] != server_round] + [entry]
-        return summarize(entry["per_site"])
+        return summarize(entry["per_site"], self.cfg.run.task)
 
     def report(self, status: str) -> dict[str, Any]:
         run = self.cfg.run
-        final = summarize(self.history[-1]["per_site"]) if self.history else summarize({})
+        _, main = task_metrics(run.task)
+        final = summarize(self.history[-1]["per_site"] if self.history else {}, run.task)
         return {
             "fedscan_version": __version__,
             "status": status,
@@ -93,7 +116,9 @@ class RunRecorder:
             "sites": list(self.cfg.site_names),
             "started": self.started,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metrics": {"main": "dice", "hd95_unit": "mm", "mean": "unweighted over sites"},
+            "metrics": {"main": main, "names": list(task_metrics(run.task)[0]),
+                        "mean": "unweighted over sites", "undefined": "null",
+                        **({"hd95_unit": "mm"} if run.task == "segmentation" else {})},
             "history": self.history,
             "final": final,
         }
@@ -107,12 +132,16 @@ class RunRecorder:
 
 
 def per_site_csv(rep: dict[str, Any]) -> str:
+    cols = list(columns(rep["task"]))
+    for h in rep["history"]:  # per-class or other extra metrics, after the task's own
+        for row in h["per_site"].values():
+            cols += [k for k in row if k not in cols]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["round", "site", *COLUMNS])
+    writer.writerow(["round", "site", *cols])
     for h in rep["history"]:
         for site, row in h["per_site"].items():
-            writer.writerow([h["round"], site, *("" if row.get(c) is None else row[c] for c in COLUMNS)])
+            writer.writerow([h["round"], site, *("" if row.get(c) is None else row[c] for c in cols)])
     return buf.getvalue()
 
 
@@ -126,37 +155,43 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def report_markdown(rep: dict[str, Any]) -> str:
     final = rep["final"]
+    task = rep["task"]
+    names, main = task_metrics(task)
+    unit = "validation slices"
+    if task == "classification":
+        unit = "validation exams" if rep["model"] in EXAM_MODELS else "validation images"
     lines = [
         "# fedscan run report",
         "",
-        f"- task: **{rep['task']}**, model: **{rep['model']}**, strategy: **{rep['strategy']}**",
+        f"- task: **{task}**, model: **{rep['model']}**, strategy: **{rep['strategy']}**",
         f"- rounds: {rep['rounds_completed']} of {rep['rounds']} completed ({rep['status']}), seed {rep['seed']}",
         f"- sites: {', '.join(rep['sites'])}",
         "",
         "## Final global model, evaluated at each site",
         "",
-        "| site | Dice | IoU | HD95 (mm) | validation slices |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| site | " + " | ".join(_TITLES.get(m, m) for m in names) + f" | {unit} |",
+        "| --- | " + " | ".join("---:" for _ in names) + " | ---: |",
     ]
+    digits = {"hd95": 1}
     for site, row in final["per_site"].items():
-        lines.append(
-            f"| {site} | {_fmt(row.get('dice'))} | {_fmt(row.get('iou'))} | "
-            f"{_fmt(row.get('hd95'), 1)} | {_fmt(row.get('num_examples'))} |"
-        )
+        vals = [_fmt(row.get(m), digits.get(m, 3)) for m in names]
+        lines.append(f"| {site} | " + " | ".join(vals) + f" | {_fmt(row.get('num_examples'))} |")
     mean = final["mean"]
-    lines.append(
-        f"| **mean** | {_fmt(mean.get('dice'))} | {_fmt(mean.get('iou'))} | {_fmt(mean.get('hd95'), 1)} | |"
-    )
+    lines.append("| **mean** | " + " | ".join(_fmt(mean.get(m), digits.get(m, 3)) for m in names) + " | |")
+    if any(row.get(m) is None for row in final["per_site"].values() for m in names):
+        lines += ["", ("n/a: undefined at that site (for example AUROC on a validation set holding "
+                       "one class, or Dice without any lesion); left out of the mean.")]
     worst = final["worst"]
     if worst:
-        lines += ["", f"Worst site: **{worst['site']}** (Dice {_fmt(worst.get('dice'))})."]
+        lines += ["", f"Worst site: **{worst['site']}** ({_TITLES.get(main, main)} {_fmt(worst.get(main))})."]
     if rep["history"]:
         sites = rep["sites"] or sorted(rep["history"][-1]["per_site"])
-        lines += ["", "## Dice per round", "", "| round | " + " | ".join(sites) + " | mean |",
+        lines += ["", f"## {_TITLES.get(main, main)} per round", "",
+                  "| round | " + " | ".join(sites) + " | mean |",
                   "| ---: | " + " | ".join("---:" for _ in sites) + " | ---: |"]
         for h in rep["history"]:
-            vals = [h["per_site"].get(s, {}).get("dice") for s in sites]
-            m = summarize(h["per_site"])["mean"]["dice"]
+            vals = [h["per_site"].get(s, {}).get(main) for s in sites]
+            m = summarize(h["per_site"], task)["mean"][main]
             lines.append(f"| {h['round']} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(m)} |")
     lines.append("")
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from typing import IO, Any
 import psutil
 import tomli_w
 
-from fedscan.common.config import AppConfig, RunConfig
+from fedscan.common.config import EXAM_MODELS, AppConfig, RunConfig
 from fedscan.common.data.layout import SiteDir, check_site, discover_sites
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.errors import FedscanError
@@ -158,7 +158,7 @@ class LocalSuperLink:
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
         ]
-        self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in __exit__
+        self._log = open(self.log_file, "ab")
         try:
             self.proc = subprocess.Popen(
                 cmd, env=offline_env(self.home), stdout=self._log, stderr=subprocess.STDOUT,
@@ -181,7 +181,7 @@ class LocalSuperLink:
                     hint=f"see {self.log_file}",
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+                with urllib.request.urlopen(url, timeout=1) as resp:
                     if resp.status == 200:
                         return
             except OSError:
@@ -229,8 +229,11 @@ def resolve_sites(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> tupl
     """The data root (synthesizing hospitals when none is given) and its checked sites."""
     if cfg.data_root is None:
         data_root = out / "data"
-        say(f"synthesizing {cfg.sites} hospitals (seed {cfg.seed}) into {data_root}")
-        synthesize(data_root, cfg.sites, cfg.seed, overwrite=True)
+        # exam classifiers get exam labels; image classifiers get a label per image
+        level = "exam" if cfg.model in EXAM_MODELS else "image"
+        what = f"{cfg.task}, {level} labels" if cfg.task == "classification" else cfg.task
+        say(f"synthesizing {cfg.sites} hospitals ({what}, seed {cfg.seed}) into {data_root}")
+        synthesize(data_root, cfg.sites, cfg.seed, overwrite=True, task=cfg.task, label_level=level)
     else:
         data_root = Path(cfg.data_root).expanduser().resolve()
     sites = discover_sites(data_root)
@@ -280,8 +283,7 @@ def run_simulation(
     for site in sites:
         say(f"checking and preprocessing site '{site.name}'")
         local = open_site(site, run, cache_dir)
-        say(f"  {site.name}: {len(local.data)} slices from {local.data.n_patients} patients "
-            f"({local.train_idx.size} train / {local.val_idx.size} validation)")
+        say(f"  {site.name}: {local.describe()}")
 
     app_cfg = AppConfig(run=run, site_names=[s.name for s in sites])
     logs = out / "logs"

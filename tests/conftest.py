@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedscan.common.data.synthetic import synthesize
+from fedscan.common.data.synthetic import Manifest, make_profiles, synthesize, write_site
 
 
 @pytest.fixture(scope="session")
@@ -14,4 +14,27 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two synthetic hospitals (seed 0). Tests must not modify them."""
     root = tmp_path_factory.mktemp("synth") / "sites"
     synthesize(root, n_sites=2, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def exam_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two synthetic hospitals with exam-level class labels (seed 0). Do not modify."""
+    root = tmp_path_factory.mktemp("exams") / "sites"
+    return write_small_exam_sites(root, exams=(8, 12), label_level="exam")
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same images as ``exam_root`` (same seed and profiles), labelled per image."""
+    return write_small_exam_sites(tmp_path_factory.mktemp("images") / "sites", (8, 12), "image")
+
+
+def write_small_exam_sites(root: Path, exams: tuple[int, ...], label_level: str, seed: int = 0) -> Path:
+    """Classification sites like `fedscan synth --task classification`, with fewer exams (faster)."""
+    profiles = [p.model_copy(update={"n_patients": n, "lesion_prevalence": 0.5})
+                for p, n in zip(make_profiles(len(exams), seed, "classification"), exams)]
+    counts = {p.name: write_site(root, p, seed, i, label_level) for i, p in enumerate(profiles)}
+    manifest = Manifest(seed=seed, task="classification", label_level=label_level, sites=profiles, counts=counts)
+    (root / "manifest.json").write_text(manifest.model_dump_json(indent=2))
     return root

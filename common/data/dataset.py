@@ -1,8 +1,14 @@
-"""A site's training data: preprocessed slices, their masks, and the patient-level split.
+"""A site's training data: preprocessed slices, their labels, and the patient-level split.
 
 ``prepare_site`` turns a site folder into arrays (through the cache), ``split_patients``
-keeps every patient on one side of the train/validation split, and ``SliceDataset`` serves
-the slices to torch. Nothing here needs Flower.
+keeps every patient on one side of the train/validation split, and the datasets serve
+them to torch: ``SliceDataset`` (slice and mask), ``ImageDataset`` (image and class) and
+``ExamDataset`` (all images of an exam and its class). Nothing here needs Flower.
+
+For segmentation every slice has a mask. For classification the labelled unit is a
+*sample*: one image (labels keyed by SOPInstanceUID) or one exam (keyed by
+SeriesInstanceUID or StudyInstanceUID); ``sample[i]`` says which sample slice ``i``
+belongs to and ``target[k]`` is sample ``k``'s class. Only labelled images are kept.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from torch.utils.data import Dataset
 
 from fedscan.common.config import RunConfig
 from fedscan.common.data import cache
-from fedscan.common.data.dicom import list_files, read_pixels, scan_site
-from fedscan.common.data.labels import load_mask, mask_path
+from fedscan.common.data.dicom import SeriesHeader, list_files, read_pixels, scan_site
+from fedscan.common.data.labels import LABELS_CSV, load_mask, mask_path, read_class_labels
 from fedscan.common.data.layout import SiteDir, check_site
 from fedscan.common.data.preprocess import pad_to_square, resize_images, resize_labels, window
 from fedscan.common.errors import FedscanError
@@ -31,10 +37,12 @@ class SiteData:
     """Preprocessed slices of one site, all arrays indexed by slice."""
 
     images: np.ndarray  # float32 (n, size, size), in [0, 1]
-    masks: np.ndarray  # uint8 (n, size, size), class index per pixel
     patient: np.ndarray  # int32 (n,), patient index (no identifiers)
     series: np.ndarray  # int32 (n,), series index
     spacing: np.ndarray  # float32 (n, 3): row, column, slice spacing in mm at model size
+    masks: np.ndarray | None = None  # segmentation: uint8 (n, size, size), class per pixel
+    sample: np.ndarray | None = None  # classification: int32 (n,), the sample of each slice
+    target: np.ndarray | None = None  # classification: int64 (n_samples,), class per sample
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -43,8 +51,28 @@ class SiteData:
     def n_patients(self) -> int:
         return int(np.unique(self.patient).size)
 
+    @property
+    def n_samples(self) -> int:
+        return 0 if self.target is None else int(self.target.shape[0])
+
+    def samples_of(self, slice_indices: np.ndarray) -> np.ndarray:
+        """The samples whose slices are among ``slice_indices`` (sorted sample indices)."""
+        if self.sample is None:
+            raise ValueError("this site's data has no class labels")
+        return np.unique(np.asarray(self.sample)[np.asarray(slice_indices)])
+
+    def slices_of(self) -> list[np.ndarray]:
+        """For each sample, its slice indices in geometric order."""
+        if self.sample is None:
+            raise ValueError("this site's data has no class labels")
+        sample = np.asarray(self.sample)
+        order = np.argsort(sample, kind="stable")
+        bounds = np.searchsorted(sample[order], np.arange(self.n_samples + 1))
+        return [order[bounds[k]:bounds[k + 1]] for k in range(self.n_samples)]
+
     def as_arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("images", "masks", "patient", "series", "spacing")}
+        names = ("images", "patient", "series", "spacing", "masks", "sample", "target")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
 def _normalize(pixels: np.ndarray, modality: str, cfg: RunConfig) -> np.ndarray:
@@ -55,12 +83,11 @@ def _normalize(pixels: np.ndarray, modality: str, cfg: RunConfig) -> np.ndarray:
 
 
 def preprocess_params(cfg: RunConfig) -> dict[str, object]:
-    return {"task": cfg.task, "image_size": cfg.image_size, "ct_window": list(cfg.ct_window)}
+    return {"task": cfg.task, "image_size": cfg.image_size, "ct_window": list(cfg.ct_window),
+            "num_classes": cfg.num_classes}
 
 
-def build_site_data(site: SiteDir, cfg: RunConfig) -> SiteData:
-    """Read DICOM and masks and preprocess them (no cache)."""
-    check_site(site, cfg.task)
+def _scan(site: SiteDir) -> list[SeriesHeader]:
     scan = scan_site(site.images)
     if scan.skipped:
         log.warning("site %s: %d file(s) not ingested", site.name, len(scan.skipped))
@@ -68,32 +95,55 @@ def build_site_data(site: SiteDir, cfg: RunConfig) -> SiteData:
             log.warning("  %s: %s", s.path, s.reason)
     if not scan.series:
         raise FedscanError(f"site '{site.name}': no readable DICOM image series under {site.images}")
+    return scan.series
+
+
+def _model_input(hdr: SeriesHeader, cfg: RunConfig) -> tuple[np.ndarray, float]:
+    """The series' pixels normalized, squared and resized, and the in-plane scale factor."""
+    pix = pad_to_square(_normalize(read_pixels(hdr), hdr.modality, cfg))
+    return resize_images(pix, cfg.image_size), pix.shape[-1] / cfg.image_size
+
+
+def build_site_data(site: SiteDir, cfg: RunConfig) -> SiteData:
+    """Read DICOM and labels and preprocess them (no cache)."""
+    check_site(site, cfg.task)
+    if cfg.task == "classification":
+        return _build_classification(site, cfg)
+    return _build_segmentation(site, cfg)
+
+
+def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
+    all_series = _scan(site)
     size = cfg.image_size
-    patients = sorted({s.patient_id for s in scan.series})
+    patients = sorted({s.patient_id for s in all_series})
     images, masks, patient, series, spacing = [], [], [], [], []
     unlabelled = 0
-    for si, hdr in enumerate(scan.series):
+    for si, hdr in enumerate(all_series):
         mpath = mask_path(site.labels, hdr.series_uid)
         if not mpath.is_file():
             unlabelled += 1
             continue
         mask = load_mask(mpath, hdr)
-        pix = _normalize(read_pixels(hdr), hdr.modality, cfg)
-        pix, mask = pad_to_square(pix), pad_to_square(mask)
-        images.append(resize_images(pix, size))
-        masks.append(resize_labels(mask, size))
+        if int(mask.max(initial=0)) >= cfg.num_classes:
+            raise FedscanError(
+                f"site '{site.name}': mask {mpath.name} holds class {int(mask.max())}, but the run "
+                f"has num_classes = {cfg.num_classes} (classes 0..{cfg.num_classes - 1})",
+                hint="set num_classes in the run config to the number of mask classes, background included",
+            )
+        pix, scale = _model_input(hdr, cfg)
+        images.append(pix)
+        masks.append(resize_labels(pad_to_square(mask), size))
         n = pix.shape[0]
-        scale = pix.shape[-1] / size
         patient.append(np.full(n, patients.index(hdr.patient_id), dtype=np.int32))
         series.append(np.full(n, si, dtype=np.int32))
         row_mm, col_mm = hdr.spacing
         spacing.append(np.tile([row_mm * scale, col_mm * scale, hdr.slice_spacing], (n, 1)))
     if unlabelled:
         log.warning("site %s: %d of %d series have no mask and are not used", site.name,
-                    unlabelled, len(scan.series))
+                    unlabelled, len(all_series))
     if not images:
         raise FedscanError(
-            f"site '{site.name}' has images but no labels: none of its {len(scan.series)} series "
+            f"site '{site.name}' has images but no labels: none of its {len(all_series)} series "
             f"has a mask {site.labels}/<SeriesInstanceUID>.nii.gz"
         )
     return SiteData(
@@ -102,6 +152,64 @@ def build_site_data(site: SiteDir, cfg: RunConfig) -> SiteData:
         patient=np.concatenate(patient),
         series=np.concatenate(series),
         spacing=np.concatenate(spacing).astype(np.float32),
+    )
+
+
+def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
+    """Images with class labels from labels.csv, grouped into samples (images or exams)."""
+    all_series = _scan(site)
+    table = read_class_labels(site.labels / LABELS_CSV, cfg.num_classes)
+    patients = sorted({s.patient_id for s in all_series})
+    sample_ids: dict[str, int] = {}  # the labelled UID of each sample -> sample index
+    images, patient, series, spacing, sample, target = [], [], [], [], [], []
+    matched: set[str] = set()
+    unlabelled_series = 0
+    # exams keyed by study gather all their series; keep a study's series together
+    ordered = sorted(enumerate(all_series), key=lambda t: (t[1].study_uid, t[1].series_uid))
+    for si, hdr in ordered:
+        if table.key == "SOPInstanceUID":
+            keys = [u if u in table.labels else None for u in hdr.sop_uids]
+        else:
+            uid = hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid
+            keys = [uid if uid in table.labels else None] * len(hdr.files)
+        keep = np.array([k is not None for k in keys])
+        if not keep.any():
+            unlabelled_series += 1
+            continue
+        pix, scale = _model_input(hdr, cfg)
+        n = int(keep.sum())
+        images.append(pix[keep])
+        for k in keys:
+            if k is None:
+                continue
+            matched.add(k)
+            if k not in sample_ids:
+                sample_ids[k] = len(sample_ids)
+                target.append(table.labels[k])
+            sample.append(sample_ids[k])
+        patient.append(np.full(n, patients.index(hdr.patient_id), dtype=np.int32))
+        series.append(np.full(n, si, dtype=np.int32))
+        row_mm, col_mm = hdr.spacing
+        spacing.append(np.tile([row_mm * scale, col_mm * scale, hdr.slice_spacing], (n, 1)))
+    unknown = len(table.labels) - len(matched)
+    if unknown:
+        log.warning("site %s: %d row(s) of %s match no image %s here", site.name, unknown,
+                    LABELS_CSV, table.key)
+    if unlabelled_series:
+        log.warning("site %s: %d of %d series have no label and are not used", site.name,
+                    unlabelled_series, len(all_series))
+    if not images:
+        raise FedscanError(
+            f"site '{site.name}': none of the {len(table.labels)} rows of {LABELS_CSV} "
+            f"matches an image {table.key} at this site"
+        )
+    return SiteData(
+        images=np.concatenate(images),
+        patient=np.concatenate(patient),
+        series=np.concatenate(series),
+        spacing=np.concatenate(spacing).astype(np.float32),
+        sample=np.asarray(sample, dtype=np.int32),
+        target=np.asarray(target, dtype=np.int64),
     )
 
 
@@ -114,7 +222,7 @@ def prepare_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> Site
     entry = Path(cache_root) / f"{site.name}-{key}"
     hit = cache.load(entry)
     if hit is not None:
-        return SiteData(**hit)
+        return SiteData(**hit)  # type: ignore[arg-type]
     data = build_site_data(site, cfg)
     cache.save(entry, data.as_arrays())
     return data
@@ -136,10 +244,16 @@ def split_patients(patient: np.ndarray, val_fraction: float, seed: int) -> tuple
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def _image(data: SiteData, j: int) -> torch.Tensor:
+    return torch.from_numpy(np.array(data.images[j], dtype=np.float32))[None]
+
+
 class SliceDataset(Dataset):
     """2D slices and masks as tensors: x (1, H, W) float, y (1, H, W) long."""
 
     def __init__(self, data: SiteData, indices: np.ndarray) -> None:
+        if data.masks is None:
+            raise ValueError("this site's data has no segmentation masks")
         self.data = data
         self.indices = np.asarray(indices)
 
@@ -148,6 +262,41 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = int(self.indices[i])
-        x = torch.from_numpy(np.array(self.data.images[j], dtype=np.float32))[None]
-        y = torch.from_numpy(np.array(self.data.masks[j], dtype=np.int64))[None]
-        return x, y
+        y = torch.from_numpy(np.array(self.data.masks[j], dtype=np.int64))[None]  # type: ignore[index]
+        return _image(self.data, j), y
+
+
+class ImageDataset(Dataset):
+    """Single labelled images: x (1, H, W) float and its class. Samples must be one image each."""
+
+    def __init__(self, data: SiteData, samples: np.ndarray) -> None:
+        slices = data.slices_of()
+        self.samples = np.asarray(samples)
+        if any(len(slices[k]) != 1 for k in self.samples):
+            raise ValueError("ImageDataset needs samples of one image each")
+        self.data = data
+        self.slice_of = np.array([slices[k][0] for k in self.samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.samples.size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return _image(self.data, int(self.slice_of[i])), int(self.data.target[self.samples[i]])  # type: ignore[index]
+
+
+class ExamDataset(Dataset):
+    """Whole exams: x (n_images, 1, H, W) in geometric order, and the exam's class."""
+
+    def __init__(self, data: SiteData, samples: np.ndarray) -> None:
+        self.data = data
+        self.samples = np.asarray(samples)
+        self.slices = data.slices_of()
+
+    def __len__(self) -> int:
+        return int(self.samples.size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        k = int(self.samples[i])
+        idx = self.slices[k]
+        x = torch.from_numpy(np.array(self.data.images[idx], dtype=np.float32))[:, None]
+        return x, int(self.data.target[k])  # type: ignore[index]

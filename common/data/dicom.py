@@ -33,9 +33,11 @@ class SeriesHeader:
     """One series' slices, read without pixel data, in geometric order."""
 
     series_uid: str
+    study_uid: str
     patient_id: str
     modality: str
     files: list[Path]
+    sop_uids: list[str]  # SOPInstanceUID of each file, same order
     positions: np.ndarray  # (n, 3) ImagePositionPatient, LPS mm
     row_dir: np.ndarray  # (3,) direction of increasing column index
     col_dir: np.ndarray  # (3,) direction of increasing row index
@@ -117,7 +119,7 @@ def _order_series(
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     shape = (int(first.Rows), int(first.Columns))
-    kept: list[tuple[float, Path, np.ndarray]] = []
+    kept: list[tuple[float, Path, np.ndarray, str]] = []
     for path, ds in items:
         ipp = _floats(ds.get("ImagePositionPatient"), 3)
         if ipp is None:
@@ -126,17 +128,19 @@ def _order_series(
         if (int(ds.Rows), int(ds.Columns)) != shape:
             skipped.append(Skipped(path, f"slice size differs from the rest of its series {shape}"))
             continue
-        kept.append((float(ipp @ normal), path, ipp))
+        kept.append((float(ipp @ normal), path, ipp, str(ds.get("SOPInstanceUID", ""))))
     if not kept:
         return None
     kept.sort(key=lambda t: t[0])
     thickness = float(first.get("SliceThickness", 0) or 0)
     return SeriesHeader(
         series_uid=uid,
+        study_uid=str(first.get("StudyInstanceUID", "")),
         patient_id=str(first.get("PatientID", "")),
         modality=str(first.get("Modality", "")),
-        files=[p for _, p, _ in kept],
-        positions=np.stack([ipp for _, _, ipp in kept]),
+        files=[p for _, p, _, _ in kept],
+        sop_uids=[sop for _, _, _, sop in kept],
+        positions=np.stack([ipp for _, _, ipp, _ in kept]),
         row_dir=row_dir,
         col_dir=col_dir,
         spacing=(float(spacing[0]), float(spacing[1])),

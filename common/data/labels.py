@@ -1,13 +1,19 @@
-"""Segmentation masks aligned to a DICOM series by physical geometry.
+"""Labels: segmentation masks aligned to a DICOM series by geometry, and class labels.
 
 A mask ``labels/<SeriesInstanceUID>.nii.gz`` is mapped onto the series' pixel grid through
 the physical coordinates of every pixel: DICOM LPS from ImagePositionPatient, orientation
 and spacing; NIfTI RAS+ from the image affine. The mapping does not care how the NIfTI
 volume is ordered on disk, only where its voxels are.
+
+Class labels come from ``labels/labels.csv``: a header with exactly one key column,
+``SOPInstanceUID`` (one label per image), ``SeriesInstanceUID`` or ``StudyInstanceUID``
+(one label per exam), and a ``label`` column holding the class index 0..num_classes-1.
 """
 
 from __future__ import annotations
 
+import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -72,3 +78,65 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
             )
         out[k] = data[idx[..., 0], idx[..., 1], idx[..., 2]]
     return out
+
+
+LABELS_CSV = "labels.csv"
+KEY_COLUMNS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+
+
+@dataclass
+class ClassLabels:
+    """The rows of a labels.csv: which UID level they key, and the class of each UID."""
+
+    key: str  # one of KEY_COLUMNS
+    labels: dict[str, int]
+
+    @property
+    def exam_level(self) -> bool:
+        return self.key != "SOPInstanceUID"
+
+
+def read_class_labels(path: Path, num_classes: int) -> ClassLabels:
+    """Read and validate a labels.csv; every problem is a FedscanError naming the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedscanError(
+            f"no class labels: {path} does not exist",
+            hint="classification needs labels/labels.csv with a UID column and a 'label' column",
+        )
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+            header = [h.strip() for h in (rows[0].keys() if rows else [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise FedscanError(f"cannot read {path.name}: {exc}") from None
+    if not rows:
+        raise FedscanError(f"{path.name} holds no label rows")
+    keys = [k for k in KEY_COLUMNS if k in header]
+    if len(keys) != 1 or "label" not in header:
+        raise FedscanError(
+            f"{path.name} has columns {header}; it needs a 'label' column and exactly one of "
+            f"{', '.join(KEY_COLUMNS)}"
+        )
+    key = keys[0]
+    labels: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        row = {str(k).strip(): (v or "").strip() for k, v in row.items() if k is not None}
+        uid, raw = row.get(key, ""), row.get("label", "")
+        if not uid:
+            raise FedscanError(f"{path.name} line {line}: empty {key}")
+        try:
+            value = int(raw)
+        except ValueError:
+            raise FedscanError(
+                f"{path.name} line {line}: label {raw!r} is not a class index 0..{num_classes - 1}"
+            ) from None
+        if not 0 <= value < num_classes:
+            raise FedscanError(
+                f"{path.name} line {line}: class {value} is outside 0..{num_classes - 1}",
+                hint="set num_classes in the run config to the number of classes",
+            )
+        if labels.get(uid, value) != value:
+            raise FedscanError(f"{path.name} line {line}: {key} listed again with another label")
+        labels[uid] = value
+    return ClassLabels(key, labels)

@@ -3,7 +3,9 @@
 ```
 <site>/images/**                          DICOM files, any nesting, any file names
 <site>/labels/<SeriesInstanceUID>.nii.gz  segmentation masks, aligned by DICOM geometry
-<site>/labels/labels.csv                  classification labels
+<site>/labels/labels.csv                  classification labels: a UID column
+                                          (SOPInstanceUID, SeriesInstanceUID or
+                                          StudyInstanceUID) and a `label` column
 ```
 A data root holds one such folder per site; the folder name is the site's name.
 """
@@ -20,7 +22,7 @@ from fedscan.common.errors import FedscanError
 
 LAYOUT_HINT = (
     "each site folder needs images/ (DICOM files, any nesting) and, for segmentation, "
-    "labels/<SeriesInstanceUID>.nii.gz masks"
+    "labels/<SeriesInstanceUID>.nii.gz masks; for classification, labels/labels.csv"
 )
 
 
@@ -89,3 +91,8 @@ def check_site(site: SiteDir, task: str) -> None:
                 f"{site.labels}/<SeriesInstanceUID>.nii.gz",
                 hint=LAYOUT_HINT,
             )
+    if task == "classification" and not (site.labels / "labels.csv").is_file():
+        raise FedscanError(
+            f"site '{site.name}' has images but no class labels: expected {site.labels}/labels.csv",
+            hint=LAYOUT_HINT,
+        )

@@ -1,9 +1,20 @@
-"""Synthetic hospitals: CT-like 2D phantom series written as real DICOM, masks as NIfTI.
+"""Synthetic hospitals: CT-like 2D phantom series written as real DICOM, with labels.
 
 Each site gets its own scanner and protocol: noise, blur, calibration, stored-value
 encoding, slice thickness, manufacturer, number of patients, lesion prevalence, and at one
 site noisy labels. Every setting is recorded in ``manifest.json``. The same seed gives the
 same files, byte for byte. The layout is the site contract of ``fedscan.common.data.layout``.
+
+Two tasks:
+
+- ``segmentation``: 12 slices per patient, lesions drawn slice by slice, NIfTI masks
+  ``labels/<SeriesInstanceUID>.nii.gz``.
+- ``classification``: one exam (series) per patient, of 6 to 16 slices. An exam is positive
+  when a hypodense liver lesion (radius 18-30 mm, 90-140 HU below liver) runs through 4-6
+  consecutive slices of it; the share of positive exams
+  (``lesion_prevalence``) differs between sites. ``labels/labels.csv`` labels exams by
+  SeriesInstanceUID (``label_level="exam"``) or single images by SOPInstanceUID
+  (``label_level="image"``: 1 where the slice shows the lesion).
 """
 
 from __future__ import annotations
@@ -27,6 +38,11 @@ GENERATOR = "fedscan synth"
 SLICES_PER_PATIENT = 12
 MIN_PATIENTS = 3
 PATIENT_RATIO = 5.0  # largest site / smallest site, at least
+# classification: one exam per patient, of varying length
+MIN_EXAMS = 32
+EXAM_RATIO = 4.0
+EXAM_SLICES = (6, 16)
+LABEL_LEVELS = ("exam", "image")
 
 _MANUFACTURERS = [
     ("GE MEDICAL SYSTEMS", "Revolution CT"),
@@ -57,14 +73,20 @@ class SiteProfile(BaseModel):
     window_width: float
     manufacturer: str
     manufacturer_model: str
-    lesion_prevalence: float  # probability that a slice shows at least one lesion
+    # segmentation: probability that a slice shows at least one lesion;
+    # classification: probability that an exam holds a lesion
+    lesion_prevalence: float
     label_noise: float  # probability that an annotator missed a lesion (mask also jittered)
     file_extension: str
+    task: str = "segmentation"
+    min_slices_per_patient: int | None = None  # classification: exams vary in length
 
 
 class Manifest(BaseModel):
     generator: str = GENERATOR
     seed: int
+    task: str = "segmentation"
+    label_level: str | None = None
     sites: list[SiteProfile]
     counts: dict[str, dict[str, int]]
 
@@ -77,10 +99,12 @@ def site_names(n_sites: int) -> list[str]:
     ]
 
 
-def make_profiles(n_sites: int, seed: int) -> list[SiteProfile]:
+def make_profiles(n_sites: int, seed: int, task: str = "segmentation") -> list[SiteProfile]:
     """Draw each site's settings so that the sites differ the way hospitals do."""
     if n_sites < 1:
         raise FedscanError(f"--sites must be at least 1, got {n_sites}")
+    if task not in ("segmentation", "classification"):
+        raise FedscanError(f"unknown task '{task}'; allowed: segmentation, classification")
     rng = np.random.default_rng([seed, 7919])
 
     def spread(lo: float, hi: float) -> np.ndarray:
@@ -133,6 +157,22 @@ def make_profiles(n_sites: int, seed: int) -> list[SiteProfile]:
                 file_extension="" if i % 2 else ".dcm",
             )
         )
+    if task == "classification":
+        exams = [int(round(MIN_EXAMS * r)) for r in np.geomspace(1.0, EXAM_RATIO, n_sites)]
+        if n_sites == 1:
+            exams = [32]
+        exam_prevalence = spread(0.2, 0.6)
+        profiles = [
+            p.model_copy(update={
+                "task": task,
+                "n_patients": exams[i],
+                "slices_per_patient": EXAM_SLICES[1],
+                "min_slices_per_patient": EXAM_SLICES[0],
+                "lesion_prevalence": round(float(exam_prevalence[i]), 2),
+                "label_noise": 0.1 if p.label_noise > 0 else 0.0,
+            })
+            for i, p in enumerate(profiles)
+        ]
     return profiles
 
 
@@ -289,33 +329,81 @@ def _uid(seed: int, *parts: object) -> str:
     return generate_uid(entropy_srcs=["fedscan-synth", str(seed), *map(str, parts)])
 
 
-def write_site(root: Path, profile: SiteProfile, seed: int, site_index: int) -> dict[str, int]:
-    """Write one site folder: images/ (DICOM) and labels/ (NIfTI masks)."""
+def _acquire_and_save(
+    hu: np.ndarray,
+    profile: SiteProfile,
+    rng: np.random.Generator,
+    *,
+    seed: int,
+    patient_idx: int,
+    k: int,
+    uids: dict[str, str],
+    rng_vals: dict[str, str],
+    ipp: list[float],
+    series_dir: Path,
+) -> str:
+    """Pass a true-HU slice through the site's scanner (blur, noise, calibration, encoding)
+    and write it as DICOM; return its SOPInstanceUID."""
+    if profile.blur_sigma_px > 0:
+        hu = ndimage.gaussian_filter(hu, profile.blur_sigma_px)
+    hu = hu + rng.normal(0.0, profile.noise_hu, size=hu.shape)
+    measured = hu * profile.hu_scale + profile.hu_offset
+    dtype = np.int16 if profile.pixel_representation else np.uint16
+    info = np.iinfo(dtype)
+    stored = np.round((measured - profile.rescale_intercept) / profile.rescale_slope)
+    stored = np.clip(stored, info.min, info.max).astype(dtype)
+    sop = _uid(seed, profile.name, patient_idx, "sop", k)
+    ds = _dicom_slice(
+        profile, stored, patient_idx=patient_idx, uids=uids, sop_uid=sop, ipp=ipp,
+        instance=k + 1, rng_vals=rng_vals,
+    )
+    fname = _uid(seed, profile.name, patient_idx, "file", k)[-12:].replace(".", "") + profile.file_extension
+    ds.save_as(series_dir / fname, enforce_file_format=True)
+    return sop
+
+
+def _patient_identity(
+    rng: np.random.Generator, seed: int, profile: SiteProfile, p: int, images: Path
+) -> tuple[dict[str, str], dict[str, str], Path]:
+    uids = {k: _uid(seed, profile.name, p, k) for k in ("study", "series", "frame")}
+    rng_vals = {
+        "birth": f"19{int(rng.integers(30, 90)):02d}0{int(rng.integers(1, 10))}15",
+        "sex": "F" if rng.random() < 0.5 else "M",
+        "study_date": f"2025{int(rng.integers(1, 13)):02d}{int(rng.integers(10, 29)):02d}",
+    }
+    series_dir = images / f"{_uid(seed, profile.name, p, 'dir')[-10:]}"
+    series_dir.mkdir(parents=True, exist_ok=True)
+    return uids, rng_vals, series_dir
+
+
+def _grid(profile: SiteProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = profile.matrix
+    coords = (np.arange(n) - (n - 1) / 2.0) * profile.pixel_spacing_mm
+    x, y = np.meshgrid(coords, coords)  # x along columns (patient left), y along rows (posterior)
+    return coords, x, y
+
+
+def write_site(
+    root: Path, profile: SiteProfile, seed: int, site_index: int, label_level: str = "exam"
+) -> dict[str, int]:
+    """Write one site folder: images/ (DICOM) and labels/ (NIfTI masks or labels.csv)."""
+    if profile.task == "classification":
+        return _write_exam_site(root, profile, seed, site_index, label_level)
     rng = np.random.default_rng([seed, site_index, 104729])
     site = root / profile.name
     images, labels = site / "images", site / "labels"
     labels.mkdir(parents=True, exist_ok=True)
     n = profile.matrix
     dx = profile.pixel_spacing_mm
-    coords = (np.arange(n) - (n - 1) / 2.0) * dx
-    x, y = np.meshgrid(coords, coords)  # x along columns (patient left), y along rows (posterior)
-    dtype = np.int16 if profile.pixel_representation else np.uint16
-    info = np.iinfo(dtype)
+    coords, x, y = _grid(profile)
     counts = {"patients": profile.n_patients, "slices": 0, "lesion_slices": 0, "lesions": 0}
     for p in range(profile.n_patients):
         anatomy = _Patient(rng)
-        uids = {k: _uid(seed, profile.name, p, k) for k in ("study", "series", "frame")}
-        rng_vals = {
-            "birth": f"19{int(rng.integers(30, 90)):02d}0{int(rng.integers(1, 10))}15",
-            "sex": "F" if rng.random() < 0.5 else "M",
-            "study_date": f"2025{int(rng.integers(1, 13)):02d}{int(rng.integers(10, 29)):02d}",
-        }
+        uids, rng_vals, series_dir = _patient_identity(rng, seed, profile, p, images)
         z0 = float(rng.uniform(-200, -150))
         dz = profile.slice_thickness_mm
         nz = profile.slices_per_patient
         mask_vol = np.zeros((n, n, nz), dtype=np.uint8)  # NIfTI order: (column, row, slice)
-        series_dir = images / f"{_uid(seed, profile.name, p, 'dir')[-10:]}"
-        series_dir.mkdir(parents=True, exist_ok=True)
         for k in range(nz):
             z = z0 + k * dz
             hu, liver = anatomy.slice_hu(x, y, z, rng)
@@ -325,20 +413,10 @@ def write_site(root: Path, profile: SiteProfile, seed: int, site_index: int) -> 
                 counts["lesion_slices"] += 1
                 counts["lesions"] += len(lesions)
                 mask_vol[:, :, k] = mask.T
-            if profile.blur_sigma_px > 0:
-                hu = ndimage.gaussian_filter(hu, profile.blur_sigma_px)
-            hu = hu + rng.normal(0.0, profile.noise_hu, size=hu.shape)
-            measured = hu * profile.hu_scale + profile.hu_offset
-            stored = np.round((measured - profile.rescale_intercept) / profile.rescale_slope)
-            stored = np.clip(stored, info.min, info.max).astype(dtype)
-            ipp = [float(coords[0]), float(coords[0]), z]
-            sop = _uid(seed, profile.name, p, "sop", k)
-            ds = _dicom_slice(
-                profile, stored, patient_idx=p, uids=uids, sop_uid=sop, ipp=ipp,
-                instance=k + 1, rng_vals=rng_vals,
+            _acquire_and_save(
+                hu, profile, rng, seed=seed, patient_idx=p, k=k, uids=uids, rng_vals=rng_vals,
+                ipp=[float(coords[0]), float(coords[0]), z], series_dir=series_dir,
             )
-            fname = _uid(seed, profile.name, p, "file", k)[-12:].replace(".", "") + profile.file_extension
-            ds.save_as(series_dir / fname, enforce_file_format=True)
             counts["slices"] += 1
         # voxel (c, r, k) -> LPS = ipp0 + c*dx*[1,0,0] + r*dx*[0,1,0] + k*dz*[0,0,1]; RAS flips x, y
         lps = np.array(
@@ -352,22 +430,87 @@ def write_site(root: Path, profile: SiteProfile, seed: int, site_index: int) -> 
     return counts
 
 
+def _write_exam_site(
+    root: Path, profile: SiteProfile, seed: int, site_index: int, label_level: str
+) -> dict[str, int]:
+    """Classification: one exam per patient, labelled per exam or per image in labels.csv."""
+    rng = np.random.default_rng([seed, site_index, 104729, 2])
+    site = root / profile.name
+    images, labels = site / "images", site / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    coords, x, y = _grid(profile)
+    lo = profile.min_slices_per_patient or profile.slices_per_patient
+    counts = {"exams": profile.n_patients, "positive_exams": 0, "labelled_positive": 0,
+              "slices": 0, "lesion_slices": 0}
+    rows: list[tuple[str, int]] = []
+    for p in range(profile.n_patients):
+        anatomy = _Patient(rng)
+        uids, rng_vals, series_dir = _patient_identity(rng, seed, profile, p, images)
+        z0 = float(rng.uniform(-200, -150))
+        nz = int(rng.integers(lo, profile.slices_per_patient + 1))
+        positive = bool(rng.random() < profile.lesion_prevalence)
+        missed = bool(rng.random() < profile.label_noise)  # the reader overlooked the lesion
+        span = range(0)
+        if positive:  # one hypodense lesion, like a metastasis on portal-venous CT
+            length = int(rng.integers(4, 7))
+            start = int(rng.integers(0, nz - length + 1))
+            span = range(start, start + length)
+            r0 = float(rng.uniform(18.0, 30.0))
+            aspect = float(rng.uniform(0.75, 1.25))
+            ang, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 1))
+            contrast = -rng.uniform(90, 140)
+        for k in range(nz):
+            z = z0 + k * profile.slice_thickness_mm
+            hu, liver = anatomy.slice_hu(x, y, z, rng)
+            if k in span:
+                # a rounded lesion: widest in the middle of its slices
+                mid = (span.start + span.stop - 1) / 2.0
+                r = r0 * (1.0 - 0.3 * abs(k - mid) / max(len(span) / 2.0, 1.0))
+                lx, ly, lax, lay = liver
+                cx = lx + np.cos(ang) * rad * max(lax - r, 1.0)
+                cy = ly + np.sin(ang) * rad * max(lay - r, 1.0)
+                hu[_ellipse(x, y, cx, cy, r, r * aspect)] = 60.0 + contrast
+                counts["lesion_slices"] += 1
+            sop = _acquire_and_save(
+                hu, profile, rng, seed=seed, patient_idx=p, k=k, uids=uids, rng_vals=rng_vals,
+                ipp=[float(coords[0]), float(coords[0]), z], series_dir=series_dir,
+            )
+            if label_level == "image":
+                rows.append((sop, int(k in span and not missed)))
+            counts["slices"] += 1
+        counts["positive_exams"] += int(positive)
+        counts["labelled_positive"] += int(positive and not missed)
+        if label_level == "exam":
+            rows.append((uids["series"], int(positive and not missed)))
+    key = "SeriesInstanceUID" if label_level == "exam" else "SOPInstanceUID"
+    lines = [f"{key},label"] + [f"{uid},{label}" for uid, label in sorted(rows)]
+    (labels / "labels.csv").write_text("\n".join(lines) + "\n")
+    return counts
+
+
 def synthesize(
     out: Path,
     n_sites: int,
     seed: int = 0,
     overwrite: bool = False,
     on_site: Callable[[str], None] | None = None,
+    task: str = "segmentation",
+    label_level: str = "exam",
 ) -> Manifest:
-    """Write ``n_sites`` synthetic hospitals under ``out``; all or nothing."""
+    """Write ``n_sites`` synthetic hospitals under ``out``; all or nothing.
+
+    ``label_level`` (classification only): ``exam`` labels each series, ``image`` each slice.
+    """
     out = Path(out)
+    if label_level not in LABEL_LEVELS:
+        raise FedscanError(f"unknown label level '{label_level}'; allowed: {', '.join(LABEL_LEVELS)}")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FedscanError(
                 f"output folder {out} already exists and is not empty",
                 hint="choose a new --out, or pass --overwrite to replace it",
             )
-    profiles = make_profiles(n_sites, seed)
+    profiles = make_profiles(n_sites, seed, task)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -375,8 +518,9 @@ def synthesize(
         for i, prof in enumerate(profiles):
             if on_site:
                 on_site(prof.name)
-            counts[prof.name] = write_site(tmp, prof, seed, i)
-        manifest = Manifest(seed=seed, sites=profiles, counts=counts)
+            counts[prof.name] = write_site(tmp, prof, seed, i, label_level)
+        manifest = Manifest(seed=seed, task=task, sites=profiles, counts=counts,
+                            label_level=label_level if task == "classification" else None)
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -1,15 +1,20 @@
-"""Segmentation: loss, local training loop, and per-volume metrics from MONAI.
+"""Segmentation: loss, local training loop, and per-volume and lesion-level metrics.
 
-Loss is MONAI's Dice (on the foreground classes, over the whole batch) plus cross-entropy. The model works on 2D slices; for evaluation the
-slices of each series are stacked back into a volume and scored with MONAI metrics on the
-foreground classes:
+Loss is MONAI's Dice (on the foreground classes, over the whole batch) plus cross-entropy.
+Masks may hold any number of classes (``num_classes``, background included). The model
+works on 2D slices; for evaluation the slices of each series are stacked back into a volume
+and scored with MONAI metrics:
 
 - ``dice`` and ``iou``: per series, averaged over foreground classes, then over series.
   A series with no foreground in its ground truth has no Dice and is left out (MONAI's
-  ``ignore_empty``); false positives in the other series' empty slices do count.
+  ``ignore_empty``); false positives in the other series' empty slices do count. With more
+  than one foreground class, ``dice_class<c>``, ``iou_class<c>`` and ``hd95_class<c>`` give
+  each class's value as well.
 - ``hd95``: 95th-percentile Hausdorff distance in mm. When the model finds nothing where the
   ground truth has foreground, the distance is undefined; it is then set to the diagonal of
   the volume, the worst possible value, rather than dropped.
+- ``lesion_sensitivity`` and ``lesion_fp_per_image``: lesion-level detection, from connected
+  components per image (see ``fedscan.common.tasks.metrics``), pooled over the site.
 - ``loss``: the mean Dice+CE loss over validation slices.
 
 A metric with no defined value on a site (say, no lesion in its validation series) is NaN.
@@ -27,9 +32,21 @@ from monai.metrics import DiceMetric, MeanIoU, compute_hausdorff_distance
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedscan.common.config import RunConfig
 from fedscan.common.data.dataset import SiteData, SliceDataset
+from fedscan.common.tasks import metrics as lesion
+from fedscan.common.tasks.loops import fit, seeded_loader
+from fedscan.common.tasks.precision import Precision
 
-METRICS = ("dice", "iou", "hd95")
+METRICS = ("dice", "iou", "hd95", "lesion_sensitivity", "lesion_fp_per_image")
+MAIN_METRIC = "dice"
+_VOLUME_METRICS = ("dice", "iou", "hd95")
+
+
+def check_data(data: SiteData, cfg: RunConfig) -> None:
+    """Masks were checked against ``num_classes`` when the site was read; nothing else to check."""
+    if data.masks is None:
+        raise ValueError("segmentation data without masks")
 
 
 def make_loss() -> nn.Module:
@@ -40,51 +57,38 @@ def train(
     model: nn.Module,
     data: SiteData,
     indices: np.ndarray,
+    cfg: RunConfig,
     *,
     epochs: int,
     lr: float,
     batch_size: int,
-    device: torch.device,
     seed: int,
+    precision: Precision,
 ) -> dict[str, float]:
     """Train ``model`` in place on the given slices; return scalar training metrics."""
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    loader = DataLoader(
-        SliceDataset(data, indices), batch_size=batch_size, shuffle=True, generator=gen,
-        drop_last=len(indices) > batch_size, pin_memory=device.type == "cuda",
-    )
-    loss_fn = make_loss()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.to(device).train()
-    total, count, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("training loss is not finite")
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * x.shape[0]
-            count += x.shape[0]
-            steps += 1
-    return {"train_loss": total / max(count, 1), "steps": float(steps)}
+    loader = seeded_loader(SliceDataset(data, indices), batch_size=batch_size, seed=seed,
+                           precision=precision)
+    metrics = fit(model, lambda: loader, make_loss(), epochs=epochs, lr=lr, precision=precision)
+    metrics["num-examples"] = float(len(indices))
+    return metrics
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: SiteData, indices: np.ndarray, *, batch_size: int, device: torch.device
+    model: nn.Module, data: SiteData, indices: np.ndarray, *, batch_size: int, precision: Precision
 ) -> tuple[np.ndarray, float]:
     """Predicted label maps (n, H, W) for the given slices, and the mean loss on them."""
-    model.to(device).eval()
+    model = precision.place_model(model).eval()
     loss_fn = make_loss()
-    loader = DataLoader(SliceDataset(data, indices), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(SliceDataset(data, indices), batch_size=batch_size, shuffle=False,
+                        pin_memory=precision.pin_memory)
     preds, total = [], 0.0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
+        x, y = precision.place(x), precision.place(y)
+        with precision.autocast():
+            logits = model(x)
+        logits = logits.float()
         total += float(loss_fn(logits, y)) * x.shape[0]
         preds.append(logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
     return np.concatenate(preds), total / max(len(indices), 1)
@@ -100,7 +104,11 @@ def _onehot_volume(labels: np.ndarray, n_classes: int) -> torch.Tensor:
 def volume_metrics(
     pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], n_classes: int
 ) -> dict[str, float]:
-    """Dice, IoU and HD95 of one volume (D, H, W), averaged over foreground classes."""
+    """Dice, IoU and HD95 of one volume (D, H, W), averaged over foreground classes.
+
+    With more than one foreground class, each class's values are added as
+    ``dice_class<c>``, ``iou_class<c>`` and ``hd95_class<c>``.
+    """
     p, g = _onehot_volume(pred, n_classes), _onehot_volume(truth, n_classes)
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, g)[0]
     iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(p, g)[0]
@@ -111,46 +119,45 @@ def volume_metrics(
         )[0]
     d, h, w = truth.shape
     diagonal = math.sqrt((h * spacing[0]) ** 2 + (w * spacing[1]) ** 2 + (d * spacing[2]) ** 2)
-    hd_vals = []
+    hd_vals = torch.full((n_classes - 1,), math.nan)
     for c in range(1, n_classes):
         has_truth, has_pred = bool(g[0, c].any()), bool(p[0, c].any())
-        if not has_truth:
-            continue
-        hd_vals.append(float(hd[c - 1]) if has_pred else diagonal)
+        if has_truth:
+            hd_vals[c - 1] = float(hd[c - 1]) if has_pred else diagonal
 
     def mean(v: torch.Tensor) -> float:
         v = v[~torch.isnan(v)]
         return float(v.mean()) if v.numel() else math.nan
 
-    return {
-        "dice": mean(dice),
-        "iou": mean(iou),
-        "hd95": float(np.mean(hd_vals)) if hd_vals else math.nan,
-    }
+    out = {"dice": mean(dice), "iou": mean(iou), "hd95": mean(hd_vals)}
+    if n_classes > 2:
+        for c in range(1, n_classes):
+            for name, vals in (("dice", dice), ("iou", iou), ("hd95", hd_vals)):
+                out[f"{name}_class{c}"] = float(vals[c - 1])
+    return out
 
 
 def evaluate(
-    model: nn.Module,
-    data: SiteData,
-    indices: np.ndarray,
-    *,
-    batch_size: int,
-    device: torch.device,
-    n_classes: int,
+    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision
 ) -> dict[str, float]:
-    """Per-site validation metrics: series-level Dice/IoU/HD95 means, loss, example count."""
+    """Per-site validation metrics: series-level means, lesion detection, loss, example count."""
     indices = np.asarray(indices)
-    preds, loss = predict(model, data, indices, batch_size=batch_size, device=device)
-    per_series: dict[str, list[float]] = {m: [] for m in METRICS}
+    preds, loss = predict(model, data, indices, batch_size=max(cfg.batch_size, 16), precision=precision)
+    per_series: dict[str, list[float]] = {}
+    counts = {"true_lesions": 0, "detected_lesions": 0, "false_positive_lesions": 0, "images": 0}
     series_ids = np.asarray(data.series)[indices]
+    masks = np.asarray(data.masks)
     for s in np.unique(series_ids):
         sel = series_ids == s
-        truth = np.asarray(data.masks)[indices[sel]]
+        truth = masks[indices[sel]]
         spacing = tuple(float(v) for v in np.asarray(data.spacing)[indices[sel][0]])
-        vm = volume_metrics(preds[sel], truth, spacing, n_classes)  # type: ignore[arg-type]
-        for m in METRICS:
-            per_series[m].append(vm[m])
+        vm = volume_metrics(preds[sel], truth, spacing, cfg.num_classes)  # type: ignore[arg-type]
+        for m, v in vm.items():
+            per_series.setdefault(m, []).append(v)
+        for k, v in lesion.lesion_counts(preds[sel], truth).items():
+            counts[k] += v
     out = {m: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for m, v in per_series.items()}
+    out.update(lesion.lesion_metrics(counts))
     out["loss"] = loss
     out["num-examples"] = float(len(indices))
     return out

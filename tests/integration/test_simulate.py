@@ -57,7 +57,8 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     assert final["per_site"]["hospital-b"]["num_examples"] % 12 == 0
     for row in final["per_site"].values():
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= 1.0
-        assert set(row) == {"dice", "iou", "hd95", "loss", "num_examples"}
+        assert set(row) == {"dice", "iou", "hd95", "lesion_sensitivity", "lesion_fp_per_image", "loss",
+                            "num_examples"}
     dices = [r["dice"] for r in final["per_site"].values()]
     assert final["mean"]["dice"] == pytest.approx(sum(dices) / 2)
     assert final["worst"]["dice"] == pytest.approx(min(dices))
@@ -85,20 +86,28 @@ BAD_INPUT = [
     (["--data-root", "{tmp}/missing"], "does not exist"),
     (["--data-root", "{tmp}/nodicom"], "no DICOM among"),
     (["--data-root", "{tmp}/nolabels"], "has images but no labels"),
-    (["--model", "vgg"], "unknown model 'vgg'; allowed: unet"),
+    (["--model", "vgg"], "unknown model 'vgg'; allowed: unet, segnet, densenet121, resnet18, mil"),
+    (["--task", "classification", "--model", "unet"], "model 'unet' does not do classification"),
+    (["--task", "classification", "--data-root", "{synth}"], "has images but no class labels"),
+    (["--task", "classification", "--model", "resnet18", "--data-root", "{cls}"],
+     "model 'resnet18' classifies single images, but this site's labels.csv labels whole exams"),
     (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'; allowed: fedavg"),
     (["--rounds", "0"], "rounds (from --rounds): Input should be greater than or equal to 1"),
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUT, ids=["missing-root", "no-dicom", "no-labels",
-                                                          "model", "strategy", "rounds"])
-def test_bad_input_is_a_clear_error(args: list[str], message: str, synth_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[
+    "missing-root", "no-dicom", "no-labels", "model", "task-model", "no-class-labels", "image-model-exam-labels",
+    "strategy", "rounds"])
+def test_bad_input_is_a_clear_error(
+    args: list[str], message: str, synth_root: Path, exam_root: Path, tmp_path: Path
+) -> None:
     (tmp_path / "nodicom" / "site1" / "images").mkdir(parents=True)
     (tmp_path / "nodicom" / "site1" / "images" / "scan.jpg").write_bytes(b"\xff\xd8not dicom")
     shutil.copytree(synth_root / "hospital-a" / "images", tmp_path / "nolabels" / "hospital-a" / "images")
     out = tmp_path / "out"
-    res = run_cli("simulate", "--out", str(out), *[a.format(tmp=tmp_path) for a in args], timeout=120)
+    args = [a.format(tmp=tmp_path, synth=synth_root, cls=exam_root) for a in args]
+    res = run_cli("simulate", "--out", str(out), *args, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
@@ -113,3 +122,60 @@ def test_refuses_to_mix_runs(synth_root: Path, tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "already holds results of a run" in res.stderr and "--overwrite" in res.stderr
     assert (out / "report.json").read_text() == "{}"
+
+
+@pytest.mark.integration
+def test_exam_classification_with_attention_mil(exam_root: Path, tmp_path: Path) -> None:
+    before = flower_processes()
+    out = tmp_path / "out"
+    res = run_cli(
+        "simulate", "--task", "classification", "--data-root", str(exam_root), "--rounds", "1",
+        "--out", str(out), "--image-size", "32", "--local-epochs", "1", "--device", "cpu",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "round 1/1 done: mean balanced_accuracy" in res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["task"], report["model"]) == ("classification", "mil")  # the task's default model
+    assert report["metrics"]["main"] == "balanced_accuracy"
+    manifest = json.loads((exam_root / "manifest.json").read_text())
+    for site, row in report["final"]["per_site"].items():
+        assert list(row)[:6] == ["auroc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy"]
+        assert 0.0 <= row["balanced_accuracy"] <= 1.0
+        assert row["auroc"] is None or 0.0 <= row["auroc"] <= 1.0  # null: one class in validation
+        # examples are exams: about a quarter of the site's exams are held out
+        exams = manifest["counts"][site]["exams"]
+        assert 0 < row["num_examples"] < exams / 2
+    md = (out / "report.md").read_text()
+    assert "| site | AUROC | balanced accuracy |" in md and "validation exams" in md
+    assert flower_processes() - before == set()
+
+
+@pytest.mark.integration
+def test_segnet_runs_from_a_config_file(synth_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "segnet.toml"
+    config.write_text('model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 1\n')
+    out = tmp_path / "out"
+    res = run_cli("simulate", "--config", str(config), "--data-root", str(synth_root), "--out", str(out),
+                  "--device", "cpu")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "segnet" and report["status"] == "complete"
+    for row in report["final"]["per_site"].values():
+        assert 0.0 <= row["dice"] <= 1.0
+        assert row["lesion_fp_per_image"] is not None and row["lesion_fp_per_image"] >= 0.0
+    assert "lesion sensitivity" in (out / "report.md").read_text()
+
+
+def test_synth_classification_cli(tmp_path: Path) -> None:
+    out = tmp_path / "exams"
+    res = run_cli("synth", "--task", "classification", "--sites", "1", "--out", str(out), "--seed", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "hospital-a: 32 exams" in res.stdout
+    rows = list(csv.DictReader((out / "hospital-a" / "labels" / "labels.csv").open()))
+    assert len(rows) == 32 and set(rows[0]) == {"SeriesInstanceUID", "label"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == "classification" and manifest["label_level"] == "exam"
+    assert sum(int(r["label"]) for r in rows) == manifest["counts"]["hospital-a"]["labelled_positive"]
+    bad = run_cli("synth", "--task", "classification", "--label-level", "series", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "unknown label level 'series'; allowed: exam, image" in bad.stderr
+    assert not (tmp_path / "x").exists()

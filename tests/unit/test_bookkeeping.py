@@ -86,7 +86,7 @@ def test_recorder_writes_history_final_mean_and_worst(tmp_path: Path) -> None:
     assert [(r["round"], r["site"]) for r in rows] == [("1", "a"), ("1", "b"), ("2", "a"), ("2", "b")]
     assert rows[3]["hd95"] == "" and rows[3]["num_examples"] == "24"
     md = (tmp_path / "report.md").read_text()
-    assert "| b | 0.600 | 0.500 | n/a | 24 |" in md
+    assert "| b | 0.600 | 0.500 | n/a | n/a | n/a | 24 |" in md  # no lesion metrics sent: n/a
     assert "| **mean** | 0.700 |" in md and "Worst site: **b**" in md
 
 

@@ -85,3 +85,28 @@ def test_flower_processes_run_offline(tmp_path: Path) -> None:
     assert env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_task_picks_its_default_model_and_model_defaults() -> None:
+    cfg = load_run_config(overrides={"task": "classification"})
+    assert cfg.model == "mil"
+    assert (cfg.image_size, cfg.batch_size, cfg.local_epochs) == (64, 2, 8)  # the exam model's defaults
+    cfg = load_run_config(overrides={"task": "classification", "model": "resnet18", "local_epochs": 5})
+    assert cfg.local_epochs == 5 and cfg.batch_size == 16  # a given value wins over the model default
+    seg = load_run_config(overrides={"model": "segnet"})
+    assert seg.task == "segmentation" and seg.segnet_width == 1.0 and seg.image_size == 96
+
+
+def test_model_must_suit_the_task() -> None:
+    with pytest.raises(FedscanError) as exc:
+        load_run_config(overrides={"task": "classification", "model": "segnet"})
+    assert "model 'segnet' does not do classification" in str(exc.value)
+    assert "densenet121, resnet18, mil" in str(exc.value)
+    with pytest.raises(FedscanError, match="does not do segmentation"):
+        load_run_config(overrides={"model": "mil"})
+
+
+def test_segnet_needs_a_multiple_of_32() -> None:
+    with pytest.raises(FedscanError, match="multiple of 32 for segnet"):
+        load_run_config(overrides={"model": "segnet", "image_size": 80})
+    assert load_run_config(overrides={"model": "unet", "image_size": 80, "unet_depth": 4}).image_size == 80

@@ -103,3 +103,19 @@ def test_non_dicom_files_are_reported_not_fatal(synth_root: Path, tmp_path: Path
     data = prepare_site(SiteDir("hospital-a", site_path), RunConfig(image_size=32), None)
     assert len(data) == 36
     assert "1 file(s) not ingested" in caplog.text and "not a readable DICOM file" in caplog.text
+
+
+def test_multi_class_masks_and_num_classes(synth_root: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    shutil.copytree(synth_root / "hospital-a", tmp_path / "h")
+    for path in sorted((tmp_path / "h" / "labels").glob("*.nii.gz")):
+        img = nib.load(path)
+        mask = np.asarray(img.dataobj).astype(np.uint8)
+        mask[mask > 0] = 2  # the lesions become class 2 of 3
+        nib.save(nib.Nifti1Image(mask, img.affine, img.header), path)
+    site = discover_sites(tmp_path)[0]
+    with pytest.raises(FedscanError, match=r"holds class 2, but the run has num_classes = 2 \(classes 0..1\)"):
+        prepare_site(site, RunConfig(image_size=32), None)
+    data = prepare_site(site, RunConfig(image_size=32, num_classes=3), None)
+    assert set(np.unique(data.masks)) == {0, 2}

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedscan.common.config import RunConfig
-from fedscan.common.models.registry import NUM_CLASSES, available, build_model
-from fedscan.common.config import MODELS
+from fedscan.common.config import MODELS, RunConfig
+from fedscan.common.models.registry import available, build_model
 from fedscan.common.tasks.segmentation import volume_metrics
 from fedscan.common.weights import load_record, to_record
 
@@ -20,13 +19,37 @@ def test_unet_output_shape(size: int, base: int) -> None:
     model = build_model(RunConfig(image_size=size, base_channels=base)).eval()
     with torch.no_grad():
         out = model(torch.zeros(3, 1, size, size))
-    assert out.shape == (3, NUM_CLASSES, size, size)
+    assert out.shape == (3, 2, size, size)
 
 
-def test_unet_is_an_encoder_decoder_with_skips() -> None:
-    model = build_model(RunConfig(base_channels=8))
-    names = {n.split(".")[0] for n, _ in model.named_children()}
-    assert {"down_1", "down_4", "upcat_4", "upcat_1"} <= names  # 4 stages down, 4 up with concat
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_unet_depth_sets_pooling_and_upsampling_stages(depth: int) -> None:
+    model = build_model(RunConfig(base_channels=4, unet_depth=depth, image_size=64, num_classes=3))
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    ups = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(pools) == depth and len(ups) == depth
+    # widths double after each pooling stage from the second on: b, b, 2b, 4b, ...
+    assert [d.convs.conv_1.conv.out_channels for d in model.down] == [4 * 2**k for k in range(depth)]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_unet_depth_4_is_monai_basic_unet() -> None:
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    ref = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(8, 8, 16, 32, 64, 8),
+                    norm=("instance", {"affine": True}), dropout=0.0)
+    torch.manual_seed(0)
+    ours = build_model(RunConfig(base_channels=8))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ref(x), ours(x))
+
+
+def test_unet_depth_and_image_size_are_checked() -> None:
+    with pytest.raises(ValueError, match="multiple of 64 for unet"):
+        RunConfig(unet_depth=6, image_size=96)
 
 
 def test_registry_matches_config_choices() -> None:
@@ -72,3 +95,34 @@ def test_volume_metrics_empty_cases() -> None:
     m = volume_metrics(np.zeros_like(truth), truth, (2.0, 2.0, 5.0), 2)
     assert m["dice"] == 0.0
     assert m["hd95"] == pytest.approx(math.sqrt(16**2 + 16**2 + 5**2))
+
+
+def test_volume_metrics_per_class_hand_computed() -> None:
+    truth = np.zeros((1, 10, 10), dtype=np.uint8)
+    pred = np.zeros_like(truth)
+    truth[0, 0:2, 0:5] = 1  # class 1: 10 voxels
+    pred[0, 0:2, 0:5] = 1  # found exactly
+    truth[0, 5:9, 5:9] = 2  # class 2: 16 voxels
+    pred[0, 5:9, 5:7] = 2  # 8 of them found, no false positive
+    m = volume_metrics(pred, truth, (1.0, 1.0, 1.0), 3)
+    assert m["dice_class1"] == pytest.approx(1.0) and m["iou_class1"] == pytest.approx(1.0)
+    assert m["dice_class2"] == pytest.approx(2 * 8 / (16 + 8)) and m["iou_class2"] == pytest.approx(0.5)
+    assert m["dice"] == pytest.approx((1.0 + 2 / 3) / 2)  # mean over the foreground classes
+    assert m["hd95_class1"] == pytest.approx(0.0) and m["hd95_class2"] == pytest.approx(2.0)
+    assert m["hd95"] == pytest.approx(1.0)
+    # a class absent from both is undefined, and left out of the mean
+    m = volume_metrics(np.where(pred == 2, 0, pred), np.where(truth == 2, 0, truth), (1.0, 1.0, 1.0), 3)
+    assert math.isnan(m["dice_class2"]) and m["dice"] == pytest.approx(1.0)
+
+
+def test_site_evaluation_reports_lesion_detection(synth_root) -> None:
+    from fedscan.client.training import evaluate_local, open_site
+    from fedscan.common.data.layout import discover_sites
+
+    cfg = RunConfig(image_size=32, base_channels=4, num_classes=3)
+    site = open_site(discover_sites(synth_root)[0], cfg, None)
+    torch.manual_seed(0)
+    m = evaluate_local(build_model(cfg), site, cfg)
+    assert {"dice", "lesion_sensitivity", "lesion_fp_per_image", "dice_class1", "dice_class2"} <= set(m)
+    assert m["num-examples"] == site.val_idx.size
+    assert m["lesion_fp_per_image"] >= 0.0

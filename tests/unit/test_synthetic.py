@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, UID
+from pydicom.uid import UID, CTImageStorage
 
 from fedscan.common.data.dicom import list_files, read_pixels, scan_site
 from fedscan.common.data.labels import load_mask, mask_path

@@ -1,0 +1,142 @@
+"""Classification: of single images, or of whole exams with the attention-MIL model.
+
+Labels come from ``labels/labels.csv`` (see ``fedscan.common.data.labels``): per image
+(SOPInstanceUID) for the image classifiers ``densenet121`` and ``resnet18``, per exam
+(SeriesInstanceUID or StudyInstanceUID) for ``mil``, which reads every image of the exam.
+
+- Loss: cross-entropy, optionally weighted per class (``class_weights``: a list, or
+  ``"balanced"``: each site weights class c by n / (C * n_c) over its own training samples,
+  so a rare class counts as much as a common one).
+- Metrics (``fedscan.common.tasks.metrics``): ``auroc``, ``balanced_accuracy``,
+  ``sensitivity``, ``specificity``, ``f1`` and ``accuracy`` over the site's validation
+  samples, plus the unweighted cross-entropy ``loss``. An AUROC on a validation set with a
+  single class is undefined and stays NaN (null in reports), never 0 or 0.5.
+- ``num-examples`` counts samples (images or exams), not slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedscan.common.config import EXAM_MODELS, RunConfig
+from fedscan.common.data.dataset import ExamDataset, ImageDataset, SiteData
+from fedscan.common.errors import FedscanError
+from fedscan.common.tasks.loops import fit, seeded_loader
+from fedscan.common.tasks.metrics import classification_metrics
+from fedscan.common.tasks.precision import Precision
+
+METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
+MAIN_METRIC = "balanced_accuracy"
+
+
+def _collate_exams(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [x for x, _ in items], torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def forward_exams(model: nn.Module, bags: list[torch.Tensor]) -> torch.Tensor:
+    """Logits (B, C) of a batch of exams of any lengths, for the exam model."""
+    return model.forward_bags(bags)[0]  # type: ignore[operator]
+
+
+def check_data(data: SiteData, cfg: RunConfig) -> None:
+    """Fail early, naming the problem, when the site's labels do not suit the model."""
+    if cfg.model in EXAM_MODELS:
+        return
+    longest = max((len(ix) for ix in data.slices_of()), default=0)
+    if longest > 1:
+        raise FedscanError(
+            f"model '{cfg.model}' classifies single images, but this site's labels.csv labels "
+            f"whole exams (up to {longest} images each)",
+            hint="use --model mil for exam labels, or label images by SOPInstanceUID",
+        )
+
+
+def loss_weights(cfg: RunConfig, targets: np.ndarray) -> torch.Tensor | None:
+    """Per-class loss weights from the config; ``balanced`` uses this site's class counts."""
+    if cfg.class_weights is None:
+        return None
+    if cfg.class_weights == "balanced":
+        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=cfg.num_classes)
+        present = counts > 0
+        w = np.ones(cfg.num_classes)
+        w[present] = counts.sum() / (present.sum() * counts[present])
+        return torch.tensor(w, dtype=torch.float32)
+    return torch.tensor(cfg.class_weights, dtype=torch.float32)
+
+
+def _samples(data: SiteData, slice_indices: np.ndarray) -> np.ndarray:
+    return data.samples_of(slice_indices)
+
+
+def train(
+    model: nn.Module,
+    data: SiteData,
+    indices: np.ndarray,
+    cfg: RunConfig,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    precision: Precision,
+) -> dict[str, float]:
+    """Train on the samples of the given slices; ``batch_size`` counts images or exams."""
+    samples = _samples(data, indices)
+    targets = np.asarray(data.target)[samples]
+    weights = loss_weights(cfg, targets)
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(precision.device))
+    torch.manual_seed(seed)
+    if cfg.model in EXAM_MODELS:
+        loader = seeded_loader(ExamDataset(data, samples), batch_size=batch_size, seed=seed,
+                               precision=precision, collate_fn=_collate_exams)
+        metrics = fit(model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision,
+                      forward=forward_exams)
+    else:
+        loader = seeded_loader(ImageDataset(data, samples), batch_size=batch_size, seed=seed,
+                               precision=precision)
+        metrics = fit(model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision)
+    metrics["num-examples"] = float(samples.size)
+    return metrics
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: SiteData, samples: np.ndarray, cfg: RunConfig, *, precision: Precision
+) -> np.ndarray:
+    """Class probabilities (n_samples, C) for the given samples, in their order."""
+    model = precision.place_model(model).eval()
+    probs = []
+    if cfg.model in EXAM_MODELS:
+        exams = ExamDataset(data, samples)
+        for i in range(len(exams)):
+            bag, _ = exams[i]
+            with precision.autocast():
+                logits, _ = model(precision.place(bag))
+            probs.append(torch.softmax(logits.float(), dim=-1)[None].cpu())
+    else:
+        loader = DataLoader(ImageDataset(data, samples), batch_size=max(cfg.batch_size, 32),
+                            shuffle=False, pin_memory=precision.pin_memory)
+        for x, _ in loader:
+            with precision.autocast():
+                logits = model(precision.place(x))
+            probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+    if not probs:
+        return np.zeros((0, cfg.num_classes), dtype=np.float64)
+    return torch.cat(probs).double().numpy()
+
+
+def evaluate(
+    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision
+) -> dict[str, float]:
+    """Per-site validation metrics over the samples of the given slices."""
+    samples = _samples(data, indices)
+    targets = np.asarray(data.target)[samples].astype(np.int64)
+    probs = predict(model, data, samples, cfg, precision=precision)
+    out = classification_metrics(probs, targets, cfg.num_classes)
+    picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
+    out["loss"] = float(-np.log(picked).mean()) if len(targets) else float("nan")
+    out["num-examples"] = float(samples.size)
+    return out

@@ -1,0 +1,72 @@
+"""The optimisation loop shared by the tasks: seeded shuffling, Adam, AMP, finite-loss guard."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedscan.common.tasks.precision import Precision
+
+# (inputs, targets); inputs may be a list of tensors, e.g. exams of different lengths
+Batch = tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]
+
+
+def seeded_loader(
+    dataset: Dataset, *, batch_size: int, seed: int, precision: Precision,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """A shuffling loader whose order depends only on ``seed``."""
+    n = len(dataset)  # type: ignore[arg-type]
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=n > batch_size, pin_memory=precision.pin_memory, collate_fn=collate_fn,
+    )
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[], Iterable[Batch]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    precision: Precision,
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place with Adam; ``batches()`` yields one epoch of (x, y).
+
+    The loss is computed in float32 on the model's output; a loss that is not finite
+    stops training with an error rather than sending a broken update.
+    """
+    model = precision.place_model(model)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    scaler = precision.grad_scaler()
+    total, count, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for x, y in batches():
+            x = [precision.place(b) for b in x] if isinstance(x, list) else precision.place(x)
+            y = precision.place(y)
+            opt.zero_grad(set_to_none=True)
+            with precision.autocast():
+                out = forward(model, x) if forward else model(x)
+            loss = loss_fn(out.float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("training loss is not finite")
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            n = int(y.shape[0])
+            total += float(loss.detach()) * n
+            count += n
+            steps += 1
+    return {"train_loss": total / max(count, 1), "steps": float(steps)}
