@@ -38,7 +38,7 @@ EXAM_MODELS: tuple[str, ...] = ("mil",)
 # hospitals for 3 rounds: the exam classifier learns from one label per exam and needs more
 # optimizer steps (small batches of exams, more local epochs); the classifiers work at 64 px.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mil": {"image_size": 64, "batch_size": 2, "local_epochs": 8},
+    "mil": {"image_size": 64, "batch_size": 2, "local_epochs": 12},
     "densenet121": {"image_size": 64, "batch_size": 16, "local_epochs": 2},
     "resnet18": {"image_size": 64, "batch_size": 16, "local_epochs": 2},
 }

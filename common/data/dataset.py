@@ -104,6 +104,22 @@ def _model_input(hdr: SeriesHeader, cfg: RunConfig) -> tuple[np.ndarray, float]:
     return resize_images(pix, cfg.image_size), pix.shape[-1] / cfg.image_size
 
 
+def _add_slices(
+    index: dict[str, list[np.ndarray]], n: int, patient: int, series: int, hdr: SeriesHeader, scale: float
+) -> None:
+    """Record n slices' patient and series indices and their spacing at model size."""
+    row_mm, col_mm = hdr.spacing
+    index["patient"].append(np.full(n, patient, dtype=np.int32))
+    index["series"].append(np.full(n, series, dtype=np.int32))
+    index["spacing"].append(np.tile([row_mm * scale, col_mm * scale, hdr.slice_spacing], (n, 1)))
+
+
+def _stack(index: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    out = {k: np.concatenate(v) for k, v in index.items()}
+    out["spacing"] = out["spacing"].astype(np.float32)
+    return out
+
+
 def build_site_data(site: SiteDir, cfg: RunConfig) -> SiteData:
     """Read DICOM and labels and preprocess them (no cache)."""
     check_site(site, cfg.task)
@@ -116,7 +132,8 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
     all_series = _scan(site)
     size = cfg.image_size
     patients = sorted({s.patient_id for s in all_series})
-    images, masks, patient, series, spacing = [], [], [], [], []
+    images, masks = [], []
+    index: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": []}
     unlabelled = 0
     for si, hdr in enumerate(all_series):
         mpath = mask_path(site.labels, hdr.series_uid)
@@ -133,11 +150,7 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
         pix, scale = _model_input(hdr, cfg)
         images.append(pix)
         masks.append(resize_labels(pad_to_square(mask), size))
-        n = pix.shape[0]
-        patient.append(np.full(n, patients.index(hdr.patient_id), dtype=np.int32))
-        series.append(np.full(n, si, dtype=np.int32))
-        row_mm, col_mm = hdr.spacing
-        spacing.append(np.tile([row_mm * scale, col_mm * scale, hdr.slice_spacing], (n, 1)))
+        _add_slices(index, pix.shape[0], patients.index(hdr.patient_id), si, hdr, scale)
     if unlabelled:
         log.warning("site %s: %d of %d series have no mask and are not used", site.name,
                     unlabelled, len(all_series))
@@ -146,13 +159,7 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
             f"site '{site.name}' has images but no labels: none of its {len(all_series)} series "
             f"has a mask {site.labels}/<SeriesInstanceUID>.nii.gz"
         )
-    return SiteData(
-        images=np.concatenate(images),
-        masks=np.concatenate(masks),
-        patient=np.concatenate(patient),
-        series=np.concatenate(series),
-        spacing=np.concatenate(spacing).astype(np.float32),
-    )
+    return SiteData(images=np.concatenate(images), masks=np.concatenate(masks), **_stack(index))
 
 
 def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
@@ -161,7 +168,8 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
     table = read_class_labels(site.labels / LABELS_CSV, cfg.num_classes)
     patients = sorted({s.patient_id for s in all_series})
     sample_ids: dict[str, int] = {}  # the labelled UID of each sample -> sample index
-    images, patient, series, spacing, sample, target = [], [], [], [], [], []
+    images, sample, target = [], [], []
+    index: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": []}
     matched: set[str] = set()
     unlabelled_series = 0
     # exams keyed by study gather all their series; keep a study's series together
@@ -187,10 +195,7 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
                 sample_ids[k] = len(sample_ids)
                 target.append(table.labels[k])
             sample.append(sample_ids[k])
-        patient.append(np.full(n, patients.index(hdr.patient_id), dtype=np.int32))
-        series.append(np.full(n, si, dtype=np.int32))
-        row_mm, col_mm = hdr.spacing
-        spacing.append(np.tile([row_mm * scale, col_mm * scale, hdr.slice_spacing], (n, 1)))
+        _add_slices(index, n, patients.index(hdr.patient_id), si, hdr, scale)
     unknown = len(table.labels) - len(matched)
     if unknown:
         log.warning("site %s: %d row(s) of %s match no image %s here", site.name, unknown,
@@ -204,12 +209,8 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
             f"matches an image {table.key} at this site"
         )
     return SiteData(
-        images=np.concatenate(images),
-        patient=np.concatenate(patient),
-        series=np.concatenate(series),
-        spacing=np.concatenate(spacing).astype(np.float32),
-        sample=np.asarray(sample, dtype=np.int32),
-        target=np.asarray(target, dtype=np.int64),
+        images=np.concatenate(images), **_stack(index),
+        sample=np.asarray(sample, dtype=np.int32), target=np.asarray(target, dtype=np.int64),
     )
 
 

@@ -67,10 +67,6 @@ def loss_weights(cfg: RunConfig, targets: np.ndarray) -> torch.Tensor | None:
     return torch.tensor(cfg.class_weights, dtype=torch.float32)
 
 
-def _samples(data: SiteData, slice_indices: np.ndarray) -> np.ndarray:
-    return data.samples_of(slice_indices)
-
-
 def train(
     model: nn.Module,
     data: SiteData,
@@ -84,7 +80,7 @@ def train(
     precision: Precision,
 ) -> dict[str, float]:
     """Train on the samples of the given slices; ``batch_size`` counts images or exams."""
-    samples = _samples(data, indices)
+    samples = data.samples_of(indices)
     targets = np.asarray(data.target)[samples]
     weights = loss_weights(cfg, targets)
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(precision.device))
@@ -132,7 +128,7 @@ def evaluate(
     model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision
 ) -> dict[str, float]:
     """Per-site validation metrics over the samples of the given slices."""
-    samples = _samples(data, indices)
+    samples = data.samples_of(indices)
     targets = np.asarray(data.target)[samples].astype(np.int64)
     probs = predict(model, data, samples, cfg, precision=precision)
     out = classification_metrics(probs, targets, cfg.num_classes)

@@ -90,7 +90,7 @@ def test_flower_processes_run_offline(tmp_path: Path) -> None:
 def test_task_picks_its_default_model_and_model_defaults() -> None:
     cfg = load_run_config(overrides={"task": "classification"})
     assert cfg.model == "mil"
-    assert (cfg.image_size, cfg.batch_size, cfg.local_epochs) == (64, 2, 8)  # the exam model's defaults
+    assert (cfg.image_size, cfg.batch_size, cfg.local_epochs) == (64, 2, 12)  # the exam model's defaults
     cfg = load_run_config(overrides={"task": "classification", "model": "resnet18", "local_epochs": 5})
     assert cfg.local_epochs == 5 and cfg.batch_size == 16  # a given value wins over the model default
     seg = load_run_config(overrides={"model": "segnet"})
