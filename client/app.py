@@ -80,8 +80,8 @@ def train(msg: Message, context: Context) -> Message:
             lr=float(conf.get("lr", cfg.run.learning_rate)),
             batch_size=int(conf.get("batch-size", cfg.run.batch_size)),
         )
-        log.info("site %s round %s: trained on %d slices, loss %.4f", site.name,
-                 conf["server-round"], site.train_idx.size, metrics["train_loss"])
+        log.info("site %s round %s: trained on %d examples, loss %.4f", site.name,
+                 conf["server-round"], int(metrics["num-examples"]), metrics["train_loss"])
     content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -59,7 +59,7 @@ class LocalSite:
         text = (f"{len(d)} images from {d.n_patients} patients "
                 f"({self.train_idx.size} train / {self.val_idx.size} validation images)")
         if d.target is not None:
-            counts = np.bincount(np.asarray(d.target), minlength=2)
+            counts = np.bincount(np.asarray(d.target))
             kind = "exams" if d.n_samples < len(d) else "labelled images"
             text += f"; {d.n_samples} {kind}, per class {counts.tolist()}"
         return text

@@ -70,7 +70,7 @@ class RunConfig(BaseModel):
     base_channels: int = Field(16, ge=4, le=256, description="U-Net and MIL encoder width")
     unet_depth: int = Field(4, ge=1, le=6, description="U-Net pooling stages")
     segnet_width: float = Field(1.0, gt=0.0, le=2.0, description="SegNet channel multiplier; 1.0 = VGG16")
-    num_classes: int = Field(2, ge=2, le=64, description="classes, background included")
+    num_classes: int = Field(2, ge=2, le=64, description="classes (for segmentation, background included)")
     class_weights: list[float] | Literal["balanced"] | None = Field(
         None, description="classification loss weights per class, or 'balanced' (per site)"
     )
@@ -104,10 +104,16 @@ class RunConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _defaults_by_task_and_model(cls, data: Any) -> Any:
-        """A task without a named model gets the task's default model; a model its defaults."""
+        """A model without a task gets its task; a task without a model its default model; a
+        model its default settings, for the ones not given."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if data.get("task") is None and isinstance(data.get("model"), str):  # the model's task
+            name = data["model"].strip().lower()
+            data["task"] = next((t for t, models in TASK_MODELS.items() if name in models), None)
+            if data["task"] is None:
+                del data["task"]
         if data.get("model") is None and isinstance(data.get("task"), str):
             default = DEFAULT_MODEL.get(data["task"].strip().lower())
             if default:
@@ -140,6 +146,11 @@ class RunConfig(BaseModel):
                 f"{', '.join(TASK_MODELS[self.task])}"
             )
         factor = {"unet": 2**self.unet_depth, "segnet": 32}.get(self.model, 16)
+        if self.model == "unet" and self.image_size < 2 * factor:
+            raise ValueError(
+                f"image_size {self.image_size} is too small for a U-Net of depth {self.unet_depth}: "
+                f"its deepest features would be 1 pixel; use at least {2 * factor} or a smaller unet_depth"
+            )
         if self.image_size % factor:
             raise ValueError(
                 f"image_size must be a multiple of {factor} for {self.model} "

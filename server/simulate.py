@@ -211,15 +211,22 @@ class LocalSuperLink:
             self._log = None
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs' results in one folder unless --overwrite is given."""
-    out.mkdir(parents=True, exist_ok=True)
+def check_output(out: Path, overwrite: bool) -> list[str]:
+    """Refuse to mix two runs' results in one folder unless --overwrite is given.
+
+    Returns the earlier results that ``clear_output`` will remove.
+    """
     existing = [n for n in OUTPUT_NAMES if (out / n).exists()]
     if existing and not overwrite:
         raise FedscanError(
             f"output folder {out} already holds results of a run ({', '.join(existing)})",
             hint="choose a new --out, or pass --overwrite to replace them",
         )
+    return existing
+
+
+def clear_output(out: Path, existing: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     for name in existing:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -268,22 +275,20 @@ def run_simulation(
     """Run a simulated federation; return report.json's content. Raises FedscanError."""
     say = on_stage or on_progress
     out = Path(cfg.output).expanduser().resolve()
-    if cfg.data_root is not None:  # check the data before anything is written
-        data_root, sites = resolve_sites(cfg, out, say)
-        prepare_output(out, overwrite)
-    else:
-        prepare_output(out, overwrite)
-        data_root, sites = resolve_sites(cfg, out, say)
+    earlier = check_output(out, overwrite)
+    data_root, sites = resolve_sites(cfg, out, say)
     cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
     run = cfg.model_copy(update={"data_root": data_root, "output": out, "cache_dir": cache_dir})
 
-    # Decode and preprocess every site now: bad data fails here, naming the site.
+    # Decode and preprocess every site now: bad data fails here, naming the site, before any
+    # earlier result is replaced.
     from fedscan.client.training import open_site  # torch import kept off the CLI's fast path
 
     for site in sites:
         say(f"checking and preprocessing site '{site.name}'")
         local = open_site(site, run, cache_dir)
         say(f"  {site.name}: {local.describe()}")
+    clear_output(out, earlier)
 
     app_cfg = AppConfig(run=run, site_names=[s.name for s in sites])
     logs = out / "logs"

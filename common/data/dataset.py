@@ -208,10 +208,17 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
             f"site '{site.name}': none of the {len(table.labels)} rows of {LABELS_CSV} "
             f"matches an image {table.key} at this site"
         )
-    return SiteData(
-        images=np.concatenate(images), **_stack(index),
-        sample=np.asarray(sample, dtype=np.int32), target=np.asarray(target, dtype=np.int64),
-    )
+    arrays = _stack(index)
+    sample_arr = np.asarray(sample, dtype=np.int32)
+    pairs = np.unique(np.stack([sample_arr, arrays["patient"]]), axis=1)
+    if pairs.shape[1] != len(target):  # the patient-level split would cut such an exam in two
+        raise FedscanError(
+            f"site '{site.name}': {pairs.shape[1] - len(target)} labelled exam(s) hold images of "
+            f"more than one PatientID",
+            hint="every image of an exam must carry the same PatientID",
+        )
+    return SiteData(images=np.concatenate(images), **arrays, sample=sample_arr,
+                    target=np.asarray(target, dtype=np.int64))
 
 
 def prepare_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> SiteData:

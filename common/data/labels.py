@@ -106,8 +106,9 @@ def read_class_labels(path: Path, num_classes: int) -> ClassLabels:
         )
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-            header = [h.strip() for h in (rows[0].keys() if rows else [])]
+            reader = csv.DictReader(fh)
+            rows = [(reader.line_num, row) for row in reader]  # line numbers as an editor shows them
+            header = [h.strip() for h in (reader.fieldnames or [])]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FedscanError(f"cannot read {path.name}: {exc}") from None
     if not rows:
@@ -120,7 +121,7 @@ def read_class_labels(path: Path, num_classes: int) -> ClassLabels:
         )
     key = keys[0]
     labels: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         row = {str(k).strip(): (v or "").strip() for k, v in row.items() if k is not None}
         uid, raw = row.get(key, ""), row.get("label", "")
         if not uid:

@@ -179,3 +179,17 @@ def test_synth_classification_cli(tmp_path: Path) -> None:
     bad = run_cli("synth", "--task", "classification", "--label-level", "series", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "unknown label level 'series'; allowed: exam, image" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_bad_labels_keep_earlier_results(exam_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "sites"
+    shutil.copytree(exam_root, root)
+    (root / "hospital-b" / "labels" / "labels.csv").write_text("SeriesInstanceUID,label\n1.2.3,7\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    res = run_cli("simulate", "--task", "classification", "--data-root", str(root), "--out", str(out),
+                  "--overwrite", timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "labels.csv line 2: class 7 is outside 0..1" in res.stderr and "Traceback" not in res.stderr
+    assert (out / "report.json").read_text() == "{}"  # the earlier run's results are untouched

@@ -175,3 +175,18 @@ def test_site_description_holds_no_identifiers(exam_root: Path) -> None:
     site: LocalSite = open_site(discover_sites(exam_root)[0], CFG, None)
     text = site.describe()
     assert "8 exams, per class" in text and "1.2." not in text
+
+
+def test_exam_spanning_two_patients_is_refused(exam_root: Path, tmp_path: Path) -> None:
+    import pydicom
+
+    site = tmp_path / "h"
+    shutil.copytree(exam_root / "hospital-a", site)
+    first, second = scan_site(site / "images").series[:2]
+    for path in second.files:  # the second patient's series filed under the first one's study
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = first.study_uid
+        ds.save_as(path)
+    (site / "labels" / "labels.csv").write_text(f"StudyInstanceUID,label\n{first.study_uid},1\n")
+    with pytest.raises(FedscanError, match="1 labelled exam\\(s\\) hold images of more than one PatientID"):
+        prepare_site(discover_sites(tmp_path)[0], CFG, None)

@@ -103,10 +103,20 @@ def test_model_must_suit_the_task() -> None:
     assert "model 'segnet' does not do classification" in str(exc.value)
     assert "densenet121, resnet18, mil" in str(exc.value)
     with pytest.raises(FedscanError, match="does not do segmentation"):
-        load_run_config(overrides={"model": "mil"})
+        load_run_config(overrides={"task": "segmentation", "model": "mil"})
 
 
 def test_segnet_needs_a_multiple_of_32() -> None:
     with pytest.raises(FedscanError, match="multiple of 32 for segnet"):
         load_run_config(overrides={"model": "segnet", "image_size": 80})
     assert load_run_config(overrides={"model": "unet", "image_size": 80, "unet_depth": 4}).image_size == 80
+
+
+def test_model_alone_picks_its_task() -> None:
+    cfg = load_run_config(overrides={"model": "resnet18"})
+    assert cfg.task == "classification" and cfg.image_size == 64
+
+
+def test_unet_too_deep_for_the_image() -> None:
+    with pytest.raises(FedscanError, match="too small for a U-Net of depth 5.*at least 64"):
+        load_run_config(overrides={"unet_depth": 5, "image_size": 32})
