@@ -146,15 +146,15 @@ class RunConfig(BaseModel):
                 f"{', '.join(TASK_MODELS[self.task])}"
             )
         factor = {"unet": 2**self.unet_depth, "segnet": 32}.get(self.model, 16)
-        if self.model == "unet" and self.image_size < 2 * factor:
-            raise ValueError(
-                f"image_size {self.image_size} is too small for a U-Net of depth {self.unet_depth}: "
-                f"its deepest features would be 1 pixel; use at least {2 * factor} or a smaller unet_depth"
-            )
         if self.image_size % factor:
             raise ValueError(
                 f"image_size must be a multiple of {factor} for {self.model} "
                 f"(it halves the image {factor.bit_length() - 1} times), got {self.image_size}"
+            )
+        if self.model == "unet" and self.image_size < 2 * factor:
+            raise ValueError(
+                f"image_size {self.image_size} is too small for a U-Net of depth {self.unet_depth}: "
+                f"its deepest features would be 1 pixel; use at least {2 * factor} or a smaller unet_depth"
             )
         if isinstance(self.class_weights, list) and len(self.class_weights) != self.num_classes:
             raise ValueError(
