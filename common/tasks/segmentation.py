@@ -40,7 +40,6 @@ from fedscan.common.tasks.precision import Precision
 
 METRICS = ("dice", "iou", "hd95", "lesion_sensitivity", "lesion_fp_per_image")
 MAIN_METRIC = "dice"
-_VOLUME_METRICS = ("dice", "iou", "hd95")
 
 
 def check_data(data: SiteData, cfg: RunConfig) -> None:

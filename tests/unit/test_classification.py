@@ -190,3 +190,16 @@ def test_exam_spanning_two_patients_is_refused(exam_root: Path, tmp_path: Path) 
     (site / "labels" / "labels.csv").write_text(f"StudyInstanceUID,label\n{first.study_uid},1\n")
     with pytest.raises(FedscanError, match="1 labelled exam\\(s\\) hold images of more than one PatientID"):
         prepare_site(discover_sites(tmp_path)[0], CFG, None)
+
+
+def test_non_finite_loss_stops_training() -> None:
+    from fedscan.common.tasks.loops import fit
+
+    model = torch.nn.Linear(3, 2)
+    batches = [(torch.ones(2, 3), torch.tensor([0, 1]))]
+    nan_loss = lambda out, y: out.sum() * float("nan")  # noqa: E731
+    with pytest.raises(FloatingPointError, match="not finite"):
+        fit(model, lambda: batches, nan_loss, epochs=1, lr=1e-3, precision=choose_precision(torch.device("cpu")))
+    ok = fit(model, lambda: batches, torch.nn.CrossEntropyLoss(), epochs=2, lr=1e-3,
+             precision=choose_precision(torch.device("cpu")))
+    assert ok["steps"] == 2.0 and math.isfinite(ok["train_loss"])
