@@ -200,6 +200,6 @@ def test_non_finite_loss_stops_training() -> None:
     nan_loss = lambda out, y: out.sum() * float("nan")  # noqa: E731
     with pytest.raises(FloatingPointError, match="not finite"):
         fit(model, lambda: batches, nan_loss, epochs=1, lr=1e-3, precision=choose_precision(torch.device("cpu")))
-    ok = fit(model, lambda: batches, torch.nn.CrossEntropyLoss(), epochs=2, lr=1e-3,
+    ok = fit(torch.nn.Linear(3, 2), lambda: batches, torch.nn.CrossEntropyLoss(), epochs=2, lr=1e-3,
              precision=choose_precision(torch.device("cpu")))
     assert ok["steps"] == 2.0 and math.isfinite(ok["train_loss"])
