@@ -25,10 +25,10 @@ from fedscan.common.config import EXAM_MODELS, RunConfig
 from fedscan.common.data.dataset import ExamDataset, ImageDataset, SiteData
 from fedscan.common.errors import FedscanError
 from fedscan.common.tasks.loops import fit, seeded_loader
-from fedscan.common.tasks.metrics import classification_metrics
+from fedscan.common.tasks.metrics import CLASSIFICATION_METRICS, classification_metrics
 from fedscan.common.tasks.precision import Precision
 
-METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
+METRICS = CLASSIFICATION_METRICS
 MAIN_METRIC = "balanced_accuracy"
 
 

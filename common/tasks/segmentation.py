@@ -38,7 +38,7 @@ from fedscan.common.tasks import metrics as lesion
 from fedscan.common.tasks.loops import fit, seeded_loader
 from fedscan.common.tasks.precision import Precision
 
-METRICS = ("dice", "iou", "hd95", "lesion_sensitivity", "lesion_fp_per_image")
+METRICS = ("dice", "iou", "hd95", *lesion.LESION_METRICS)
 MAIN_METRIC = "dice"
 
 
@@ -143,7 +143,7 @@ def evaluate(
     indices = np.asarray(indices)
     preds, loss = predict(model, data, indices, batch_size=max(cfg.batch_size, 16), precision=precision)
     per_series: dict[str, list[float]] = {}
-    counts = {"true_lesions": 0, "detected_lesions": 0, "false_positive_lesions": 0, "images": 0}
+    counts = dict.fromkeys(lesion.LESION_COUNTS, 0)
     series_ids = np.asarray(data.series)[indices]
     masks = np.asarray(data.masks)
     for s in np.unique(series_ids):
