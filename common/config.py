@@ -85,6 +85,14 @@ class RunConfig(BaseModel):
     cache_dir: Path | None = Field(None, description="preprocessed-data cache")
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="patients held out")
     ct_window: tuple[float, float] = Field((40.0, 400.0), description="(level, width) HU")
+    intensity_percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="MR and other non-CT series: clip to these percentiles, then z-score"
+    )
+    pixel_spacing: float | None = Field(
+        None, gt=0.0, le=50.0,
+        description="resample in-plane to this spacing (mm), then centre-crop or pad to image_size; "
+                    "unset: pad to square and resize to image_size",
+    )
 
     @field_validator("task")
     @classmethod
@@ -129,6 +137,20 @@ class RunConfig(BaseModel):
     def _image_size(cls, v: int) -> int:
         if v % 16:
             raise ValueError(f"must be a multiple of 16, got {v}")
+        return v
+
+    @field_validator("ct_window")
+    @classmethod
+    def _ct_window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] <= 0:
+            raise ValueError(f"the window width must be positive, got {v[1]}")
+        return v
+
+    @field_validator("intensity_percentiles")
+    @classmethod
+    def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 100.0:
+            raise ValueError(f"needs 0 <= low < high <= 100, got {list(v)}")
         return v
 
     @field_validator("class_weights")

@@ -23,10 +23,10 @@ from torch.utils.data import Dataset
 
 from fedscan.common.config import RunConfig
 from fedscan.common.data import cache
-from fedscan.common.data.dicom import SeriesHeader, list_files, read_pixels, scan_site
-from fedscan.common.data.labels import LABELS_CSV, load_mask, mask_path, read_class_labels
+from fedscan.common.data.dicom import SeriesHeader, SiteScan, list_files, read_series, scan_site
+from fedscan.common.data.labels import LABELS_CSV, index_masks, read_class_labels
 from fedscan.common.data.layout import SiteDir, check_site
-from fedscan.common.data.preprocess import pad_to_square, resize_images, resize_labels, window
+from fedscan.common.data.preprocess import PREPROCESS_VERSION, fit_images, fit_labels, normalize
 from fedscan.common.errors import FedscanError
 
 log = logging.getLogger(__name__)
@@ -75,43 +75,56 @@ class SiteData:
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
-def _normalize(pixels: np.ndarray, modality: str, cfg: RunConfig) -> np.ndarray:
-    if modality == "CT":
-        return window(pixels, *cfg.ct_window)
-    lo, hi = np.percentile(pixels, [1.0, 99.0])  # robust per-series scaling for MR and others
-    return np.clip((pixels - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-
-
 def preprocess_params(cfg: RunConfig) -> dict[str, object]:
     return {"task": cfg.task, "image_size": cfg.image_size, "ct_window": list(cfg.ct_window),
-            "num_classes": cfg.num_classes}
+            "num_classes": cfg.num_classes, "intensity_percentiles": list(cfg.intensity_percentiles),
+            "pixel_spacing": cfg.pixel_spacing, "preprocess_version": PREPROCESS_VERSION}
 
 
-def _scan(site: SiteDir) -> list[SeriesHeader]:
-    scan = scan_site(site.images)
+def scan_site_dir(site: SiteDir) -> SiteScan:
+    """Scan a site's images (and DICOM SEG objects under labels/); log what is not used."""
+    extra = [p for p in list_files(site.labels) if not p.name.endswith((".nii.gz", ".nii", ".csv"))]
+    scan = scan_site(site.images, extra_files=extra)
     if scan.skipped:
-        log.warning("site %s: %d file(s) not ingested", site.name, len(scan.skipped))
+        log.warning("site %s: %d of %d file(s) not used (run `fedscan site check` for the full list)",
+                    site.name, len(scan.skipped), scan.n_files)
         for s in scan.skipped[:20]:
             log.warning("  %s: %s", s.path, s.reason)
+    for hdr in scan.series:
+        for w in hdr.warnings:
+            log.warning("site %s: a %s series (%d slices): %s", site.name, hdr.modality, len(hdr), w)
     if not scan.series:
-        raise FedscanError(f"site '{site.name}': no readable DICOM image series under {site.images}")
-    return scan.series
+        raise FedscanError(f"site '{site.name}': no readable DICOM image series under {site.images}",
+                           hint="run `fedscan site check --data SITE_DIR` to see why each file was not used")
+    return scan
 
 
-def _model_input(hdr: SeriesHeader, cfg: RunConfig) -> tuple[np.ndarray, float]:
-    """The series' pixels normalized, squared and resized, and the in-plane scale factor."""
-    pix = pad_to_square(_normalize(read_pixels(hdr), hdr.modality, cfg))
-    return resize_images(pix, cfg.image_size), pix.shape[-1] / cfg.image_size
+def _decoded(site: SiteDir, hdr: SeriesHeader) -> tuple[SeriesHeader, np.ndarray] | None:
+    """The series' rescaled pixels; slices that fail to decode are dropped and logged."""
+    pixels, ok, failed = read_series(hdr)
+    for f in failed:
+        log.warning("site %s: %s: %s (%s)", site.name, f.path, f.reason, f.detail)
+    if not ok.any():
+        return None
+    if not ok.all():
+        return hdr.subset(ok), pixels[ok]
+    return hdr, pixels
+
+
+def _model_input(hdr: SeriesHeader, pixels: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, tuple[float, float]]:
+    """The series normalized for its modality and put on the model grid, and its spacing there."""
+    norm = normalize(pixels, hdr.modality, cfg.ct_window, cfg.intensity_percentiles)
+    return fit_images(norm, hdr.spacing, cfg.image_size, cfg.pixel_spacing)
 
 
 def _add_slices(
-    index: dict[str, list[np.ndarray]], n: int, patient: int, series: int, hdr: SeriesHeader, scale: float
+    index: dict[str, list[np.ndarray]], n: int, patient: int, series: int, hdr: SeriesHeader,
+    model_spacing: tuple[float, float],
 ) -> None:
     """Record n slices' patient and series indices and their spacing at model size."""
-    row_mm, col_mm = hdr.spacing
     index["patient"].append(np.full(n, patient, dtype=np.int32))
     index["series"].append(np.full(n, series, dtype=np.int32))
-    index["spacing"].append(np.tile([row_mm * scale, col_mm * scale, hdr.slice_spacing], (n, 1)))
+    index["spacing"].append(np.tile([model_spacing[0], model_spacing[1], hdr.slice_spacing], (n, 1)))
 
 
 def _stack(index: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -129,42 +142,56 @@ def build_site_data(site: SiteDir, cfg: RunConfig) -> SiteData:
 
 
 def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
-    all_series = _scan(site)
-    size = cfg.image_size
+    scan = scan_site_dir(site)
+    all_series = scan.series
+    masks_of = index_masks(site.labels, scan)
+    for p in masks_of.problems:
+        log.warning("site %s: %s: %s", site.name, p.path, p.reason)
     patients = sorted({s.patient_id for s in all_series})
     images, masks = [], []
     index: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": []}
-    unlabelled = 0
+    unlabelled = mismatched = 0
     for si, hdr in enumerate(all_series):
-        mpath = mask_path(site.labels, hdr.series_uid)
-        if not mpath.is_file():
+        if hdr.series_uid not in masks_of.sources:
             unlabelled += 1
             continue
-        mask = load_mask(mpath, hdr)
+        decoded = _decoded(site, hdr)
+        if decoded is None:
+            continue
+        hdr, pixels = decoded
+        try:
+            mask = masks_of.load(hdr)
+        except FedscanError as exc:  # counted and reported; the other series still train
+            mismatched += 1
+            log.warning("site %s: %s", site.name, exc.message)
+            continue
         if int(mask.max(initial=0)) >= cfg.num_classes:
             raise FedscanError(
-                f"site '{site.name}': mask {mpath.name} holds class {int(mask.max())}, but the run "
-                f"has num_classes = {cfg.num_classes} (classes 0..{cfg.num_classes - 1})",
+                f"site '{site.name}': mask {masks_of.sources[hdr.series_uid].name} holds class "
+                f"{int(mask.max())}, but the run has num_classes = {cfg.num_classes} "
+                f"(classes 0..{cfg.num_classes - 1})",
                 hint="set num_classes in the run config to the number of mask classes, background included",
             )
-        pix, scale = _model_input(hdr, cfg)
+        pix, model_spacing = _model_input(hdr, pixels, cfg)
         images.append(pix)
-        masks.append(resize_labels(pad_to_square(mask), size))
-        _add_slices(index, pix.shape[0], patients.index(hdr.patient_id), si, hdr, scale)
-    if unlabelled:
-        log.warning("site %s: %d of %d series have no mask and are not used", site.name,
-                    unlabelled, len(all_series))
+        masks.append(fit_labels(mask, hdr.spacing, cfg.image_size, cfg.pixel_spacing))
+        _add_slices(index, pix.shape[0], patients.index(hdr.patient_id), si, hdr, model_spacing)
+    if unlabelled or mismatched or masks_of.problems:
+        log.warning("site %s: label mismatches: %d series without a mask, %d mask(s) not matching their "
+                    "series, %d mask(s) for no series here", site.name, unlabelled, mismatched,
+                    len(masks_of.problems))
     if not images:
         raise FedscanError(
             f"site '{site.name}' has images but no labels: none of its {len(all_series)} series "
-            f"has a mask {site.labels}/<SeriesInstanceUID>.nii.gz"
+            f"has a usable mask ({site.labels}/<SeriesInstanceUID>.nii.gz or a DICOM SEG object)",
+            hint="run `fedscan site check --data SITE_DIR` to see how the masks match the series",
         )
     return SiteData(images=np.concatenate(images), masks=np.concatenate(masks), **_stack(index))
 
 
 def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
     """Images with class labels from labels.csv, grouped into samples (images or exams)."""
-    all_series = _scan(site)
+    all_series = scan_site_dir(site).series
     table = read_class_labels(site.labels / LABELS_CSV, cfg.num_classes)
     patients = sorted({s.patient_id for s in all_series})
     sample_ids: dict[str, int] = {}  # the labelled UID of each sample -> sample index
@@ -176,26 +203,30 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
     ordered = sorted(enumerate(all_series), key=lambda t: (t[1].study_uid, t[1].series_uid))
     for si, hdr in ordered:
         if table.key == "SOPInstanceUID":
-            keys = [u if u in table.labels else None for u in hdr.sop_uids]
+            keep = np.array([u in table.labels for u in hdr.sop_uids])
         else:
             uid = hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid
-            keys = [uid if uid in table.labels else None] * len(hdr.files)
-        keep = np.array([k is not None for k in keys])
+            keep = np.full(len(hdr), uid in table.labels)
         if not keep.any():
             unlabelled_series += 1
             continue
-        pix, scale = _model_input(hdr, cfg)
-        n = int(keep.sum())
-        images.append(pix[keep])
+        decoded = _decoded(site, hdr.subset(keep))
+        if decoded is None:
+            continue
+        hdr, pixels = decoded
+        if table.key == "SOPInstanceUID":
+            keys = list(hdr.sop_uids)
+        else:
+            keys = [hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid] * len(hdr)
+        pix, model_spacing = _model_input(hdr, pixels, cfg)
+        images.append(pix)
         for k in keys:
-            if k is None:
-                continue
             matched.add(k)
             if k not in sample_ids:
                 sample_ids[k] = len(sample_ids)
                 target.append(table.labels[k])
             sample.append(sample_ids[k])
-        _add_slices(index, n, patients.index(hdr.patient_id), si, hdr, scale)
+        _add_slices(index, len(keys), patients.index(hdr.patient_id), si, hdr, model_spacing)
     unknown = len(table.labels) - len(matched)
     if unknown:
         log.warning("site %s: %d row(s) of %s match no image %s here", site.name, unknown,

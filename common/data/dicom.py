@@ -1,49 +1,96 @@
-"""Read a site's DICOM images into series volumes ordered by geometry.
+"""Read a site's DICOM export into series of slices ordered by geometry; report everything else.
 
-Files are found recursively under ``<site>/images`` whatever their names. Slices are grouped
-by SeriesInstanceUID and ordered by ImagePositionPatient projected on the slice normal,
-never by file name or InstanceNumber. Stored values go through the modality LUT (rescale
-slope and intercept, per slice). Files that are not usable images are reported, not hidden.
+Files are found recursively under ``<site>/images`` whatever their names (with or without
+``.dcm``, with or without the 128-byte preamble). Every file ends up in exactly one place:
+  - a slice (or, for multi-frame files, several slices) of an image series;
+  - a DICOM SEG object, kept aside as a label source;
+  - a ``Skipped`` entry saying why it is not used: not DICOM, a DICOMDIR, a non-image object
+    (SR, RTPLAN, ...), a colour image, a duplicate instance, an inconsistent series...
+
+Slices are grouped by SeriesInstanceUID and ordered by ImagePositionPatient projected on the
+slice normal from ImageOrientationPatient (per frame for enhanced multi-frame objects), never
+by file name or InstanceNumber. Images without patient geometry (projection radiographs,
+ultrasound, secondary captures) are kept as 2D images with ``geometry=False``.
+
+Pixels go through the modality LUT (RescaleSlope/Intercept per slice or per frame, or a
+Modality LUT Sequence); MONOCHROME1 is inverted so that bright means dense everywhere.
+Compressed transfer syntaxes are decoded by pydicom's pylibjpeg, openjpeg, RLE and JPEG-LS
+plugins. Nothing here raises for a bad file: problems become ``Skipped`` entries.
+
+``Skipped.reason`` is fedscan's own wording and holds no DICOM value, UID or path, so it may
+appear in the site-check JSON; ``Skipped.detail`` (exception text) stays in the local log.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import UID_dictionary
 
 log = logging.getLogger(__name__)
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# image objects with pixel data that are not images to train on
+NOT_TRAINABLE = {"RTDOSE": "an RT dose grid", "RTIMAGE": "an RT portal image", "SEG": "a segmentation"}
+# consecutive slices further apart than this many median spacings leave a gap
+GAP_FACTOR = 1.5
+# two slices closer than this (mm) along the normal share a position
+SAME_POSITION_MM = 1e-3
 
 
 @dataclass
 class Skipped:
-    """A file that was not ingested, and why. Stays at the site."""
+    """A file (or some of its frames) that is not used, and why. Stays at the site."""
 
     path: Path
-    reason: str
+    reason: str  # fedscan's wording: no DICOM values, UIDs or paths
+    detail: str = ""  # e.g. the decoder's message; local log only
 
 
 @dataclass
 class SeriesHeader:
-    """One series' slices, read without pixel data, in geometric order."""
+    """One series' slices, read without pixel data, in geometric order.
+
+    A slice is one frame of one file: ``files[i]`` and ``frames[i]`` (None for single-frame
+    files). For a series without patient geometry, positions are nominal (1 mm apart).
+    """
 
     series_uid: str
     study_uid: str
     patient_id: str
     modality: str
+    manufacturer: str
     files: list[Path]
-    sop_uids: list[str]  # SOPInstanceUID of each file, same order
+    frames: list[int | None]
+    sop_uids: list[str]  # SOPInstanceUID of each slice's file
     positions: np.ndarray  # (n, 3) ImagePositionPatient, LPS mm
     row_dir: np.ndarray  # (3,) direction of increasing column index
     col_dir: np.ndarray  # (3,) direction of increasing row index
     spacing: tuple[float, float]  # (between rows, between columns) mm
     thickness: float
     shape: tuple[int, int]
+    slopes: np.ndarray  # (n,) RescaleSlope per slice
+    intercepts: np.ndarray  # (n,) RescaleIntercept per slice
+    invert: np.ndarray  # (n,) bool: MONOCHROME1
+    value_range: np.ndarray  # (n, 2) rescaled range of the stored values, for inversion
+    lut: np.ndarray  # (n,) bool: the file has a Modality LUT Sequence
+    transfer_syntaxes: list[str] = field(default_factory=list)  # names, one per slice
+    native: list[tuple[int, str, int, bool] | None] = field(default_factory=list)  # per slice, see read_series
+    geometry: bool = True
+    warnings: list[str] = field(default_factory=list)  # fedscan's wording, like Skipped.reason
+
+    def __len__(self) -> int:
+        return len(self.files)
 
     @property
     def normal(self) -> np.ndarray:
@@ -51,16 +98,59 @@ class SeriesHeader:
 
     @property
     def slice_spacing(self) -> float:
-        if len(self.positions) < 2:
+        if len(self.positions) < 2 or not self.geometry:
             return self.thickness
         d = np.diff(self.positions @ self.normal)
         return float(np.median(np.abs(d)))
+
+    def subset(self, keep: np.ndarray) -> SeriesHeader:
+        """The same series restricted to the slices where ``keep`` is True."""
+        idx = np.flatnonzero(keep)
+
+        def pick(seq: list) -> list:
+            return [seq[i] for i in idx]
+
+        return replace(
+            self, files=pick(self.files), frames=pick(self.frames), sop_uids=pick(self.sop_uids),
+            positions=self.positions[idx], slopes=self.slopes[idx], intercepts=self.intercepts[idx],
+            invert=self.invert[idx], value_range=self.value_range[idx], lut=self.lut[idx],
+            transfer_syntaxes=pick(self.transfer_syntaxes) if self.transfer_syntaxes else [],
+            native=pick(self.native) if self.native else [],
+            warnings=list(self.warnings),
+        )
 
 
 @dataclass
 class SiteScan:
     series: list[SeriesHeader] = field(default_factory=list)
+    segs: list[Path] = field(default_factory=list)  # DICOM SEG objects: label sources
     skipped: list[Skipped] = field(default_factory=list)
+    n_files: int = 0
+
+
+@dataclass
+class _Slice:
+    path: Path
+    frame: int | None
+    sop: str
+    shape: tuple[int, int]
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    spacing: tuple[float, float] | None
+    thickness: float
+    slope: float
+    intercept: float
+    invert: bool
+    value_range: tuple[float, float]
+    lut: bool
+    syntax: str
+    native: tuple[int, str, int, bool] | None = None
+
+
+def uid_name(uid: object, unknown: str) -> str:
+    """The standard name of a well-known UID (SOP class, transfer syntax); never the UID itself."""
+    entry = UID_dictionary.get(str(uid))
+    return entry[0] if entry else unknown
 
 
 def _floats(value: object, n: int) -> np.ndarray | None:
@@ -68,91 +158,398 @@ def _floats(value: object, n: int) -> np.ndarray | None:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         return None
-    return arr if arr.shape == (n,) else None
+    if arr.shape != (n,) or not np.isfinite(arr).all():
+        return None
+    return arr
+
+
+def _number(value: object, default: float) -> float:
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+    return out if np.isfinite(out) else default
 
 
 def list_files(images_dir: Path) -> list[Path]:
     """Every regular, non-hidden file below ``images_dir``, in a stable order."""
+    root = Path(images_dir)
+    if not root.is_dir():
+        return []
     return sorted(
-        p for p in Path(images_dir).rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(images_dir).parts)
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
 
-def scan_site(images_dir: Path) -> SiteScan:
-    """Read every file's header and group the image slices into ordered series."""
-    scan = SiteScan()
-    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
-    for path in list_files(images_dir):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-            scan.skipped.append(Skipped(path, f"not a readable DICOM file ({type(exc).__name__})"))
-            continue
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "Rows" not in ds:
-            scan.skipped.append(Skipped(path, "DICOM object without an image (no pixel data)"))
-            continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if not uid:
-            scan.skipped.append(Skipped(path, "image without SeriesInstanceUID"))
-            continue
-        groups.setdefault(uid, []).append((path, ds))
+def has_preamble(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
 
-    for uid, items in groups.items():
-        header = _order_series(uid, items, scan.skipped)
+
+def read_header(path: Path) -> Dataset | Skipped:
+    """The file's DICOM header without pixel data, or why it cannot be read as DICOM.
+
+    The returned dataset carries ``fedscan_pixel_offset``: where the Pixel Data element starts.
+    """
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            head = fh.read(132)
+            preamble = len(head) == 132 and head[128:132] == b"DICM"
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not preamble, defer_size=4096)
+            ds.fedscan_pixel_offset = fh.tell()
+            if not preamble and "SOPClassUID" not in ds and "Rows" not in ds:
+                return Skipped(path, "not a DICOM file")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same to the site
+        return Skipped(path, "not a readable DICOM file", f"{type(exc).__name__}: {exc}")
+    return ds
+
+
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # little endian: explicit VR?
+
+
+def _native_layout(ds: Dataset) -> tuple[int, str, int, bool] | None:
+    """(offset, dtype, bits stored, explicit VR) when the pixels can be read straight from the
+    file: uncompressed little endian, one frame, one sample. None means: let pydicom decode."""
+    syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    if syntax not in _NATIVE_SYNTAXES or "NumberOfFrames" in ds or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32) or "ModalityLUTSequence" in ds:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    dtype = f"<{'i' if signed else 'u'}{bits // 8}"
+    stored = int(ds.get("BitsStored", bits) or bits)
+    return int(getattr(ds, "fedscan_pixel_offset", -1)), dtype, stored, _NATIVE_SYNTAXES[syntax]
+
+
+def _bits_range(ds: Dataset) -> tuple[int, int]:
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _item(groups: Dataset | None, seq: str) -> Dataset | None:
+    if groups is None or seq not in groups or not groups[seq].value:
+        return None
+    return groups[seq].value[0]
+
+
+def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
+    """The slices a greyscale image file contributes, or why it contributes none."""
+    shape = (int(ds.Rows), int(ds.Columns))
+    sop = str(ds.get("SOPInstanceUID", ""))
+    if not sop:
+        return "image without SOPInstanceUID"
+    syntax = uid_name(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""), "unknown transfer syntax")
+    invert = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+    lut = "ModalityLUTSequence" in ds
+    lo_hi = _bits_range(ds)
+    top_iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    top_ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    top_spacing = _floats(ds.get("PixelSpacing"), 2)
+    if top_spacing is None:
+        top_spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
+    top_thick = _number(ds.get("SliceThickness"), 0.0)
+    top_slope = _number(ds.get("RescaleSlope"), 1.0)
+    top_icpt = _number(ds.get("RescaleIntercept"), 0.0)
+    n_frames = int(_number(ds.get("NumberOfFrames"), 1.0))
+    if n_frames < 1:
+        return "NumberOfFrames is not a positive number"
+
+    def make(frame: int | None, ipp, iop, spacing, thick, slope, icpt) -> _Slice:
+        vals = sorted((lo_hi[0] * slope + icpt, lo_hi[1] * slope + icpt))
+        return _Slice(path, frame, sop, shape, ipp, iop, None if spacing is None else tuple(spacing), thick,
+                      slope, icpt, invert, (vals[0], vals[1]), lut, syntax,
+                      _native_layout(ds) if frame is None else None)
+
+    if "NumberOfFrames" not in ds:
+        return [make(None, top_ipp, top_iop, top_spacing, top_thick, top_slope, top_icpt)]
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != n_frames:
+        per_frame = None
+    out = []
+    for i in range(n_frames):
+        fg = per_frame[i] if per_frame is not None else None
+
+        def group(seq: str, fg: Dataset | None = fg) -> Dataset | None:
+            return _item(fg, seq) or _item(shared, seq)
+
+        pos, ori, meas, pvt = (group(s) for s in ("PlanePositionSequence", "PlaneOrientationSequence",
+                                                  "PixelMeasuresSequence", "PixelValueTransformationSequence"))
+        ipp = _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
+        if ipp is None and n_frames == 1:
+            ipp = top_ipp
+        iop = _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else top_iop
+        spacing = _floats(meas.get("PixelSpacing"), 2) if meas is not None else None
+        thick = _number(meas.get("SliceThickness"), top_thick) if meas is not None else top_thick
+        slope = _number(pvt.get("RescaleSlope"), top_slope) if pvt is not None else top_slope
+        icpt = _number(pvt.get("RescaleIntercept"), top_icpt) if pvt is not None else top_icpt
+        out.append(make(i, ipp, iop, spacing if spacing is not None else top_spacing, thick, slope, icpt))
+    return out
+
+
+def _classify(path: Path, ds: Dataset) -> list[_Slice] | str | None:
+    """Slices of an image, None for a DICOM SEG, or the reason the file is not used."""
+    meta = getattr(ds, "file_meta", Dataset())
+    sop_class = str(ds.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", "")))
+    if sop_class == MEDIA_DIRECTORY_STORAGE or "DirectoryRecordSequence" in ds:
+        return "a DICOMDIR (a media index, not an image)"
+    if sop_class == SEG_STORAGE:
+        return None
+    if "Rows" not in ds or "Columns" not in ds:
+        return f"not an image (no pixel data): {uid_name(sop_class, 'unknown object type')}"
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in NOT_TRAINABLE:
+        return f"not an image to train on: {NOT_TRAINABLE[modality]}"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric not in GREYSCALE or int(_number(ds.get("SamplesPerPixel"), 1)) != 1:
+        kind = photometric if photometric.replace("_", "").replace(" ", "").isalnum() and len(photometric) < 20 \
+            else "colour"
+        return f"colour image ({kind}): fedscan trains on greyscale images"
+    if not str(ds.get("SeriesInstanceUID", "")):
+        return "image without SeriesInstanceUID"
+    return _slices_of(path, ds)
+
+
+def scan_site(images_dir: Path, extra_files: list[Path] | None = None) -> SiteScan:
+    """Read every file's header and group the image slices into ordered series. Never raises
+    for a bad file; ``extra_files`` (e.g. DICOM under labels/) are scanned for SEG objects only."""
+    scan = SiteScan()
+    groups: dict[str, list[_Slice]] = {}
+    meta: dict[str, Dataset] = {}
+    seen_sop: dict[str, Path] = {}
+    files = list_files(images_dir)
+    scan.n_files = len(files)
+    for path in files:
+        ds = read_header(path)
+        if isinstance(ds, Skipped):
+            scan.skipped.append(ds)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = _classify(path, ds)
+        except Exception as exc:  # noqa: BLE001 - a malformed header must not stop the scan
+            scan.skipped.append(Skipped(path, "unreadable image header", f"{type(exc).__name__}: {exc}"))
+            continue
+        if result is None:
+            scan.segs.append(path)
+            continue
+        if isinstance(result, str):
+            scan.skipped.append(Skipped(path, result))
+            continue
+        sop = result[0].sop
+        if sop in seen_sop:
+            scan.skipped.append(Skipped(path, "the same image (SOPInstanceUID) as another file; ignored"))
+            continue
+        seen_sop[sop] = path
+        uid = str(ds.SeriesInstanceUID)
+        groups.setdefault(uid, []).extend(result)
+        meta.setdefault(uid, ds)
+    for path in extra_files or []:
+        ds = read_header(path)
+        if not isinstance(ds, Skipped) and str(ds.get("SOPClassUID", "")) == SEG_STORAGE:
+            scan.segs.append(path)
+    for uid, slices in groups.items():
+        try:
+            header = _assemble(uid, meta[uid], slices, scan.skipped)
+        except Exception as exc:  # noqa: BLE001
+            for path in dict.fromkeys(s.path for s in slices):
+                scan.skipped.append(Skipped(path, "series could not be assembled", f"{type(exc).__name__}: {exc}"))
+            continue
         if header is not None:
             scan.series.append(header)
     scan.series.sort(key=lambda s: s.series_uid)
     return scan
 
 
-def _order_series(
-    uid: str, items: list[tuple[Path, pydicom.Dataset]], skipped: list[Skipped]
-) -> SeriesHeader | None:
-    first = items[0][1]
-    iop = _floats(first.get("ImageOrientationPatient"), 6)
-    spacing = _floats(first.get("PixelSpacing"), 2)
-    if iop is None or spacing is None:
-        for path, _ in items:
-            skipped.append(Skipped(path, "no usable ImageOrientationPatient/PixelSpacing"))
-        return None
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    shape = (int(first.Rows), int(first.Columns))
-    kept: list[tuple[float, Path, np.ndarray, str]] = []
-    for path, ds in items:
-        ipp = _floats(ds.get("ImagePositionPatient"), 3)
-        if ipp is None:
-            skipped.append(Skipped(path, "no usable ImagePositionPatient"))
-            continue
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            skipped.append(Skipped(path, f"slice size differs from the rest of its series {shape}"))
-            continue
-        kept.append((float(ipp @ normal), path, ipp, str(ds.get("SOPInstanceUID", ""))))
-    if not kept:
-        return None
-    kept.sort(key=lambda t: t[0])
-    thickness = float(first.get("SliceThickness", 0) or 0)
+def _skip_files(slices: list[_Slice], reason: str, skipped: list[Skipped]) -> None:
+    for path in dict.fromkeys(s.path for s in slices):
+        skipped.append(Skipped(path, reason))
+
+
+def _assemble(uid: str, ds: Dataset, slices: list[_Slice], skipped: list[Skipped]) -> SeriesHeader | None:
+    """Keep the series' largest consistent group of slices, ordered; report the rest."""
+    geometric = [s for s in slices if s.position is not None and s.orientation is not None
+                 and s.spacing is not None and np.linalg.norm(np.cross(s.orientation[:3], s.orientation[3:])) > 0.5]
+    if geometric and len(geometric) < len(slices):
+        in_geo = {id(s) for s in geometric}
+        _skip_files([s for s in slices if id(s) not in in_geo],
+                    "no usable ImagePositionPatient/ImageOrientationPatient while the rest of its series has them",
+                    skipped)
+    pool = geometric or slices
+
+    def key(s: _Slice) -> tuple:
+        ori = None if s.orientation is None else tuple(np.round(s.orientation, 3))
+        spc = None if s.spacing is None else tuple(np.round(s.spacing, 3))
+        return s.shape, ori, spc
+
+    counts = Counter(key(s) for s in pool)
+    main_key = max(counts, key=lambda k: (counts[k], str(k)))
+    kept = [s for s in pool if key(s) == main_key]
+    others = [s for s in pool if key(s) != main_key]
+    if others:
+        sizes = {s.shape for s in others} - {main_key[0]}
+        what = "slice size differs from" if sizes else "orientation or pixel spacing differs from"
+        _skip_files(others, f"inconsistent series: {what} the rest of its series", skipped)
+    first = kept[0]
+    warn: list[str] = []
+    if geometric:
+        row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+        normal = np.cross(row_dir, col_dir)
+        proj = np.array([s.position @ normal for s in kept])
+        order = np.argsort(proj, kind="stable")
+        kept = [kept[i] for i in order]
+        proj = proj[order]
+        d = np.diff(proj)
+        if (d < SAME_POSITION_MM).any():
+            n_dup = int((d < SAME_POSITION_MM).sum())
+            _skip_files(kept, f"inconsistent series: {n_dup} slice position(s) hold more than one image "
+                        "(repeated or multi-echo acquisition?); the series is not used", skipped)
+            return None
+        if d.size >= 2:
+            med = float(np.median(d))
+            gaps = d > GAP_FACTOR * med
+            if gaps.any():
+                warn.append(f"gap: {int(gaps.sum())} place(s) where slices are up to {d.max():.1f} mm apart "
+                            f"(median spacing {med:.1f} mm); slices may be missing")
+        positions = np.stack([s.position for s in kept])
+        spacing = first.spacing
+    else:
+        # no patient geometry: 2D images; a deterministic order not taken from file names
+        kept.sort(key=lambda s: (s.sop, -1 if s.frame is None else s.frame))
+        row_dir, col_dir = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+        positions = np.array([[0.0, 0.0, float(i)] for i in range(len(kept))])
+        spacing = first.spacing or (1.0, 1.0)
     return SeriesHeader(
         series_uid=uid,
-        study_uid=str(first.get("StudyInstanceUID", "")),
-        patient_id=str(first.get("PatientID", "")),
-        modality=str(first.get("Modality", "")),
-        files=[p for _, p, _, _ in kept],
-        sop_uids=[sop for _, _, _, sop in kept],
-        positions=np.stack([ipp for _, _, ipp, _ in kept]),
-        row_dir=row_dir,
-        col_dir=col_dir,
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        modality=str(ds.get("Modality", "")).upper() or "OT",
+        manufacturer=str(ds.get("Manufacturer", "")).strip(),
+        files=[s.path for s in kept],
+        frames=[s.frame for s in kept],
+        sop_uids=[s.sop for s in kept],
+        positions=positions,
+        row_dir=np.asarray(row_dir, dtype=np.float64),
+        col_dir=np.asarray(col_dir, dtype=np.float64),
         spacing=(float(spacing[0]), float(spacing[1])),
-        thickness=thickness,
-        shape=shape,
+        thickness=first.thickness,
+        shape=first.shape,
+        slopes=np.array([s.slope for s in kept], dtype=np.float64),
+        intercepts=np.array([s.intercept for s in kept], dtype=np.float64),
+        invert=np.array([s.invert for s in kept], dtype=bool),
+        value_range=np.array([s.value_range for s in kept], dtype=np.float64),
+        lut=np.array([s.lut for s in kept], dtype=bool),
+        transfer_syntaxes=[s.syntax for s in kept],
+        native=[s.native for s in kept],
+        geometry=bool(geometric),
+        warnings=warn,
     )
 
 
-def read_pixels(series: SeriesHeader) -> np.ndarray:
-    """The series' pixels after the modality LUT (HU for CT), float32 (n, rows, cols)."""
-    out = np.empty((len(series.files), *series.shape), dtype=np.float32)
+def _read_native(path: Path, layout: tuple[int, str, int, bool], shape: tuple[int, int]) -> np.ndarray | None:
+    """Uncompressed pixels straight from the file; None when the element is not as expected."""
+    offset, dtype, stored, explicit = layout
+    if offset < 0:
+        return None
+    n = shape[0] * shape[1]
+    itemsize = np.dtype(dtype).itemsize
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        head = fh.read(12 if explicit else 8)
+        if head[:4] != b"\xe0\x7f\x10\x00":
+            return None
+        length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
+        if length < n * itemsize or length == 0xFFFFFFFF:
+            return None
+        arr = np.frombuffer(fh.read(n * itemsize), dtype=dtype)
+    if arr.size != n:
+        return None
+    bits = itemsize * 8
+    if stored < bits:  # only the stored bits count: mask them, or sign-extend from the high bit
+        if dtype[1] == "u":
+            arr = arr & np.array(2**stored - 1, dtype=dtype)
+        else:
+            shift = bits - stored
+            arr = (arr << shift) >> shift
+    return arr.reshape(shape)
+
+
+def _decode(path: Path, need_dataset: bool) -> tuple[np.ndarray, Dataset | None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not need_dataset and has_preamble(path):
+            try:
+                return pydicom.pixels.pixel_array(path), None  # reads only what decoding needs
+            except Exception:  # noqa: BLE001 - e.g. deflated files: fall back to a full read
+                pass
+        ds = pydicom.dcmread(path, force=not has_preamble(path))
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+            # a raw dataset without file meta (old ACR-NEMA style): the encoding it was read with
+            implicit, little = ds.original_encoding
+            ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = (
+                pydicom.uid.ImplicitVRLittleEndian if implicit
+                else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+            )
+        return ds.pixel_array, ds
+
+
+def read_series(series: SeriesHeader) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
+    """Decode the series' pixels after the modality LUT (HU for CT) and MONOCHROME1 inversion.
+
+    Returns float32 (n, rows, cols), a bool mask of the slices that decoded (a failed slice
+    is left as zeros) and a ``Skipped`` entry per file that failed. Never raises for bad data.
+    """
+    n = len(series)
+    out = np.zeros((n, *series.shape), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    failed: list[Skipped] = []
+    by_file: dict[Path, list[int]] = {}
     for i, path in enumerate(series.files):
-        ds = pydicom.dcmread(path)
-        out[i] = apply_modality_lut(ds.pixel_array, ds)
-    return out
+        by_file.setdefault(path, []).append(i)
+    for path, idx in by_file.items():
+        try:
+            layout = series.native[idx[0]] if series.native else None
+            arr = _read_native(path, layout, series.shape) if layout is not None else None
+            ds = None
+            if arr is None:
+                arr, ds = _decode(path, bool(series.lut[idx[0]]))
+            for i in idx:
+                frame = series.frames[i]
+                img = arr if frame is None or arr.ndim == 2 else arr[frame]
+                if img.shape != series.shape:
+                    raise ValueError(f"decoded frame has shape {img.shape}, header says {series.shape}")
+                if series.lut[i] and ds is not None and frame is None:
+                    vals = np.asarray(apply_modality_lut(img, ds), dtype=np.float32)
+                else:
+                    slope, icpt = series.slopes[i], series.intercepts[i]
+                    if slope == 1.0 and icpt == int(icpt):  # exact in float32: skip float64
+                        vals = img.astype(np.float32) + np.float32(icpt)
+                    else:
+                        vals = (img * slope + icpt).astype(np.float32)
+                if series.invert[i]:
+                    lo, hi = series.value_range[i]
+                    vals = np.float32(lo + hi) - vals
+                out[i] = vals
+                ok[i] = True
+        except Exception as exc:  # noqa: BLE001 - a corrupt or undecodable file is reported, not raised
+            ok[idx] = False
+            out[idx] = 0.0
+            failed.append(Skipped(path, "pixel data could not be decoded", f"{type(exc).__name__}: {exc}"))
+    return out, ok, failed
+
+
+def read_pixels(series: SeriesHeader) -> np.ndarray:
+    """All of the series' pixels, or a ValueError naming how many files failed to decode."""
+    pixels, ok, failed = read_series(series)
+    if not ok.all():
+        raise ValueError(f"{len(failed)} file(s) of the series could not be decoded: {failed[0].detail}")
+    return pixels

@@ -1,9 +1,14 @@
-"""Labels: segmentation masks aligned to a DICOM series by geometry, and class labels.
+"""Labels: segmentation masks (NIfTI by geometry, DICOM SEG by reference) and class labels.
 
 A mask ``labels/<SeriesInstanceUID>.nii.gz`` is mapped onto the series' pixel grid through
 the physical coordinates of every pixel: DICOM LPS from ImagePositionPatient, orientation
 and spacing; NIfTI RAS+ from the image affine. The mapping does not care how the NIfTI
 volume is ordered on disk, only where its voxels are.
+
+A DICOM SEG object (under ``images/`` or ``labels/``) is read with highdicom and its frames
+are matched to the series' images through the source-image references it carries; segment
+number k becomes class k. ``index_masks`` finds every mask of a site and reports the ones
+that match no series, or a series that already has one.
 
 Class labels come from ``labels/labels.csv``: a header with exactly one key column,
 ``SOPInstanceUID`` (one label per image), ``SeriesInstanceUID`` or ``StudyInstanceUID``
@@ -19,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fedscan.common.data.dicom import SeriesHeader
+from fedscan.common.data.dicom import SeriesHeader, SiteScan, Skipped, read_header
 from fedscan.common.errors import FedscanError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -36,6 +41,9 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
 
     Raises FedscanError when the mask does not cover the series or sits off its grid.
     """
+    if not series.geometry:
+        raise FedscanError(f"mask {path.name}: its series has no patient geometry to place a NIfTI mask on",
+                           hint="label images without ImagePositionPatient with a DICOM SEG object")
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -47,7 +55,50 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
         data = data[..., None]
     if data.ndim != 3:
         raise FedscanError(f"mask {path.name} has {data.ndim} dimensions; expected a 3D volume")
+    if data.dtype.kind == "f":  # label maps saved as floats: 0.9999 is class 1
+        data = np.rint(data)
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise FedscanError(f"mask {path.name} holds values outside 0..255; expected class indices")
     inv = np.linalg.inv(img.affine)
+    fast = _map_on_grid(data, inv, series)
+    return fast if fast is not None else _map_pixel_by_pixel(data, inv, series, path)
+
+
+def _map_on_grid(data: np.ndarray, inv: np.ndarray, series: SeriesHeader) -> np.ndarray | None:
+    """The mask when every pixel centre of the series provably falls on a voxel centre inside
+    the mask, computed with integer steps; None otherwise (the exact check then says why).
+
+    Voxel index = base_k + column * u + row * v: affine in the pixel indices, so it is enough to
+    check that u, v and every base_k are integers (within a tolerance bound that accumulates
+    over the image) and that the four corners of every slice are inside the volume."""
+    rows, cols = series.shape
+    dr, dc = series.spacing
+    m = inv[:3, :3] @ _LPS_TO_RAS
+    u = m @ (dc * series.row_dir)
+    v = m @ (dr * series.col_dir)
+    base = series.positions @ m.T + inv[:3, 3]
+    ui, vi, bi = np.rint(u), np.rint(v), np.rint(base)
+    err = (np.abs(base - bi).max(initial=0.0) + (cols - 1) * np.abs(u - ui).max()
+           + (rows - 1) * np.abs(v - vi).max())
+    if err > _TOLERANCE_VOX:
+        return None
+    ui, vi, bi = ui.astype(np.int64), vi.astype(np.int64), bi.astype(np.int64)
+    corners = np.array([[0, 0], [0, cols - 1], [rows - 1, 0], [rows - 1, cols - 1]])
+    reach = corners[:, 1:2] * ui + corners[:, 0:1] * vi  # (4, 3)
+    ends = bi[:, None, :] + reach[None]  # (n, 4, 3)
+    if (ends < 0).any() or (ends >= np.array(data.shape)).any():
+        return None
+    r = np.arange(rows)[:, None]
+    c = np.arange(cols)[None, :]
+    offsets = [c * ui[a] + r * vi[a] for a in range(3)]  # (rows, cols) each
+    out = np.empty((len(series), rows, cols), dtype=np.uint8)
+    for k in range(len(series)):
+        out[k] = data[bi[k, 0] + offsets[0], bi[k, 1] + offsets[1], bi[k, 2] + offsets[2]]
+    return out
+
+
+def _map_pixel_by_pixel(data: np.ndarray, inv: np.ndarray, series: SeriesHeader, path: Path) -> np.ndarray:
+    """The exact mapping, pixel centre by pixel centre; raises naming the first slice that fails."""
     rows, cols = series.shape
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     dr, dc = series.spacing
@@ -78,6 +129,101 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
             )
         out[k] = data[idx[..., 0], idx[..., 1], idx[..., 2]]
     return out
+
+
+def load_seg(path: Path, series: SeriesHeader) -> np.ndarray:
+    """The DICOM SEG's segments on the series' slices: uint8 (n_slices, rows, cols), 0 = none.
+
+    Raises FedscanError when the SEG cannot be read or does not match the series' images.
+    """
+    import highdicom as hd  # imported here: it is slow to import and only SEG sites need it
+
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as exc:  # noqa: BLE001 - highdicom raises many types for a bad object
+        raise FedscanError(f"cannot read DICOM SEG {path.name}: {type(exc).__name__}: {exc}") from None
+
+    def pixels(**kw: object) -> np.ndarray:
+        if all(f is None for f in series.frames):
+            return seg.get_pixels_by_source_instance(source_sop_instance_uids=series.sop_uids, **kw)
+        parts = [  # frames of multi-frame sources, one slice at a time (they are in geometric order)
+            seg.get_pixels_by_source_frame(source_sop_instance_uid=sop, source_frame_numbers=[frame + 1], **kw)
+            for sop, frame in zip(series.sop_uids, series.frames, strict=True)
+        ]
+        return np.concatenate(parts)
+
+    opts = {"assert_missing_frames_are_empty": True}
+    try:
+        try:
+            arr = pixels(combine_segments=True, **opts)
+        except ValueError:  # fractional or overlapping segments: threshold, then highest segment wins
+            fractions = pixels(**opts)
+            present = fractions > 0.5
+            arr = np.where(present.any(-1), present.shape[-1] - np.argmax(present[..., ::-1], axis=-1), 0)
+    except FedscanError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise FedscanError(
+            f"DICOM SEG {path.name} does not match its series' images: {type(exc).__name__}: {exc}",
+            hint="the SEG must reference the series' images (ReferencedSeriesSequence / SourceImageSequence)",
+        ) from None
+    if arr.shape != (len(series), *series.shape):
+        raise FedscanError(f"DICOM SEG {path.name} has frames of shape {arr.shape[1:]}, its series "
+                           f"{series.shape}")
+    if arr.max(initial=0) > 255:
+        raise FedscanError(f"DICOM SEG {path.name} has more than 255 segments")
+    return arr.astype(np.uint8)
+
+
+def _seg_series(path: Path) -> list[str]:
+    """The SeriesInstanceUIDs a SEG object refers to (from its header only)."""
+    ds = read_header(path)
+    if isinstance(ds, Skipped):
+        return []
+    return [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", [])]
+
+
+@dataclass
+class MaskIndex:
+    """Where each series' mask comes from, and the masks that match nothing."""
+
+    sources: dict[str, Path]  # SeriesInstanceUID -> NIfTI or DICOM SEG file
+    problems: list[Skipped]
+
+    def load(self, series: SeriesHeader) -> np.ndarray:
+        path = self.sources[series.series_uid]
+        if path.name.endswith((".nii.gz", ".nii")):
+            return load_mask(path, series)
+        return load_seg(path, series)
+
+
+def index_masks(labels_dir: Path, scan: SiteScan) -> MaskIndex:
+    """Pair every NIfTI mask and DICOM SEG of a site with the series it labels."""
+    known = {s.series_uid for s in scan.series}
+    sources: dict[str, Path] = {}
+    problems: list[Skipped] = []
+    labels_dir = Path(labels_dir)
+    niftis = sorted(labels_dir.glob("*.nii.gz")) + sorted(labels_dir.glob("*.nii")) if labels_dir.is_dir() else []
+    for path in niftis:
+        uid = path.name.removesuffix(".gz").removesuffix(".nii")
+        if uid not in known:
+            problems.append(Skipped(path, "mask for a series that is not among the images"))
+        elif uid in sources:
+            problems.append(Skipped(path, "a second mask for a series that already has one; ignored"))
+        else:
+            sources[uid] = path
+    for path in scan.segs:
+        refs = [u for u in _seg_series(path) if u]
+        mine = [u for u in refs if u in known]
+        if not mine:
+            problems.append(Skipped(path, "DICOM SEG for a series that is not among the images"))
+            continue
+        for uid in mine:
+            if uid in sources:
+                problems.append(Skipped(path, "a second mask for a series that already has one; ignored"))
+            else:
+                sources[uid] = path
+    return MaskIndex(sources, problems)
 
 
 LABELS_CSV = "labels.csv"

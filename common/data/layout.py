@@ -3,6 +3,7 @@
 ```
 <site>/images/**                          DICOM files, any nesting, any file names
 <site>/labels/<SeriesInstanceUID>.nii.gz  segmentation masks, aligned by DICOM geometry
+<site>/images/** or labels/**             DICOM SEG objects: masks that reference their images
 <site>/labels/labels.csv                  classification labels: a UID column
                                           (SOPInstanceUID, SeriesInstanceUID or
                                           StudyInstanceUID) and a `label` column
@@ -15,14 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-
-from fedscan.common.data.dicom import list_files
+from fedscan.common.data.dicom import SEG_STORAGE, Skipped, list_files, read_header
 from fedscan.common.errors import FedscanError
 
 LAYOUT_HINT = (
     "each site folder needs images/ (DICOM files, any nesting) and, for segmentation, "
-    "labels/<SeriesInstanceUID>.nii.gz masks; for classification, labels/labels.csv"
+    "labels/<SeriesInstanceUID>.nii.gz masks or DICOM SEG objects; for classification, labels/labels.csv"
 )
 
 
@@ -41,18 +40,12 @@ class SiteDir:
 
 
 def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if len(head) == 132 and head[128:132] == b"DICM":
-        return True
-    try:  # DICOM without the preamble: let pydicom decide
-        pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:  # noqa: BLE001 - any failure means "not DICOM"
-        return False
-    return True
+    return not isinstance(read_header(path), Skipped)
+
+
+def _is_seg(path: Path) -> bool:
+    ds = read_header(path)
+    return not isinstance(ds, Skipped) and str(ds.get("SOPClassUID", "")) == SEG_STORAGE
 
 
 def discover_sites(data_root: Path) -> list[SiteDir]:
@@ -84,11 +77,11 @@ def check_site(site: SiteDir, task: str) -> None:
             hint=LAYOUT_HINT,
         )
     if task == "segmentation":
-        masks = sorted(site.labels.glob("*.nii.gz")) if site.labels.is_dir() else []
-        if not masks:
+        masks = list_files(site.labels)
+        if not masks and not any(_is_seg(f) for f in files):
             raise FedscanError(
                 f"site '{site.name}' has images but no labels: expected "
-                f"{site.labels}/<SeriesInstanceUID>.nii.gz",
+                f"{site.labels}/<SeriesInstanceUID>.nii.gz or DICOM SEG objects",
                 hint=LAYOUT_HINT,
             )
     if task == "classification" and not (site.labels / "labels.csv").is_file():

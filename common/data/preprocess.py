@@ -1,7 +1,13 @@
-"""Image preprocessing: CT windowing to [0, 1], padding to square, resizing.
+"""Image preprocessing per modality, and fitting series onto the model's square grid.
 
-Images are resized with antialiased bilinear interpolation; label maps class by class,
-so that multi-class masks stay consistent. Everything works on (n, rows, cols) stacks.
+- CT: Hounsfield units through a (level, width) window to [0, 1].
+- MR and every other modality: robust per-series normalization: clip to the series'
+  percentiles, then z-score.
+- Grid: either resample in-plane to a fixed spacing and centre-crop or pad to the model size,
+  or pad to square and resize to the model size.
+
+Images are resized with antialiased bilinear interpolation; label maps class by class, so
+that multi-class masks stay consistent. Everything works on (n, rows, cols) stacks.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# changes whenever the output of this module changes for the same settings (cache key)
+PREPROCESS_VERSION = 2
+
 
 def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     """Clip to the window ``level +- width/2`` and scale to [0, 1]."""
@@ -17,32 +26,95 @@ def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip((hu - lo) / width, 0.0, 1.0).astype(np.float32)
 
 
+def robust_zscore(values: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
+    """Clip to the [low_pct, high_pct] percentiles of the whole stack, then z-score."""
+    lo, hi = np.percentile(values, [low_pct, high_pct])
+    clipped = np.clip(values, lo, hi)
+    std = float(clipped.std())
+    return ((clipped - float(clipped.mean())) / max(std, 1e-6)).astype(np.float32)
+
+
+def normalize(values: np.ndarray, modality: str, ct_window: tuple[float, float],
+              percentiles: tuple[float, float]) -> np.ndarray:
+    """CT: windowed HU in [0, 1]; anything else: percentile clip and z-score per series."""
+    if modality == "CT":
+        return window(values, *ct_window)
+    return robust_zscore(values, *percentiles)
+
+
 def pad_to_square(stack: np.ndarray, fill: float = 0.0) -> np.ndarray:
     """Pad (n, rows, cols) symmetrically so that rows == cols."""
     n, rows, cols = stack.shape
     side = max(rows, cols)
-    if rows == cols:
-        return stack
-    pr, pc = side - rows, side - cols
-    pad = ((0, 0), (pr // 2, pr - pr // 2), (pc // 2, pc - pc // 2))
-    return np.pad(stack, pad, constant_values=fill)
+    return crop_or_pad(stack, side, side, fill)
 
 
-def resize_images(stack: np.ndarray, size: int) -> np.ndarray:
-    """Resize a float stack (n, s, s) to (n, size, size)."""
-    if stack.shape[-1] == size and stack.shape[-2] == size:
+def crop_or_pad(stack: np.ndarray, rows: int, cols: int, fill: float = 0.0) -> np.ndarray:
+    """Centre-crop or pad (n, r, c) to (n, rows, cols)."""
+    out = stack
+    for axis, want in ((1, rows), (2, cols)):
+        have = out.shape[axis]
+        if have > want:
+            start = (have - want) // 2
+            out = out.take(np.arange(start, start + want), axis=axis)
+        elif have < want:
+            pad = [(0, 0)] * 3
+            pad[axis] = ((want - have) // 2, want - have - (want - have) // 2)
+            out = np.pad(out, pad, constant_values=fill)
+    return out
+
+
+def resize_images(stack: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a float stack (n, r, c) to (n, size, size) or (n, *size)."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if stack.shape[-2:] == hw:
         return stack.astype(np.float32, copy=False)
     t = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
-    out = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(t, size=hw, mode="bilinear", antialias=True, align_corners=False)
     return out[:, 0].numpy()
 
 
-def resize_labels(stack: np.ndarray, size: int) -> np.ndarray:
-    """Resize an integer label stack (n, s, s) to (n, size, size), class by class."""
-    if stack.shape[-1] == size and stack.shape[-2] == size:
+def resize_labels(stack: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an integer label stack (n, r, c) to (n, size, size) or (n, *size), class by class."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if stack.shape[-2:] == hw:
         return stack.astype(np.uint8, copy=False)
     n_classes = int(stack.max()) + 1 if stack.size else 1
+    if n_classes <= 2:  # binary: the same as the two-channel argmax below, at half the cost
+        fg = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
+        out = F.interpolate(fg, size=hw, mode="bilinear", antialias=True, align_corners=False)
+        return (out[:, 0] > 0.5).numpy().astype(np.uint8)
     t = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.int64))
     onehot = F.one_hot(t, num_classes=max(n_classes, 2)).permute(0, 3, 1, 2).float()
-    out = F.interpolate(onehot, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(onehot, size=hw, mode="bilinear", antialias=True, align_corners=False)
     return out.argmax(dim=1).numpy().astype(np.uint8)
+
+
+def grid_plan(shape: tuple[int, int], spacing: tuple[float, float], size: int,
+              target_spacing: float | None) -> tuple[tuple[int, int], tuple[float, float]]:
+    """The intermediate (rows, cols) a series is resampled to, and its spacing at model size."""
+    rows, cols = shape
+    if target_spacing is not None:
+        hw = (max(1, round(rows * spacing[0] / target_spacing)), max(1, round(cols * spacing[1] / target_spacing)))
+        return hw, (target_spacing, target_spacing)
+    side = max(rows, cols)
+    return (rows, cols), (spacing[0] * side / size, spacing[1] * side / size)
+
+
+def fit_images(stack: np.ndarray, spacing: tuple[float, float], size: int,
+               target_spacing: float | None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Put a normalized stack on the model grid; padding takes the stack's minimum (background)."""
+    fill = float(stack.min()) if stack.size else 0.0
+    hw, model_spacing = grid_plan(stack.shape[-2:], spacing, size, target_spacing)
+    if target_spacing is not None:
+        return crop_or_pad(resize_images(stack, hw), size, size, fill), model_spacing
+    return resize_images(pad_to_square(stack, fill), size), model_spacing
+
+
+def fit_labels(stack: np.ndarray, spacing: tuple[float, float], size: int,
+               target_spacing: float | None) -> np.ndarray:
+    """The same geometric transform as ``fit_images``, for a label stack."""
+    hw, _ = grid_plan(stack.shape[-2:], spacing, size, target_spacing)
+    if target_spacing is not None:
+        return crop_or_pad(resize_labels(stack, hw), size, size, 0)
+    return resize_labels(pad_to_square(stack, 0), size)

@@ -83,7 +83,7 @@ def test_site_without_labels(synth_root: Path, tmp_path: Path) -> None:
         check_site(SiteDir("h", tmp_path / "h"), "segmentation")
 
 
-def test_mask_on_wrong_geometry_is_named(synth_root: Path, tmp_path: Path) -> None:
+def test_mask_on_wrong_geometry_is_counted(synth_root: Path, tmp_path: Path, caplog) -> None:
     import nibabel as nib
 
     site_path = tmp_path / "hospital-a"
@@ -92,8 +92,10 @@ def test_mask_on_wrong_geometry_is_named(synth_root: Path, tmp_path: Path) -> No
     img = nib.load(str(victim))
     small = np.asanyarray(img.dataobj)[:, :, :5]  # covers only 5 of 12 slices
     nib.save(nib.Nifti1Image(small, img.affine), str(victim))
-    with pytest.raises(FedscanError, match=f"mask {victim.name} does not cover slice 6"):
-        prepare_site(SiteDir("hospital-a", site_path), RunConfig(image_size=32), None)
+    data = prepare_site(SiteDir("hospital-a", site_path), RunConfig(image_size=32), None)
+    assert len(data) == 24  # the other two series still train
+    assert f"mask {victim.name} does not cover slice 6" in caplog.text
+    assert "0 series without a mask, 1 mask(s) not matching their series, 0 mask(s) for no series" in caplog.text
 
 
 def test_non_dicom_files_are_reported_not_fatal(synth_root: Path, tmp_path: Path, caplog) -> None:
@@ -102,7 +104,7 @@ def test_non_dicom_files_are_reported_not_fatal(synth_root: Path, tmp_path: Path
     (site_path / "images" / "README.txt").write_text("exported by PACS")
     data = prepare_site(SiteDir("hospital-a", site_path), RunConfig(image_size=32), None)
     assert len(data) == 36
-    assert "1 file(s) not ingested" in caplog.text and "not a readable DICOM file" in caplog.text
+    assert "1 of 37 file(s) not used" in caplog.text and "README.txt: not a DICOM file" in caplog.text
 
 
 def test_multi_class_masks_and_num_classes(synth_root: Path, tmp_path: Path) -> None:

@@ -1,0 +1,46 @@
+"""Preprocessing per modality and resampling to a fixed in-plane spacing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedscan.common.config import RunConfig
+from fedscan.common.data.preprocess import fit_images, fit_labels, normalize, robust_zscore
+
+
+def test_ct_is_windowed_and_mr_is_clipped_then_z_scored() -> None:
+    hu = np.array([[-1000.0, -160.0], [240.0, 3000.0]])
+    np.testing.assert_allclose(normalize(hu, "CT", (40.0, 400.0), (0.5, 99.5)), [[0, 0], [1, 1]])
+    rng = np.random.default_rng(0)
+    mr = rng.normal(300.0, 50.0, size=(4, 32, 32))
+    mr[0, 0, :4] = 1e6  # a few hot pixels must not squash the rest
+    z = robust_zscore(mr, 0.5, 99.5)
+    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1.0) < 1e-4
+    assert float(z.max()) < 4.0  # the outliers were clipped to the 99.5th percentile
+    same = normalize(mr, "MR", (40.0, 400.0), (0.5, 99.5))
+    np.testing.assert_array_equal(same, z)
+
+
+def test_resample_to_spacing_keeps_physical_size() -> None:
+    img = np.zeros((1, 100, 50), dtype=np.float32)
+    img[0, 40:60, 20:30] = 1.0  # 20 mm x 20 mm at spacing (1.0, 2.0) mm
+    out, spacing = fit_images(img, (1.0, 2.0), 64, 2.0)
+    assert out.shape == (1, 64, 64) and spacing == (2.0, 2.0)
+    rows, cols = np.nonzero(out[0] > 0.5)
+    assert rows.max() - rows.min() + 1 == 10 and cols.max() - cols.min() + 1 == 10  # 20 mm at 2 mm
+    mask = (img > 0).astype(np.uint8)
+    np.testing.assert_array_equal(fit_labels(mask, (1.0, 2.0), 64, 2.0), (out > 0.5).astype(np.uint8))
+    # without a target spacing: padded to square and resized; spacing follows the resize
+    out2, spacing2 = fit_images(img, (1.0, 2.0), 64, None)
+    assert out2.shape == (1, 64, 64) and spacing2 == pytest.approx((100 / 64, 200 / 64))
+
+
+def test_config_checks_preprocessing_values() -> None:
+    assert RunConfig(pixel_spacing=0.8).pixel_spacing == 0.8
+    with pytest.raises(ValueError, match="greater than 0"):
+        RunConfig(pixel_spacing=0)
+    with pytest.raises(ValueError, match="low < high"):
+        RunConfig(intensity_percentiles=(99.0, 1.0))
+    with pytest.raises(ValueError, match="width must be positive"):
+        RunConfig(ct_window=(40.0, 0.0))
