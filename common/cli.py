@@ -192,6 +192,105 @@ def simulate(
         )
 
 
+site_app = typer.Typer(
+    name="site", help="Commands a hospital runs on its own machine.", no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(site_app, name="site")
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+@site_app.command("check")
+def site_check(
+    data: Path = typer.Option(..., "--data", help="The site folder (holding images/ and labels/)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON (no patient data)."),
+) -> None:
+    """Check a site's data before joining: inventory, problems per file, quality profile.
+
+    Reads every DICOM file under images/ (any nesting, any file names), every mask (NIfTI or
+    DICOM SEG) and labels/labels.csv, the way training will. Nothing is sent anywhere. The
+    JSON holds no names, IDs, dates, UIDs or paths: files with problems are numbered, and
+    only this screen shows which path each number is. Exits 1 when no labelled series is usable.
+    """
+    with user_errors():
+        from rich.table import Table
+
+        from fedscan.client.site import check_site_data
+
+        progress = Progress(TextColumn("[bold]reading series"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+        with progress:
+            task_id = progress.add_task("series", total=None)
+            report, paths = check_site_data(
+                data, on_series=lambda k, n: progress.update(task_id, completed=k, total=n))
+        inv, site = report.inventory, report.site
+        out_console.print(f"[bold]site {data.name}[/]: {inv.files} files, {inv.image_files_used} image files "
+                          f"used; {inv.patients} patients, {inv.studies} studies, {inv.series} series, "
+                          f"{inv.slices} slices; {inv.labelled_series} labelled series")
+        for title, counts in (("modalities (series)", inv.modalities), ("manufacturers (series)", inv.manufacturers),
+                              ("transfer syntaxes (slices)", inv.transfer_syntaxes)):
+            out_console.print(f"  {title}: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"),
+                              highlight=False)
+        out_console.print(f"  labels: {inv.nifti_masks} NIfTI masks, {inv.dicom_seg_objects} DICOM SEG objects, "
+                          f"{inv.label_rows} rows in labels.csv")
+        table = Table(title="quality profile per series", show_lines=False)
+        for col in ("series", "modality", "slices", "size", "spacing mm", "thick mm", "SNR", "intensity range",
+                    "labelled", "label source", "prevalence"):
+            table.add_column(col)
+        for p in report.series:
+            prevalence = (_fmt(p.foreground_slice_fraction, ".2f") + " of slices"
+                          if p.foreground_slice_fraction is not None
+                          else ", ".join(f"class {k}: {v}" for k, v in p.class_counts.items()) or "-")
+            table.add_row(p.id, p.modality, str(p.slices), f"{p.rows}x{p.columns}",
+                          f"{p.pixel_spacing_mm[0]:.2f}x{p.pixel_spacing_mm[1]:.2f}", _fmt(p.slice_thickness_mm),
+                          _fmt(p.snr), f"{_fmt(p.intensity_min, '.0f')}..{_fmt(p.intensity_max, '.0f')}",
+                          f"{p.labelled_slice_fraction:.0%}", p.label_source, prevalence)
+        out_console.print(table)
+        for p in report.series:
+            for w in p.warnings:
+                out_console.print(f"  [yellow]{p.id}[/]: {w}", highlight=False)
+        out_console.print(
+            f"[bold]site profile[/]: spacing {_fmt(site.pixel_spacing_mm, '.2f')} mm, thickness "
+            f"{_fmt(site.slice_thickness_mm)} mm, SNR {_fmt(site.snr)}, intensities "
+            f"{_fmt(site.intensity_min, '.0f')}..{_fmt(site.intensity_max, '.0f')}, labelled slices "
+            f"{site.labelled_slice_fraction:.0%}, lesion slices {_fmt(site.foreground_slice_fraction, '.2f')}"
+            + (", classes " + ", ".join(f"{k}: {v:.0%}" for k, v in site.class_fractions.items())
+               if site.class_fractions else ""), highlight=False)
+        mm = report.mismatches
+        out_console.print(f"  label mismatches: {mm.series_without_labels} series without labels, "
+                          f"{mm.masks_not_matching_their_series} masks not matching their series, "
+                          f"{mm.masks_for_unknown_series} masks for unknown series, "
+                          f"{mm.label_rows_for_unknown_uids} label rows for unknown UIDs")
+        if report.problems:
+            out_console.print(f"[bold]{len(report.problems)} problem(s)[/] in {len(paths)} file(s):")
+            for prob in report.problems:
+                path = paths[prob.file]
+                shown = path.relative_to(data) if path.is_relative_to(data) else path
+                out_console.print(f"  {prob.file} {shown}: {prob.problem}", highlight=False, markup=False)
+        else:
+            out_console.print("no problems found")
+        if json_out is not None:
+            _write_atomic(json_out, report.model_dump_json(indent=2) + "\n")
+            out_console.print(f"wrote {json_out}")
+        verdict = "[green]ready[/]: labelled series are usable" if report.ready else \
+            "[red]not ready[/]: no labelled series is usable"
+        out_console.print(verdict)
+        if not report.ready:
+            raise typer.Exit(1)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise FedscanError(f"cannot write {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main() -> None:
     """Entry point of the `fedscan` console script."""
     app()

@@ -1,0 +1,148 @@
+"""Data-quality numbers for a series and a site: spacing, noise, intensities, labels.
+
+The profile holds numbers and standard names only (modality, manufacturer, transfer syntax
+names): no UIDs, names, dates or paths. It is what a site shows in `fedscan site check`, and
+what the server may later use to weight sites by data quality (``SiteProfile.shareable``).
+
+SNR estimate of a slice: (mean foreground - mean background) / sigma, with the foreground
+split off by Otsu's threshold and sigma, the noise level, by Immerkaer's Laplacian-based
+estimator (J. Immerkaer, "Fast noise variance estimation", CVIU 1996). It is a contrast-to-
+noise ratio, so it is meaningful for CT (where the background is -1000 HU) as well as MR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, Field
+from scipy import ndimage
+
+_LAPLACE_DIFF = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+
+
+def noise_sigma(img: np.ndarray) -> float:
+    """Immerkaer's estimate of additive Gaussian noise in a 2D image."""
+    rows, cols = img.shape
+    if rows < 3 or cols < 3:
+        return float("nan")
+    resp = ndimage.convolve(img.astype(np.float64), _LAPLACE_DIFF, mode="nearest")[1:-1, 1:-1]
+    return float(np.sqrt(np.pi / 2.0) * np.abs(resp).sum() / (6.0 * (rows - 2) * (cols - 2)))
+
+
+def otsu_threshold(img: np.ndarray, bins: int = 256) -> float:
+    """The threshold that maximises the between-class variance of the histogram."""
+    hist, edges = np.histogram(img, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def slice_snr(img: np.ndarray) -> float:
+    """Contrast-to-noise estimate of one slice; NaN for a flat or noise-free slice."""
+    if not np.isfinite(img).all() or float(img.max()) == float(img.min()):
+        return float("nan")
+    t = otsu_threshold(img)
+    fg, bg = img[img > t], img[img <= t]
+    sigma = noise_sigma(img)
+    if fg.size == 0 or bg.size == 0 or not sigma > 0:
+        return float("nan")
+    return float((fg.mean() - bg.mean()) / sigma)
+
+
+def sample_indices(n: int, k: int = 12) -> np.ndarray:
+    """Up to k slice indices spread evenly through a series."""
+    return np.unique(np.linspace(0, n - 1, num=min(n, k)).round().astype(int)) if n else np.zeros(0, int)
+
+
+def _nanmedian(values: list[float]) -> float | None:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(np.median(arr)) if arr.size else None
+
+
+class SeriesProfile(BaseModel):
+    """One series' quality numbers."""
+
+    id: str = Field(description="s001, s002, ... in this report; no UID")
+    modality: str
+    manufacturer: str
+    slices: int
+    rows: int
+    columns: int
+    patient_geometry: bool
+    pixel_spacing_mm: tuple[float, float]
+    slice_thickness_mm: float
+    slice_spacing_mm: float
+    snr: float | None = Field(description="median slice contrast-to-noise estimate")
+    intensity_min: float | None = Field(description="after rescale (HU for CT)")
+    intensity_max: float | None
+    intensity_p1: float | None
+    intensity_p99: float | None
+    labelled_slice_fraction: float
+    label_source: str = Field(description="nifti, dicom-seg, labels.csv or none")
+    foreground_slice_fraction: float | None = Field(description="labelled slices with any foreground")
+    foreground_pixel_fraction: float | None = Field(description="labelled pixels that are foreground")
+    class_counts: dict[str, int] = Field(default_factory=dict, description="classification: labelled samples")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class SiteProfile(BaseModel):
+    """The site's quality numbers: medians and totals over its usable series."""
+
+    series: int
+    slices: int
+    labelled_series: int
+    labelled_slice_fraction: float
+    pixel_spacing_mm: float | None = Field(description="median in-plane spacing")
+    slice_thickness_mm: float | None = Field(description="median slice thickness")
+    snr: float | None = Field(description="median series SNR")
+    intensity_min: float | None
+    intensity_max: float | None
+    foreground_slice_fraction: float | None = Field(description="segmentation prevalence per slice")
+    foreground_pixel_fraction: float | None
+    class_fractions: dict[str, float] = Field(default_factory=dict, description="classification prevalence")
+
+    def shareable(self) -> dict[str, float]:
+        """Only the numbers (no standard names either) for a later quality weighting."""
+        out = {k: float(v) for k, v in self.model_dump(exclude={"class_fractions"}).items()
+               if isinstance(v, (int, float)) and v is not None}
+        out.update({f"class_fraction_{k}": float(v) for k, v in self.class_fractions.items()})
+        return out
+
+
+def site_profile(series: list[SeriesProfile]) -> SiteProfile:
+    slices = sum(s.slices for s in series)
+    labelled = [s for s in series if s.labelled_slice_fraction > 0]
+    labelled_slices = sum(s.slices * s.labelled_slice_fraction for s in series)
+    seg = [s for s in labelled if s.foreground_slice_fraction is not None]
+    seg_slices = sum(s.slices * s.labelled_slice_fraction for s in seg)
+    counts: dict[str, int] = {}
+    for s in series:
+        for k, v in s.class_counts.items():
+            counts[k] = counts.get(k, 0) + v
+    total = sum(counts.values())
+    mins = [s.intensity_min for s in series if s.intensity_min is not None]
+    maxs = [s.intensity_max for s in series if s.intensity_max is not None]
+    return SiteProfile(
+        series=len(series),
+        slices=slices,
+        labelled_series=len(labelled),
+        labelled_slice_fraction=labelled_slices / slices if slices else 0.0,
+        pixel_spacing_mm=_nanmedian([float(np.mean(s.pixel_spacing_mm)) for s in series]),
+        slice_thickness_mm=_nanmedian([s.slice_thickness_mm for s in series if s.slice_thickness_mm > 0]),
+        snr=_nanmedian([s.snr for s in series]),
+        intensity_min=min(mins) if mins else None,
+        intensity_max=max(maxs) if maxs else None,
+        foreground_slice_fraction=(
+            sum(s.foreground_slice_fraction * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
+            if seg_slices else None
+        ),
+        foreground_pixel_fraction=(
+            sum(s.foreground_pixel_fraction * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
+            if seg_slices else None
+        ),
+        class_fractions={k: v / total for k, v in sorted(counts.items())} if total else {},
+    )

@@ -1,0 +1,121 @@
+"""No patient data leaves a site: synthetic DICOM full of fake PHI, checked and trained on.
+
+Every DICOM file gets distinctive fake identifiers (names, IDs, dates, institution,
+accession number, descriptions). `fedscan site check --json` and one training and evaluation
+round of the real ClientApp handlers run on them; the messages the ClientApp returns are
+serialized exactly as Flower sends them, and neither those bytes nor the check JSON may
+contain any of the strings, nor any UID of the site's files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+from typer.testing import CliRunner
+
+from fedscan.client.app import SiteFailure
+from fedscan.client.app import evaluate as client_evaluate
+from fedscan.client.app import train as client_train
+from fedscan.common.cli import app as cli
+from fedscan.common.config import AppConfig, RunConfig
+from fedscan.common.data.dicom import list_files
+from fedscan.common.models.registry import build_model
+from fedscan.common.weights import to_record
+
+PHI = {
+    "PatientName": "ZZSECRET^ALICE^QUINN",
+    "InstitutionName": "Saint Phileas Hospital 8812",
+    "InstitutionAddress": "12 Confidential Lane",
+    "AccessionNumber": "ACC5521PHI",
+    "ReferringPhysicianName": "PHIDOC^ROBERT",
+    "StudyDescription": "PHI STUDY 7731",
+    "SeriesDescription": "PHI SERIES 4409",
+    "PatientBirthDate": "19370415",
+    "StudyDate": "19990228",
+    "StudyID": "STUDY9917",
+}
+
+
+@pytest.fixture(scope="module")
+def phi_root(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
+    root = tmp_path_factory.mktemp("phi") / "sites"
+    shutil.copytree(synth_root, root)
+    secrets = set(PHI.values())
+    for f in list_files(root):
+        if f.parent.name != "images" and "images" not in f.parts:
+            continue
+        ds = pydicom.dcmread(f)
+        for key, value in PHI.items():
+            setattr(ds, key, value)
+        ds.PatientID = f"MRN{ds.PatientID}X"
+        secrets.add(ds.PatientID)
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if key in ds:
+                secrets.add(str(ds[key].value))
+        ds.save_as(f)
+    return root, secrets
+
+
+def _leaks(blob: bytes, secrets: set[str]) -> list[str]:
+    return sorted(s for s in secrets if s.encode() in blob)
+
+
+def test_site_check_json_holds_no_phi(phi_root: tuple[Path, set[str]], tmp_path: Path) -> None:
+    root, secrets = phi_root
+    out = tmp_path / "check.json"
+    result = CliRunner().invoke(cli, ["site", "check", "--data", str(root / "hospital-a"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    report = json.loads(text)
+    assert report["ready"] and report["inventory"]["slices"] == 36
+    assert _leaks(text.encode(), secrets) == []
+    assert str(root) not in text and "hospital-a" not in text
+
+
+def _context(cfg: AppConfig, k: int) -> Context:
+    return Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": 2},
+                   state=RecordDict(), run_config=cfg.to_run_config())
+
+
+def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # what a Flower process sets before it builds messages
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    root, secrets = phi_root
+    run = RunConfig(data_root=root, sites=2, rounds=1, local_epochs=1, image_size=32, base_channels=4,
+                    unet_depth=2, output=tmp_path / "out", cache_dir=tmp_path / "cache")
+    cfg = AppConfig(run=run, site_names=["hospital-a", "hospital-b"])
+    arrays = to_record(build_model(run))
+    sent = b""
+    for k in range(2):
+        for handler, kind, conf in (
+            (client_train, "train", {"server-round": 1, "local-epochs": 1, "lr": 1e-3, "batch-size": 4}),
+            (client_evaluate, "evaluate", {"server-round": 1}),
+        ):
+            msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}),
+                          dst_node_id=k + 1, message_type=kind)
+            reply = handler(msg, _context(cfg, k))
+            assert reply.has_content()
+            sent += message_to_proto(reply).SerializeToString()
+    assert len(sent) > 10_000  # the weights were really in there
+    assert _leaks(sent, secrets) == []
+    assert str(root).encode() not in sent
+
+    # a site that fails says so without its details
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    shutil.rmtree(broken / "hospital-b" / "labels")
+    bad = AppConfig(run=run.model_copy(update={"data_root": broken}), site_names=cfg.site_names)
+    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=2, message_type="train")
+    with pytest.raises(SiteFailure) as info:
+        client_train(msg, _context(bad, 1))
+    assert _leaks(str(info.value).encode(), secrets | {str(broken)}) == []
