@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from fedscan.common.data.dicom import SeriesHeader, SiteScan, Skipped, list_files, read_series, scan_site
-from fedscan.common.data.labels import LABELS_CSV, ClassLabels, index_masks, read_class_labels
+from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, ClassLabels, index_masks, read_class_labels
 from fedscan.common.data.layout import LAYOUT_HINT, SiteDir
 from fedscan.common.data.quality import SeriesProfile, SiteProfile, sample_indices, site_profile, slice_snr
 from fedscan.common.errors import FedscanError
@@ -83,17 +83,19 @@ def _labels_csv(site: SiteDir, problems: list[Skipped]) -> ClassLabels | None:
         return None
 
 
-def _series_labels(hdr: SeriesHeader, table: ClassLabels | None) -> list[int | None]:
+def _label_keys(hdr: SeriesHeader, table: ClassLabels | None) -> list[str]:
+    """The labels.csv key of each slice of the series."""
     if table is None:
-        return [None] * len(hdr)
+        return []
     if table.key == "SOPInstanceUID":
-        return [table.labels.get(u) for u in hdr.sop_uids]
-    uid = hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid
-    return [table.labels.get(uid)] * len(hdr)
+        return list(hdr.sop_uids)
+    return [hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid] * len(hdr)
 
 
 def _profile(sid: str, hdr: SeriesHeader, pixels: np.ndarray, mask: np.ndarray | None,
-             source: str, classes: list[int | None]) -> SeriesProfile:
+             source: str, classes: list[int | None], samples: dict[str, int]) -> SeriesProfile:
+    """``classes``: each slice's class (None: unlabelled); ``samples``: the labelled samples
+    first counted at this series (an exam counts once however many series it has)."""
     sample = pixels[sample_indices(len(pixels))]
     snrs = [slice_snr(img) for img in sample]
     finite = [v for v in snrs if np.isfinite(v)]
@@ -110,9 +112,7 @@ def _profile(sid: str, hdr: SeriesHeader, pixels: np.ndarray, mask: np.ndarray |
         known = [c for c in classes if c is not None]
         labelled = len(known) / max(len(classes), 1)
         source_name = LABELS_CSV if known else "none"
-        # exam-level labels count one sample per series; image-level one per image
-        per_exam = len(set(classes)) == 1 and len(classes) > 1
-        for c in (known[:1] if per_exam else known):
+        for c in samples.values():
             counts[str(c)] = counts.get(str(c), 0) + 1
     return SeriesProfile(
         id=sid, modality=hdr.modality, manufacturer=hdr.manufacturer or "unknown",
@@ -147,7 +147,11 @@ def check_site_data(
     profiles: list[SeriesProfile] = []
     used_files: set[Path] = set()
     syntaxes: Counter[str] = Counter()
-    matched_uids: set[str] = set()
+    patients: set[str] = set()
+    studies: set[str] = set()
+    counted: set[str] = set()  # labelled samples already counted
+    # rows that match an image at this site, whether or not its pixels decode
+    matched_uids = {k for h in scan.series for k in _label_keys(h, table)} & set(table.labels if table else ())
     mismatched = unlabelled = 0
     for k, hdr in enumerate(scan.series):
         if on_series:
@@ -160,6 +164,8 @@ def check_site_data(
             hdr, pixels = hdr.subset(ok), pixels[ok]
         used_files.update(hdr.files)
         syntaxes.update(hdr.transfer_syntaxes)
+        patients.add(hdr.patient_id)
+        studies.add(hdr.study_uid)
         mask, source = None, "none"
         if hdr.series_uid in masks.sources:
             path = masks.sources[hdr.series_uid]
@@ -169,16 +175,16 @@ def check_site_data(
             except FedscanError as exc:
                 mismatched += 1
                 problems.append(Skipped(path, _without_names(exc.message, path)))
-        classes = _series_labels(hdr, table)
-        if table is not None:
-            matched_uids.update(
-                u for u in (hdr.sop_uids if table.key == "SOPInstanceUID"
-                            else [hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid])
-                if u in table.labels
-            )
+            except Exception as exc:  # noqa: BLE001 - an unexpected mask file loses only its series
+                mismatched += 1
+                problems.append(Skipped(path, "the mask could not be used", f"{type(exc).__name__}: {exc}"))
+        keys = _label_keys(hdr, table)
+        classes = [table.labels.get(u) for u in keys] if table else [None] * len(hdr)
+        new = {u: table.labels[u] for u in dict.fromkeys(keys) if table and u in table.labels and u not in counted}
+        counted.update(new)
         if mask is None and hdr.series_uid not in masks.sources and all(c is None for c in classes):
             unlabelled += 1
-        profiles.append(_profile(f"s{k + 1:03d}", hdr, pixels, mask, source, classes))
+        profiles.append(_profile(f"s{k + 1:03d}", hdr, pixels, mask, source, classes, new))
     ids: dict[str, Path] = {}
     listed: list[Problem] = []
     by_path: dict[Path, str] = {}
@@ -187,12 +193,11 @@ def check_site_data(
             by_path[p.path] = f"f{len(by_path) + 1:04d}"
             ids[by_path[p.path]] = p.path
         listed.append(Problem(file=by_path[p.path], problem=scrub(p.reason)))
-    kept_series = [h for h in scan.series if h.files and h.files[0] in used_files]
     inventory = Inventory(
         files=scan.n_files,
         image_files_used=len(used_files),
-        patients=len({h.patient_id for h in kept_series}),
-        studies=len({h.study_uid for h in kept_series}),
+        patients=len(patients),
+        studies=len(studies),
         series=len(profiles),
         slices=sum(p.slices for p in profiles),
         modalities=dict(Counter(p.modality for p in profiles).most_common()),
@@ -207,7 +212,7 @@ def check_site_data(
     mismatches = LabelMismatches(
         series_without_labels=unlabelled,
         masks_not_matching_their_series=mismatched,
-        masks_for_unknown_series=sum(1 for p in masks.problems if "not among the images" in p.reason),
+        masks_for_unknown_series=sum(1 for p in masks.problems if UNKNOWN_SERIES in p.reason),
         label_rows_for_unknown_uids=(len(table.labels) - len(matched_uids)) if table else 0,
     )
     report = SiteCheck(
@@ -226,7 +231,9 @@ def scrub(text: str) -> str:
 
 
 def _without_names(message: str, path: Path) -> str:
-    """A mask error without the mask's file name (it is a SeriesInstanceUID) or other UIDs."""
+    """A mask error without the mask's file name (it is a SeriesInstanceUID), its folder or UIDs.
+    The messages are fedscan's own (numbers and shapes); readers' exception texts stay local."""
+    message = message.replace(str(path.parent), "")
     for named in (f"DICOM SEG {path.name}", f"mask {path.name}"):
         message = message.replace(named, "the DICOM SEG" if named.startswith("DICOM") else "the mask")
     return scrub(message.replace(path.name, "the mask file"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 from collections.abc import Iterator
@@ -220,6 +221,9 @@ def site_check(
 
         from fedscan.client.site import check_site_data
 
+        if json_out is not None:
+            _check_writable(json_out)  # before a scan that may take long
+
         progress = Progress(TextColumn("[bold]reading series"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=console, transient=True)
         with progress:
@@ -282,13 +286,26 @@ def site_check(
             raise typer.Exit(1)
 
 
+def _check_writable(path: Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise FedscanError(f"cannot write {path}: it is a folder; give a file name such as {path}/check.json")
+    if not path.parent.is_dir():
+        raise FedscanError(f"cannot write {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise FedscanError(f"cannot write {path}: folder {path.parent} is not writable")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise FedscanError(f"cannot write {path}: folder {path.parent} does not exist")
+    _check_writable(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FedscanError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from fedscan.common.config import RunConfig
 from fedscan.common.data import cache
 from fedscan.common.data.dicom import SeriesHeader, SiteScan, list_files, read_series, scan_site
-from fedscan.common.data.labels import LABELS_CSV, index_masks, read_class_labels
+from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, index_masks, read_class_labels
 from fedscan.common.data.layout import SiteDir, check_site
 from fedscan.common.data.preprocess import PREPROCESS_VERSION, fit_images, fit_labels, normalize
 from fedscan.common.errors import FedscanError
@@ -165,6 +165,10 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
             mismatched += 1
             log.warning("site %s: %s", site.name, exc.message)
             continue
+        except Exception:  # a mask file no reader expected: still only this series is lost
+            mismatched += 1
+            log.exception("site %s: mask %s could not be used", site.name, masks_of.sources[hdr.series_uid])
+            continue
         if int(mask.max(initial=0)) >= cfg.num_classes:
             raise FedscanError(
                 f"site '{site.name}': mask {masks_of.sources[hdr.series_uid].name} holds class "
@@ -179,7 +183,7 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
     if unlabelled or mismatched or masks_of.problems:
         log.warning("site %s: label mismatches: %d series without a mask, %d mask(s) not matching their "
                     "series, %d mask(s) for no series here", site.name, unlabelled, mismatched,
-                    len(masks_of.problems))
+                    sum(1 for p in masks_of.problems if UNKNOWN_SERIES in p.reason))
     if not images:
         raise FedscanError(
             f"site '{site.name}' has images but no labels: none of its {len(all_series)} series "

@@ -147,6 +147,23 @@ class _Slice:
     native: tuple[int, str, int, bool] | None = None
 
 
+# DICOM's defined terms (PS3.3 C.7.3.1.1.1); anything else is reported as "other"
+_MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG "
+    "MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT "
+    "RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC".split()
+)
+_COLOUR_MODELS = frozenset(
+    "RGB YBR_FULL YBR_FULL_422 YBR_PARTIAL_422 YBR_PARTIAL_420 YBR_ICT YBR_RCT HSV ARGB CMYK".split() + ["PALETTE COLOR"]
+)
+
+
+def standard_modality(value: object) -> str:
+    """The Modality as one of DICOM's defined terms, or "other" (never free text)."""
+    text = str(value or "").strip().upper()
+    return text if text in _MODALITIES else ("OT" if not text else "other")
+
+
 def uid_name(uid: object, unknown: str) -> str:
     """The standard name of a well-known UID (SOP class, transfer syntax); never the UID itself."""
     entry = UID_dictionary.get(str(uid))
@@ -208,7 +225,7 @@ def read_header(path: Path) -> Dataset | Skipped:
     return ds
 
 
-_NATIVE_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # little endian: explicit VR?
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit and explicit VR little endian
 
 
 def _native_layout(ds: Dataset) -> tuple[int, str, int, bool] | None:
@@ -223,7 +240,8 @@ def _native_layout(ds: Dataset) -> tuple[int, str, int, bool] | None:
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     dtype = f"<{'i' if signed else 'u'}{bits // 8}"
     stored = int(ds.get("BitsStored", bits) or bits)
-    return int(getattr(ds, "fedscan_pixel_offset", -1)), dtype, stored, _NATIVE_SYNTAXES[syntax]
+    implicit = bool(ds.original_encoding[0])  # how the body really is encoded, whatever the meta says
+    return int(getattr(ds, "fedscan_pixel_offset", -1)), dtype, stored, not implicit
 
 
 def _bits_range(ds: Dataset) -> tuple[int, int]:
@@ -242,6 +260,8 @@ def _item(groups: Dataset | None, seq: str) -> Dataset | None:
 def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
     """The slices a greyscale image file contributes, or why it contributes none."""
     shape = (int(ds.Rows), int(ds.Columns))
+    if shape[0] < 1 or shape[1] < 1:
+        return "image with no rows or columns"
     sop = str(ds.get("SOPInstanceUID", ""))
     if not sop:
         return "image without SOPInstanceUID"
@@ -260,6 +280,8 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
     n_frames = int(_number(ds.get("NumberOfFrames"), 1.0))
     if n_frames < 1:
         return "NumberOfFrames is not a positive number"
+    if lut and (invert or "NumberOfFrames" in ds):
+        return "a Modality LUT Sequence on a MONOCHROME1 or multi-frame image is not supported"
 
     def make(frame: int | None, ipp, iop, spacing, thick, slope, icpt) -> _Slice:
         vals = sorted((lo_hi[0] * slope + icpt, lo_hi[1] * slope + icpt))
@@ -304,13 +326,12 @@ def _classify(path: Path, ds: Dataset) -> list[_Slice] | str | None:
         return None
     if "Rows" not in ds or "Columns" not in ds:
         return f"not an image (no pixel data): {uid_name(sop_class, 'unknown object type')}"
-    modality = str(ds.get("Modality", "")).upper()
+    modality = standard_modality(ds.get("Modality", ""))
     if modality in NOT_TRAINABLE:
         return f"not an image to train on: {NOT_TRAINABLE[modality]}"
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric not in GREYSCALE or int(_number(ds.get("SamplesPerPixel"), 1)) != 1:
-        kind = photometric if photometric.replace("_", "").replace(" ", "").isalnum() and len(photometric) < 20 \
-            else "colour"
+        kind = photometric if photometric in _COLOUR_MODELS else "colour"
         return f"colour image ({kind}): fedscan trains on greyscale images"
     if not str(ds.get("SeriesInstanceUID", "")):
         return "image without SeriesInstanceUID"
@@ -431,8 +452,8 @@ def _assemble(uid: str, ds: Dataset, slices: list[_Slice], skipped: list[Skipped
         series_uid=uid,
         study_uid=str(ds.get("StudyInstanceUID", "")),
         patient_id=str(ds.get("PatientID", "")),
-        modality=str(ds.get("Modality", "")).upper() or "OT",
-        manufacturer=str(ds.get("Manufacturer", "")).strip(),
+        modality=standard_modality(ds.get("Modality", "")),
+        manufacturer=str(ds.get("Manufacturer", "")).strip()[:64],
         files=[s.path for s in kept],
         frames=[s.frame for s in kept],
         sop_uids=[s.sop for s in kept],
@@ -464,10 +485,10 @@ def _read_native(path: Path, layout: tuple[int, str, int, bool], shape: tuple[in
     with open(path, "rb") as fh:
         fh.seek(offset)
         head = fh.read(12 if explicit else 8)
-        if head[:4] != b"\xe0\x7f\x10\x00":
+        if head[:4] != b"\xe0\x7f\x10\x00" or (explicit and head[4:6] not in (b"OB", b"OW", b"UN")):
             return None
         length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
-        if length < n * itemsize or length == 0xFFFFFFFF:
+        if length not in (n * itemsize, n * itemsize + 1):  # + 1: padding to an even length
             return None
         arr = np.frombuffer(fh.read(n * itemsize), dtype=dtype)
     if arr.size != n:

@@ -18,6 +18,7 @@ Class labels come from ``labels/labels.csv``: a header with exactly one key colu
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import numpy as np
 
 from fedscan.common.data.dicom import SeriesHeader, SiteScan, Skipped, read_header
 from fedscan.common.errors import FedscanError
+
+log = logging.getLogger(__name__)
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # how far (in voxels) a series pixel may fall from the mask's voxel centres
@@ -48,7 +51,8 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for a corrupt file
-        raise FedscanError(f"cannot read mask {path.name}: {exc}") from None
+        log.warning("cannot read mask %s: %s", path, exc)
+        raise FedscanError(f"cannot read mask {path.name} (not a readable NIfTI file)") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim == 2:
@@ -59,7 +63,11 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
         data = np.rint(data)
     if data.size and (data.min() < 0 or data.max() > 255):
         raise FedscanError(f"mask {path.name} holds values outside 0..255; expected class indices")
-    inv = np.linalg.inv(img.affine)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise FedscanError(f"mask {path.name} has no usable affine (singular or not finite)",
+                           hint="write the mask with the voxel-to-world affine of its series")
+    inv = np.linalg.inv(affine)
     fast = _map_on_grid(data, inv, series)
     return fast if fast is not None else _map_pixel_by_pixel(data, inv, series, path)
 
@@ -80,7 +88,7 @@ def _map_on_grid(data: np.ndarray, inv: np.ndarray, series: SeriesHeader) -> np.
     ui, vi, bi = np.rint(u), np.rint(v), np.rint(base)
     err = (np.abs(base - bi).max(initial=0.0) + (cols - 1) * np.abs(u - ui).max()
            + (rows - 1) * np.abs(v - vi).max())
-    if err > _TOLERANCE_VOX:
+    if not err <= _TOLERANCE_VOX:  # also for NaN
         return None
     ui, vi, bi = ui.astype(np.int64), vi.astype(np.int64), bi.astype(np.int64)
     corners = np.array([[0, 0], [0, cols - 1], [rows - 1, 0], [rows - 1, cols - 1]])
@@ -141,7 +149,8 @@ def load_seg(path: Path, series: SeriesHeader) -> np.ndarray:
     try:
         seg = hd.seg.segread(path)
     except Exception as exc:  # noqa: BLE001 - highdicom raises many types for a bad object
-        raise FedscanError(f"cannot read DICOM SEG {path.name}: {type(exc).__name__}: {exc}") from None
+        log.warning("cannot read DICOM SEG %s: %s: %s", path, type(exc).__name__, exc)
+        raise FedscanError(f"cannot read DICOM SEG {path.name} (not a valid Segmentation object)") from None
 
     def pixels(**kw: object) -> np.ndarray:
         if all(f is None for f in series.frames):
@@ -156,15 +165,16 @@ def load_seg(path: Path, series: SeriesHeader) -> np.ndarray:
     try:
         try:
             arr = pixels(combine_segments=True, **opts)
-        except ValueError:  # fractional or overlapping segments: threshold, then highest segment wins
+        except (ValueError, RuntimeError):  # fractional or overlapping segments: highest segment wins
             fractions = pixels(**opts)
             present = fractions > 0.5
             arr = np.where(present.any(-1), present.shape[-1] - np.argmax(present[..., ::-1], axis=-1), 0)
     except FedscanError:
         raise
     except Exception as exc:  # noqa: BLE001
+        log.warning("DICOM SEG %s vs its series: %s: %s", path, type(exc).__name__, exc)
         raise FedscanError(
-            f"DICOM SEG {path.name} does not match its series' images: {type(exc).__name__}: {exc}",
+            f"DICOM SEG {path.name} does not match its series' images",
             hint="the SEG must reference the series' images (ReferencedSeriesSequence / SourceImageSequence)",
         ) from None
     if arr.shape != (len(series), *series.shape):
@@ -181,6 +191,9 @@ def _seg_series(path: Path) -> list[str]:
     if isinstance(ds, Skipped):
         return []
     return [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", [])]
+
+
+UNKNOWN_SERIES = "a series that is not among the images"
 
 
 @dataclass
@@ -207,7 +220,7 @@ def index_masks(labels_dir: Path, scan: SiteScan) -> MaskIndex:
     for path in niftis:
         uid = path.name.removesuffix(".gz").removesuffix(".nii")
         if uid not in known:
-            problems.append(Skipped(path, "mask for a series that is not among the images"))
+            problems.append(Skipped(path, f"mask for {UNKNOWN_SERIES}"))
         elif uid in sources:
             problems.append(Skipped(path, "a second mask for a series that already has one; ignored"))
         else:
@@ -216,7 +229,7 @@ def index_masks(labels_dir: Path, scan: SiteScan) -> MaskIndex:
         refs = [u for u in _seg_series(path) if u]
         mine = [u for u in refs if u in known]
         if not mine:
-            problems.append(Skipped(path, "DICOM SEG for a series that is not among the images"))
+            problems.append(Skipped(path, f"DICOM SEG for {UNKNOWN_SERIES}"))
             continue
         for uid in mine:
             if uid in sources:
@@ -262,7 +275,8 @@ def read_class_labels(path: Path, num_classes: int) -> ClassLabels:
     keys = [k for k in KEY_COLUMNS if k in header]
     if len(keys) != 1 or "label" not in header:
         raise FedscanError(
-            f"{path.name} has columns {header}; it needs a 'label' column and exactly one of "
+            f"{path.name} has {len(header)} column(s) in its first line; it needs a header with a 'label' "
+            f"column and exactly one of "
             f"{', '.join(KEY_COLUMNS)}"
         )
     key = keys[0]
@@ -276,7 +290,7 @@ def read_class_labels(path: Path, num_classes: int) -> ClassLabels:
             value = int(raw)
         except ValueError:
             raise FedscanError(
-                f"{path.name} line {line}: label {raw!r} is not a class index 0..{num_classes - 1}"
+                f"{path.name} line {line}: the label is not a class index 0..{num_classes - 1}"
             ) from None
         if not 0 <= value < num_classes:
             raise FedscanError(

@@ -83,7 +83,7 @@ def test_study_and_image_keys(exam_root: Path, image_root: Path, tmp_path: Path)
 BAD_CSV = [
     ("uid,label\n1.2.3,0\n", "exactly one of SOPInstanceUID"),
     ("SeriesInstanceUID,StudyInstanceUID,label\n1.2,1.3,0\n", "exactly one of"),
-    ("SeriesInstanceUID,label\n1.2.3,yes\n", "line 2: label 'yes' is not a class index 0..1"),
+    ("SeriesInstanceUID,label\n1.2.3,yes\n", "line 2: the label is not a class index 0..1"),
     ("SeriesInstanceUID,label\n1.2.3,2\n", "line 2: class 2 is outside 0..1"),
     ("SeriesInstanceUID,label\n1.2.3,0\n1.2.3,1\n", "line 3: SeriesInstanceUID listed again with another label"),
     ("SeriesInstanceUID,label\n", "holds no label rows"),

@@ -135,3 +135,24 @@ def test_undecodable_slice_is_dropped_not_fatal(tmp_path: Path) -> None:
     assert ok.tolist() == [True, False, True]
     assert [(f.path.name, f.reason) for f in failed] == [("1", "pixel data could not be decoded")]
     np.testing.assert_array_equal(pixels[2], img * 2)
+
+
+def test_meta_that_lies_about_the_encoding_and_empty_images(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    img = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 31) % 4000
+    ds = write_slice(images / "implicit-body", img, 0.0, preamble=False)
+    # a preamble and a meta that claims Explicit VR, in front of an implicit VR body
+    meta = Dataset()
+    meta.file_meta = FileMetaDataset()
+    meta.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    body = (images / "implicit-body").read_bytes()
+    pydicom.filewriter.write_file_meta_info(buf := pydicom.filebase.DicomBytesIO(), meta.file_meta)
+    (images / "implicit-body").write_bytes(b"\0" * 128 + b"DICM" + buf.getvalue() + body)
+    write_slice(images / "empty", np.zeros((0, 0), dtype=np.uint16), 1.0, series=generate_uid())
+    scan = scan_site(images)
+    assert [(s.path.name, s.reason) for s in scan.skipped] == [("empty", "image with no rows or columns")]
+    pixels, ok, _ = read_series(scan.series[0])
+    assert ok.all()
+    np.testing.assert_array_equal(pixels[0], img)

@@ -119,3 +119,34 @@ def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path
     with pytest.raises(SiteFailure) as info:
         client_train(msg, _context(bad, 1))
     assert _leaks(str(info.value).encode(), secrets | {str(broken)}) == []
+
+
+def test_site_check_reports_bad_masks_and_csv_without_echoing_them(synth_root: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    site = tmp_path / "site"
+    shutil.copytree(synth_root / "hospital-a", site)
+    first, second = sorted((site / "labels").glob("*.nii.gz"))[:2]
+    img = nib.load(str(first))
+    header = img.header.copy()
+    header["srow_z"] = [0.0, 0.0, 0.0, 0.0]  # a singular affine
+    header["qform_code"], header["sform_code"] = 0, 1
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), None, header=header), str(first))
+    second.write_bytes(b"not gzip")
+    (site / "labels" / "labels.csv").write_text("DOE^JOHN 19650304,1\n1.2.3,2\n")
+    out = tmp_path / "check.json"
+    result = CliRunner().invoke(cli, ["site", "check", "--data", str(site), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["mismatches"]["masks_not_matching_their_series"] == 2
+    problems = sorted(p["problem"] for p in report["problems"])
+    assert problems == sorted([
+        "labels.csv has 2 column(s) in its first line; it needs a header with a 'label' column and exactly "
+        "one of SOPInstanceUID, SeriesInstanceUID, StudyInstanceUID",
+        "the mask has no usable affine (singular or not finite)",
+        "cannot read the mask (not a readable NIfTI file)",
+    ])
+    assert "DOE" not in out.read_text() and str(tmp_path) not in out.read_text()
+    folder = CliRunner().invoke(cli, ["site", "check", "--data", str(site), "--json", str(tmp_path)])
+    assert folder.exit_code == 2 and "it is a folder" in folder.output
