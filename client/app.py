@@ -82,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
         )
         log.info("site %s round %s: trained on %d examples, loss %.4f", site.name,
                  conf["server-round"], int(metrics["num-examples"]), metrics["train_loss"])
-    content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -161,36 +161,174 @@ def simulate(
         cfg = load_run_config(config, overrides)
         from fedscan.server.simulate import run_simulation
 
-        progress = Progress(
-            TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console, transient=False,
-        )
-        task_id = progress.add_task("rounds", total=cfg.rounds)
-
-        def on_progress(line: str) -> None:
-            if not progress.live.is_started:
-                progress.start()  # the bar appears once Flower runs the first round
-            progress.console.print(f"  {line}", highlight=False)
-            m = _ROUND_RE.search(line)
-            if m and "done" in line:
-                progress.update(task_id, completed=int(m.group(1)))
-
         def on_stage(line: str) -> None:
             console.print(f"[dim]{line}[/]", highlight=False)
 
-        try:
+        with _round_progress(cfg.rounds) as on_progress:
             report = run_simulation(cfg, overwrite=overwrite, on_progress=on_progress, on_stage=on_stage)
-        finally:
-            progress.stop()
-        final = report["final"]
-        out_dir = Path(cfg.output).resolve()
-        out_console.print((out_dir / "report.md").read_text(), highlight=False)
-        main = report["metrics"]["main"]
-        mean = final["mean"].get(main)
-        out_console.print(
-            f"mean {main} over {len(final['per_site'])} sites: "
-            f"{'n/a' if mean is None else f'{mean:.3f}'}; results in {out_dir}"
-        )
+        _print_result(report, Path(cfg.output))
+
+
+@contextmanager
+def _round_progress(rounds: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over the rounds, fed with the ServerApp's progress lines."""
+    progress = Progress(
+        TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+    )
+    task_id = progress.add_task("rounds", total=rounds)
+
+    def on_progress(line: str) -> None:
+        if not progress.live.is_started:
+            progress.start()  # the bar appears once Flower runs the first round
+        progress.console.print(f"  {line}", highlight=False)
+        m = _ROUND_RE.search(line)
+        if m and "done" in line:
+            progress.update(task_id, completed=int(m.group(1)))
+
+    try:
+        yield on_progress
+    finally:
+        progress.stop()
+
+
+def _print_result(report: dict[str, Any], out: Path) -> None:
+    final = report["final"]
+    out_dir = out.expanduser().resolve()
+    out_console.print((out_dir / "report.md").read_text(), highlight=False)
+    main = report["metrics"]["main"]
+    mean = final["mean"].get(main)
+    out_console.print(
+        f"mean {main} over {len(final['per_site'])} sites: "
+        f"{'n/a' if mean is None else f'{mean:.3f}'}; results in {out_dir}"
+    )
+
+
+@app.command("run")
+def run_cmd(
+    superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, HOST:PORT."),
+    ca: Path = typer.Option(..., "--ca", help="The federation's CA certificate (ca.crt from `fedscan server init`)."),
+    config: Path | None = typer.Option(None, "--config", help="Run configuration (TOML)."),
+    sites: int | None = typer.Option(None, "--sites", help="Registered sites to wait for before round 1."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder for the reports."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    task: str | None = typer.Option(None, "--task", help=f"One of: {', '.join(TASKS)}."),
+    model: str | None = typer.Option(None, "--model", help=f"One of: {', '.join(MODELS)}."),
+    strategy: str | None = typer.Option(None, "--strategy", help=f"One of: {', '.join(STRATEGIES)}."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
+    learning_rate: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Image side in pixels (multiple of 16)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (at each site)."),
+    wait_timeout: float | None = typer.Option(None, "--wait-timeout",
+                                              help="Seconds to wait for the sites a round needs (default 600)."),
+    round_timeout: float | None = typer.Option(None, "--round-timeout",
+                                               help="Seconds a round waits for the sites' replies (default 3600)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
+) -> None:
+    """Run a federation on a live SuperLink: the coordinator's command.
+
+    Waits for --sites registered sites (up to --wait-timeout), trains for --rounds rounds,
+    streams progress per round, and writes report.json, per_site.csv and report.md into --out.
+    """
+    with user_errors():
+        overrides: dict[str, Any] = {
+            "sites": sites, "rounds": rounds, "output": out, "seed": seed, "task": task, "model": model,
+            "strategy": strategy, "local_epochs": local_epochs, "learning_rate": learning_rate,
+            "batch_size": batch_size, "image_size": image_size, "device": device,
+            "wait_timeout": wait_timeout, "round_timeout": round_timeout,
+        }
+        cfg = load_run_config(config, overrides)
+        from fedscan.server.coordinator import run_deployment
+
+        with _round_progress(cfg.rounds) as on_progress:
+            report = run_deployment(cfg, superlink, ca, overwrite=overwrite, on_progress=on_progress)
+        _print_result(report, Path(cfg.output))
+
+
+server_app = typer.Typer(
+    name="server", help="Commands the coordinator runs: certificates, the SuperLink, site registration.",
+    no_args_is_help=True, rich_markup_mode="markdown",
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("init")
+def server_init(
+    dir: Path = typer.Option(..., "--dir", help="The coordinator folder to create."),
+    host: list[str] = typer.Option(..., "--host", help="DNS name or IP sites use to reach the server (repeat)."),
+    port: int = typer.Option(9092, "--port", help="The SuperLink's port (the one port sites connect to)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing keys (sites then need the new ca.crt)."),
+) -> None:
+    """Create the federation's CA and the SuperLink's TLS certificate (keys written 0600)."""
+    with user_errors():
+        from fedscan.server.coordinator import init_server
+
+        p = init_server(dir, host, port=port, force=force)
+        out_console.print(f"wrote the CA ({p['ca_crt']}) and the SuperLink certificate for "
+                          f"{', '.join(host)} into {dir}")
+        out_console.print(f"give every site {p['ca_crt']}; keep {p['ca_key']} private (offline if you can)")
+
+
+@server_app.command("start")
+def server_start(
+    dir: Path = typer.Option(..., "--dir", help="The coordinator folder."),
+    port: int | None = typer.Option(None, "--port", help="Port to listen on (default: from server init)."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on (default 0.0.0.0)."),
+) -> None:
+    """Run the SuperLink: TLS, site authentication, persistent state, no runtime installs."""
+    with user_errors():
+        from fedscan.server.coordinator import start_server
+
+        code = start_server(dir, host, port, on_line=lambda line: out_console.print(line, highlight=False,
+                                                                                    markup=False))
+        raise typer.Exit(code)
+
+
+@server_app.command("add-site")
+def server_add_site(
+    public_key: Path = typer.Argument(..., help="The site's site.pub (from `fedscan site init`)."),
+    dir: Path = typer.Option(..., "--dir", help="The coordinator folder."),
+    name: str = typer.Option(..., "--name", help="The site's name."),
+) -> None:
+    """Register a hospital's public key; only registered sites may connect."""
+    with user_errors():
+        from fedscan.server.coordinator import add_site
+
+        entry = add_site(dir, name, public_key)
+        out_console.print(f"registered site '{name}' (node {entry['node_id']}, key {entry['fingerprint']})")
+        out_console.print("check the fingerprint with the site's IT out of band (phone, not the same e-mail)")
+
+
+@server_app.command("remove-site")
+def server_remove_site(
+    dir: Path = typer.Option(..., "--dir", help="The coordinator folder."),
+    name: str = typer.Option(..., "--name", help="The site to remove."),
+) -> None:
+    """Unregister a site: its key is refused from now on."""
+    with user_errors():
+        from fedscan.server.coordinator import remove_site
+
+        remove_site(dir, name)
+        out_console.print(f"removed site '{name}': its key is refused from now on")
+
+
+@server_app.command("sites")
+def server_sites(dir: Path = typer.Option(..., "--dir", help="The coordinator folder.")) -> None:
+    """List the registered sites and whether they are online."""
+    with user_errors():
+        from rich.table import Table
+
+        from fedscan.server.coordinator import list_sites
+
+        rows = list_sites(dir)
+        table = Table(title=f"{len(rows)} registered site(s)")
+        for col in ("site", "status", "online since", "key fingerprint", "node id"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], r["status"], r["online_at"], r["fingerprint"], r["node_id"])
+        out_console.print(table)
 
 
 site_app = typer.Typer(
@@ -202,6 +340,45 @@ app.add_typer(site_app, name="site")
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+@site_app.command("init")
+def site_init(
+    dir: Path = typer.Option(..., "--dir", help="The site folder to create (keys, config, cache, logs)."),
+    name: str = typer.Option(..., "--name", help="The site's name, as the coordinator will register it."),
+    data: Path = typer.Option(..., "--data", help="The site's data folder (images/ and labels/)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key (the coordinator must re-register)."),
+) -> None:
+    """Create the site's key pair (private key 0600) and its config; print the public key's fingerprint."""
+    with user_errors():
+        from fedscan.client.daemon import init_site
+
+        cfg, fp = init_site(dir, name, data, force=force)
+        out_console.print(f"site '{cfg.name}': wrote {cfg.key} (private, stays here) and {cfg.key.with_suffix('.pub')}")
+        out_console.print(f"send site.pub to the coordinator; its fingerprint is {fp}")
+
+
+@site_app.command("start")
+def site_start(
+    dir: Path = typer.Option(..., "--dir", help="The site folder (from `fedscan site init`)."),
+    superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, HOST:PORT."),
+    ca: Path = typer.Option(..., "--ca", help="The federation's CA certificate (ca.crt from the coordinator)."),
+    runtime_port: int | None = typer.Option(None, "--runtime-port",
+                                            help="Local port of the SuperNode's runtime API (default 9094)."),
+    max_restarts: int | None = typer.Option(None, "--max-restarts",
+                                            help="Give up after this many failures (default: never)."),
+) -> None:
+    """Run this hospital's SuperNode: checks the config and data, then connects out to the coordinator.
+
+    Stays in the foreground (for systemd), restarts after network failures, and exits 3 when
+    the coordinator refuses the site's key.
+    """
+    with user_errors():
+        from fedscan.client.daemon import start_site
+
+        code = start_site(dir, superlink, ca, runtime_port=runtime_port, max_restarts=max_restarts,
+                          on_line=lambda line: out_console.print(line, highlight=False, markup=False))
+        raise typer.Exit(code)
 
 
 @site_app.command("check")

@@ -78,7 +78,9 @@ class RunConfig(BaseModel):
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")
     channels_last: bool = Field(True, description="channels_last memory layout on CUDA")
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    sites: int = Field(3, ge=1, le=64, description="number of synthetic hospitals")
+    sites: int = Field(
+        3, ge=1, le=64, description="synthetic hospitals in simulation; in deployment, the sites a run waits for"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: Path | None = Field(None, description="folder of site folders")
     output: Path = Field(Path("fedscan-out"), description="output folder")
@@ -87,6 +89,12 @@ class RunConfig(BaseModel):
     ct_window: tuple[float, float] = Field((40.0, 400.0), description="(level, width) HU")
     intensity_percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="MR and other non-CT series: clip to these percentiles, then z-score"
+    )
+    wait_timeout: float = Field(
+        600.0, gt=0, le=7 * 86400, description="seconds to wait for the sites a round needs before failing"
+    )
+    round_timeout: float = Field(
+        3600.0, gt=0, le=7 * 86400, description="seconds a round waits for the sites' replies"
     )
     pixel_spacing: float | None = Field(
         None, gt=0.0, le=50.0,

@@ -6,30 +6,96 @@ evaluation of that model; the Flower-specific parts stay here, the rest is testa
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedscan.common.config import AppConfig
+from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks.registry import task_metrics
 from fedscan.common.weights import to_record
 from fedscan.server import checkpoint
-from fedscan.server.report import RunRecorder
+from fedscan.server.report import RunRecorder, write_report_files
 from fedscan.server.strategies import build_strategy
 
 log = logging.getLogger("fedscan.server")
 
 # Prefix of the per-round progress lines; `fedscan simulate` picks them out of the log stream.
 PROGRESS_TAG = "[fedscan] "
+# Prefix of the report, one JSON line per round: `fedscan run` rebuilds the report files from it,
+# so the coordinator's user gets them even where the ServerApp's machine or user differs.
+REPORT_TAG = "[fedscan-report] "
 
 app = ServerApp()
 
 
 def _progress(msg: str, *args: object) -> None:
     print(PROGRESS_TAG + (msg % args if args else msg), flush=True)
+
+
+def _emit_report(rep: dict[str, Any]) -> None:
+    print(REPORT_TAG + json.dumps(rep, separators=(",", ":")), flush=True)
+
+
+class SitesMissing(FedscanError):
+    """Fewer sites than a round needs stayed connected for longer than the wait timeout."""
+
+
+class DeadlineGrid:
+    """A Grid whose node list gives up: when fewer than ``needed`` nodes are connected for longer
+    than ``timeout`` seconds, asking for the nodes raises SitesMissing. Flower's strategies wait
+    for their minimum number of nodes without a limit; this puts one on every such wait."""
+
+    def __init__(self, grid: Grid, needed: int, timeout: float, clock: Callable[[], float] = time.monotonic):
+        self._grid = grid
+        self.needed = needed
+        self.timeout = timeout
+        self._clock = clock
+        self._short_since: float | None = None
+
+    def get_node_ids(self) -> Iterable[int]:
+        ids = list(self._grid.get_node_ids())
+        if len(ids) >= self.needed:
+            self._short_since = None
+            return ids
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+            _progress("waiting for sites: %d of %d connected (up to %.0fs)", len(ids), self.needed, self.timeout)
+        elif now - self._short_since > self.timeout:
+            raise SitesMissing(
+                f"only {len(ids)} of the {self.needed} sites this run needs were connected after waiting "
+                f"{self.timeout:.0f}s",
+                hint="start the missing sites (`fedscan site start`), lower --sites, or raise --wait-timeout",
+            )
+        return ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class OutputFolder:
+    """The ServerApp's own copy of the results (checkpoints, report files). A folder it cannot
+    write is logged once and skipped: the report still reaches `fedscan run` through the log."""
+
+    def __init__(self) -> None:
+        self.ok = True
+
+    def __call__(self, what: str, write: Callable[[], object]) -> None:
+        if not self.ok:
+            return
+        try:
+            write()
+        except OSError as exc:
+            self.ok = False
+            log.warning("cannot write %s here (%s); results are only streamed to `fedscan run`", what, exc)
 
 
 @app.main()
@@ -42,16 +108,30 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(run, n_sites)
     _, main_metric = task_metrics(run.task)
     recorder = RunRecorder(run.output, cfg)
-    checkpoint.save_run_config(run.output, run)
-    recorder.write("running")
+    output = OutputFolder()
+    output("the run config", lambda: checkpoint.save_run_config(run.output, run))
+
+    def publish(status: str) -> dict[str, Any]:
+        rep = recorder.report(status)
+        output("the report", lambda: write_report_files(run.output, rep))
+        _emit_report(rep)
+        return rep
+
+    publish("running")
     _progress("run started: %d sites, %d rounds", n_sites, run.rounds)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        checkpoint.save_round(run.output, server_round, arrays, run)
-        summary = recorder.record_round(server_round, strategy.site_history.get(server_round, {}))
-        recorder.write("running")
+        per_site = strategy.site_history.get(server_round, {})
+        if not per_site:
+            raise FedscanError(
+                f"round {server_round}: no site returned an evaluation within {run.round_timeout:.0f}s",
+                hint="check the sites' logs; raise round_timeout for slow sites",
+            )
+        output("a checkpoint", lambda: checkpoint.save_round(run.output, server_round, arrays, run))
+        summary = recorder.record_round(server_round, per_site)
+        publish("running")
         per_site = ", ".join(
             f"{s} {r[main_metric]:.3f}" if r.get(main_metric) is not None else f"{s} n/a"
             for s, r in summary["per_site"].items()
@@ -69,16 +149,21 @@ def main(grid: Grid, context: Context) -> None:
     )
     try:
         strategy.start(
-            grid=grid,
+            grid=DeadlineGrid(grid, n_sites, run.wait_timeout),  # type: ignore[arg-type]
             initial_arrays=to_record(model),
             num_rounds=run.rounds,
             train_config=round_config,
             evaluate_config=ConfigRecord(),
             evaluate_fn=after_round,
+            timeout=run.round_timeout,
         )
+    except FedscanError as exc:
+        publish("failed")
+        _progress("run failed: %s%s", exc.message, f" | {exc.hint}" if exc.hint else "")
+        raise
     except BaseException:
-        recorder.write("failed")
+        publish("failed")
         _progress("run failed")
         raise
-    rep = recorder.write("complete")
+    rep = publish("complete")
     _progress("run complete: final mean %s %s", main_metric, rep["final"]["mean"].get(main_metric))

@@ -87,6 +87,8 @@ class RunRecorder:
         self.out = Path(out)
         self.cfg = cfg
         self.history: list[dict[str, Any]] = []
+        # simulation knows its sites up front; a deployment learns them from the replies
+        self.sites: list[str] = list(cfg.site_names)
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def record_round(self, server_round: int, per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -94,7 +96,8 @@ class RunRecorder:
             "round": server_round,
             "per_site": {s: site_row(m, self.cfg.run.task) for s, m in sorted(per_site.items())},
         }
-        missing = [s for s in self.cfg.site_names if s not in per_site]
+        self.sites += sorted(s for s in per_site if s not in self.sites)
+        missing = [s for s in self.sites if s not in per_site]
         if missing:  # a site that failed or dropped out is named, not silently absent
             entry["missing_sites"] = missing
         self.history = [h for h in self.history if h["round"] != server_round] + [entry]
@@ -113,7 +116,7 @@ class RunRecorder:
             "rounds": run.rounds,
             "rounds_completed": len(self.history),
             "seed": run.seed,
-            "sites": list(self.cfg.site_names),
+            "sites": list(self.sites),
             "started": self.started,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "metrics": {"main": main, "names": list(task_metrics(run.task)[0]),
@@ -125,10 +128,15 @@ class RunRecorder:
 
     def write(self, status: str = "running") -> dict[str, Any]:
         rep = self.report(status)
-        atomic_write_bytes(self.out / REPORT_JSON, (json.dumps(rep, indent=2) + "\n").encode())
-        atomic_write_bytes(self.out / PER_SITE_CSV, per_site_csv(rep).encode())
-        atomic_write_bytes(self.out / REPORT_MD, report_markdown(rep).encode())
+        write_report_files(self.out, rep)
         return rep
+
+
+def write_report_files(out: Path, rep: dict[str, Any]) -> None:
+    """report.json, per_site.csv and report.md, each written atomically."""
+    atomic_write_bytes(Path(out) / REPORT_JSON, (json.dumps(rep, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(out) / PER_SITE_CSV, per_site_csv(rep).encode())
+    atomic_write_bytes(Path(out) / REPORT_MD, report_markdown(rep).encode())
 
 
 def per_site_csv(rep: dict[str, Any]) -> str:

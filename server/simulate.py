@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -28,13 +24,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
 import tomli_w
 
 from fedscan.common.config import EXAM_MODELS, AppConfig, RunConfig
 from fedscan.common.data.layout import SiteDir, check_site, discover_sites
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.errors import FedscanError
+from fedscan.common.flower_runtime import (
+    flower_exe,
+    free_port,
+    offline_env,
+    stop_process_tree,
+    stream_flwr_run,
+    write_app_dir,
+)
 from fedscan.server.app import PROGRESS_TAG
 from fedscan.server.checkpoint import atomic_write_bytes
 from fedscan.server.report import PER_SITE_CSV, REPORT_JSON, REPORT_MD, report_markdown
@@ -43,100 +46,6 @@ log = logging.getLogger("fedscan.simulate")
 
 OUTPUT_NAMES = (REPORT_JSON, PER_SITE_CSV, REPORT_MD, "global_model.pt", "run_config.toml", "checkpoints")
 CONNECTION = "fedscan-sim"
-APP_NAME = "fedscan"
-
-# The Flower app that `flwr run` submits: the components of the installed fedscan package.
-# Same components as [tool.flwr.app] in the repository's pyproject.toml.
-APP_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "fedscan"
-version = "{version}"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedscan"
-
-[tool.flwr.app.components]
-serverapp = "fedscan.server.app:app"
-clientapp = "fedscan.client.app:app"
-
-[tool.flwr.app.config]
-fedscan-config = ""
-"""
-
-
-def offline_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: private home, no telemetry, no network installs."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    # make sure the Flower executables of this interpreter's environment are found first
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _flower_exe(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if not found:
-        raise FedscanError(f"'{name}' was not found; is flwr[simulation] installed in this environment?")
-    return found
-
-
-def stop_process_tree(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Stop ``proc`` and every process it started: SIGTERM, then SIGKILL after ``timeout``."""
-    try:
-        parent = psutil.Process(proc.pid)
-        procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    try:  # the whole session we started, including re-parented grandchildren
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 class LocalSuperLink:
     """A private simulation SuperLink for one run; a context manager that always cleans up."""
 
@@ -153,7 +62,7 @@ class LocalSuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
-            _flower_exe("flower-superlink"), "--insecure", "--simulation",
+            flower_exe("flower-superlink"), "--insecure", "--simulation",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
@@ -265,6 +174,14 @@ def _federation_config(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
+def _progress_lines(on_progress: Callable[[str], None]) -> Callable[[str], None]:
+    def on_line(line: str) -> None:
+        idx = line.find(PROGRESS_TAG)
+        if idx >= 0:
+            on_progress(line[idx + len(PROGRESS_TAG):].rstrip())
+    return on_line
+
+
 def run_simulation(
     cfg: RunConfig,
     *,
@@ -295,11 +212,7 @@ def run_simulation(
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedscan-flwr-") as tmp:
         tmp_path = Path(tmp)
-        app_dir = tmp_path / "app"
-        app_dir.mkdir()
-        from fedscan.common import __version__
-
-        (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
+        app_dir = write_app_dir(tmp_path / "app")
         overrides = tmp_path / "run-config.toml"
         overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
         home = tmp_path / "flwr-home"
@@ -308,12 +221,12 @@ def run_simulation(
             with LocalSuperLink(home, logs / "superlink.log") as link:
                 link.write_connection()
                 cmd = [
-                    _flower_exe("flwr"), "run", str(app_dir), CONNECTION,
+                    flower_exe("flwr"), "run", str(app_dir), CONNECTION,
                     "--run-config", str(overrides),
                     "--federation-config", _federation_config(client_resources(run, len(sites))),
                     "--stream",
                 ]
-                _stream_run(cmd, offline_env(home), logs / "flower.log", on_progress)
+                stream_flwr_run(cmd, offline_env(home), logs / "flower.log", _progress_lines(on_progress))
         except KeyboardInterrupt:
             _mark_unfinished(out, "interrupted")
             raise
@@ -346,26 +259,3 @@ def _mark_unfinished(out: Path, status: str) -> None:
         report["status"] = status
         atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
         atomic_write_bytes(out / REPORT_MD, report_markdown(report).encode())
-
-
-def _stream_run(cmd: list[str], env: dict[str, str], log_path: Path, on_progress: Callable[[str], None]) -> None:
-    """Run `flwr run --stream`, keep its whole output in a log, pass progress lines on."""
-    with open(log_path, "a", encoding="utf-8") as log_file:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, bufsize=1, start_new_session=True,
-        )
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                idx = line.find(PROGRESS_TAG)
-                if idx >= 0:
-                    on_progress(line[idx + len(PROGRESS_TAG):].rstrip())
-            proc.wait()
-        finally:
-            if proc.poll() is None:
-                stop_process_tree(proc)
-    if proc.returncode != 0:
-        raise FedscanError(f"`flwr run` failed (exit code {proc.returncode})", hint=f"see {log_path}")

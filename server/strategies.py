@@ -20,6 +20,13 @@ log = logging.getLogger("fedscan.server")
 SiteMetrics = dict[str, dict[str, float]]
 
 
+def site_name(msg: Message) -> str:
+    """The site name a reply carries, or its node ID when it has none."""
+    if not msg.has_error() and "site" in msg.content.config_records:
+        return str(msg.content.config_records["site"].get("name", f"node-{msg.metadata.src_node_id}"))
+    return f"node-{msg.metadata.src_node_id}"
+
+
 def site_metrics_from_replies(replies: Iterable[Message]) -> SiteMetrics:
     """{site name: {metric: value}} from evaluation replies; failed replies are logged."""
     per_site: SiteMetrics = {}
@@ -28,9 +35,7 @@ def site_metrics_from_replies(replies: Iterable[Message]) -> SiteMetrics:
         if msg.has_error():
             log.warning("node %s did not evaluate: %s", node, msg.error.reason)
             continue
-        name = f"node-{node}"
-        if "site" in msg.content.config_records:
-            name = str(msg.content.config_records["site"].get("name", name))
+        name = site_name(msg)
         records = list(msg.content.metric_records.values())
         if not records:
             log.warning("site %s sent no metrics", name)
@@ -45,6 +50,11 @@ class PerSiteEvaluation(Strategy):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.site_history: dict[int, SiteMetrics] = {}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+        # a fixed order (by site name), so that the floating-point sums do not depend on which
+        # site answered first: the same seed gives the same model in simulation and deployment
+        return super().aggregate_train(server_round, sorted(replies, key=site_name))  # type: ignore[safe-super]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)

@@ -66,8 +66,12 @@ def discover_sites(data_root: Path) -> list[SiteDir]:
     return sites
 
 
-def check_site(site: SiteDir, task: str) -> None:
-    """Fast checks before anything heavy: DICOM present, labels present."""
+def check_images(site: SiteDir) -> list[Path]:
+    """The site folder exists and holds DICOM under images/; returns the image files."""
+    if not site.path.is_dir():
+        raise FedscanError(f"site '{site.name}': folder {site.path} does not exist", hint=LAYOUT_HINT)
+    if not site.images.is_dir():
+        raise FedscanError(f"site '{site.name}': {site.path} has no images/ folder", hint=LAYOUT_HINT)
     files = list_files(site.images)
     if not files:
         raise FedscanError(f"site '{site.name}': {site.images} holds no files", hint=LAYOUT_HINT)
@@ -76,6 +80,12 @@ def check_site(site: SiteDir, task: str) -> None:
             f"site '{site.name}': no DICOM among the {len(files)} files under {site.images}",
             hint=LAYOUT_HINT,
         )
+    return files
+
+
+def check_site(site: SiteDir, task: str) -> None:
+    """Fast checks before anything heavy: DICOM present, labels present."""
+    files = check_images(site)
     if task == "segmentation":
         masks = list_files(site.labels)
         if not masks and not any(_is_seg(f) for f in files):

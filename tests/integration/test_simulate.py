@@ -22,7 +22,8 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def flower_processes() -> set[int]:
-    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "raylet", "gcs_server")
+    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation", "flwr-serverapp",
+             "flwr-clientapp", "raylet", "gcs_server")
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])

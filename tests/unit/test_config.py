@@ -77,7 +77,7 @@ def test_app_config_round_trips_through_flower_run_config() -> None:
 
 
 def test_flower_processes_run_offline(tmp_path: Path) -> None:
-    from fedscan.server.simulate import offline_env
+    from fedscan.common.flower_runtime import offline_env
 
     env = offline_env(tmp_path)
     assert env["FLWR_HOME"] == str(tmp_path)

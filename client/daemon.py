@@ -1,0 +1,178 @@
+"""The hospital's side of a deployment: `fedscan site init` and `fedscan site start`.
+
+`site init` makes the site's node-authentication key pair (ECDSA P-384 in OpenSSH format, as
+Flower's SuperNode authentication expects) and a site config file; the public key goes to the
+coordinator, who registers it. `site start` checks the config and the data, then runs
+`flower-supernode` with TLS, the site's key and its node config (site name, data folder,
+cache folder). It stays in the foreground for systemd, restarts the SuperNode with a
+backoff when it exits on a network failure, and stops with exit code 3 when the coordinator
+refuses the site (an unregistered or removed key): retrying would not help.
+
+A site folder holds `site.toml`, `site.key` (0600, never leaves the machine), `site.pub`,
+`cache/` (preprocessed arrays) and `logs/supernode.log`. The only connection is outbound, to
+the coordinator's one port.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedscan.common import pki
+from fedscan.common.config import tomllib
+from fedscan.common.data.layout import SiteDir, check_images
+from fedscan.common.errors import FedscanError
+from fedscan.common.flower_runtime import flower_exe, offline_env, stop_process_tree
+
+log = logging.getLogger("fedscan.site")
+
+SITE_TOML = "site.toml"
+# flower-supernode's exit code when the SuperLink refuses to activate the node (its key is
+# not registered, or was removed)
+REFUSED_BY_SUPERLINK = 305
+EXIT_REFUSED = 3
+_FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+_FLOWER_ENDED = "SuperNode terminated gracefully"
+
+
+class SiteConfig(BaseModel):
+    """A site's deployment settings (site.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the site's name, as the coordinator registered it")
+    data_dir: Path = Field(description="the site folder: images/ and labels/")
+    key: Path = Field(description="the node-authentication private key (OpenSSH, 0600)")
+    cache_dir: Path = Field(description="where preprocessed arrays are kept")
+    runtime_port: int = Field(9094, ge=1, le=65535, description="SuperNode's local runtime API port (127.0.0.1)")
+
+
+def init_site(d: Path, name: str, data: Path, force: bool = False) -> tuple[SiteConfig, str]:
+    """Create the site's key pair and site.toml; return the config and the key's fingerprint."""
+    d = Path(d).expanduser().resolve()
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise FedscanError(f"site name {name!r} must be letters, digits, '-' or '_'")
+    data = Path(data).expanduser().resolve()
+    check_images(SiteDir(name, data))
+    private, public = pki.make_site_key()
+    pki.write_secret(d / "site.key", private, force=force)
+    pki.write_public(d / "site.pub", public)
+    cfg = SiteConfig(name=name, data_dir=data, key=d / "site.key", cache_dir=d / "cache")
+    (d / "logs").mkdir(exist_ok=True)
+    (d / SITE_TOML).write_text(tomli_w.dumps(cfg.model_dump(mode="json")))
+    return cfg, pki.fingerprint(public)
+
+
+def load_site(d: Path) -> SiteConfig:
+    path = Path(d).expanduser() / SITE_TOML
+    if not path.is_file():
+        raise FedscanError(f"{path} does not exist", hint="run `fedscan site init --dir DIR --name NAME --data DATA`")
+    try:
+        cfg = SiteConfig.model_validate(tomllib.loads(path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise FedscanError(f"{path} is not a valid site config: {exc}") from None
+    if not cfg.key.is_file():
+        raise FedscanError(f"the site key {cfg.key} is missing", hint="run `fedscan site init` again with --force")
+    if cfg.key.stat().st_mode & 0o077:
+        raise FedscanError(f"the site key {cfg.key} is readable by other users",
+                           hint=f"chmod 600 {cfg.key}")
+    return cfg
+
+
+def supernode_command(cfg: SiteConfig, superlink: str, ca: Path) -> list[str]:
+    node_config = " ".join(
+        f'{k}="{v}"' for k, v in (("site-name", cfg.name), ("data-dir", cfg.data_dir), ("cache-dir", cfg.cache_dir))
+    )
+    return [
+        flower_exe("flower-supernode"),
+        "--superlink", superlink,
+        "--root-certificates", str(ca),
+        "--auth-supernode-private-key", str(cfg.key),
+        "--node-config", node_config,
+        "--host", "127.0.0.1", "--port", str(cfg.runtime_port),
+        "--isolation", "subprocess",
+    ]
+
+
+def start_site(
+    d: Path,
+    superlink: str,
+    ca: Path,
+    *,
+    runtime_port: int | None = None,
+    max_restarts: int | None = None,
+    on_line: Callable[[str], None] = print,
+) -> int:
+    """Run the site's SuperNode until stopped; returns the exit code for the service manager."""
+    d = Path(d).expanduser().resolve()
+    cfg = load_site(d)
+    if runtime_port:
+        cfg = cfg.model_copy(update={"runtime_port": runtime_port})
+    ca = Path(ca).expanduser().resolve()
+    if not ca.is_file():
+        raise FedscanError(f"CA certificate {ca} does not exist", hint="copy ca.crt from the coordinator")
+    if ":" not in superlink:
+        raise FedscanError(f"--superlink {superlink!r} must be HOST:PORT")
+    check_images(SiteDir(cfg.name, cfg.data_dir))
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    logs = d / "logs"
+    logs.mkdir(exist_ok=True)
+    home = d / "flwr-home"
+    home.mkdir(exist_ok=True)
+    fp = pki.fingerprint((d / "site.pub").read_bytes()) if (d / "site.pub").is_file() else "unknown"
+    cmd = supernode_command(cfg, superlink, ca)
+    restarts, backoff = 0, 5.0
+    while True:
+        on_line(f"site {cfg.name}: connecting to {superlink} (key {fp})")
+        started = time.monotonic()
+        code = _run_supernode(cmd, home, logs / "supernode.log", on_line)
+        if code is None:  # we were asked to stop
+            on_line(f"site {cfg.name}: stopped")
+            return 0
+        if code == REFUSED_BY_SUPERLINK:
+            on_line(f"site {cfg.name}: the coordinator refused this site's key ({fp}); it is not registered "
+                    "or was removed. Ask the coordinator to run `fedscan server add-site`.")
+            return EXIT_REFUSED
+        restarts += 1  # a SuperNode does not end by itself (code 0: the SuperLink ended the session)
+        if max_restarts is not None and restarts > max_restarts:
+            on_line(f"site {cfg.name}: the SuperNode failed {restarts} times; giving up")
+            return 1
+        if time.monotonic() - started > 300:
+            backoff = 5.0  # it ran for a while: a fresh failure, not a crash loop
+        on_line(f"site {cfg.name}: the SuperNode exited (code {code}); restarting in {backoff:.0f}s")
+        try:
+            time.sleep(backoff)
+        except KeyboardInterrupt:
+            return 0
+        backoff = min(backoff * 2, 300.0)
+
+
+def _run_supernode(cmd: list[str], home: Path, log_path: Path, on_line: Callable[[str], None]) -> int | None:
+    """Run the SuperNode, mirroring its output; its exit code, or None when interrupted."""
+    with open(log_path, "a", encoding="utf-8") as logf:
+        proc = subprocess.Popen(cmd, env=offline_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                logf.flush()
+                on_line(line.rstrip("\n"))
+                m = _FLOWER_EXIT.search(line)
+                if m or _FLOWER_ENDED in line:
+                    # the SuperNode has ended, but its SuperExec child can linger: stop them all
+                    stop_process_tree(proc)
+                    return int(m.group(1)) if m else 0
+            return proc.wait()
+        except KeyboardInterrupt:
+            return None
+        finally:
+            if proc.poll() is None:
+                stop_process_tree(proc)

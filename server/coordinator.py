@@ -1,0 +1,312 @@
+"""The coordinator's side of a deployment: `fedscan server init/start/add-site/remove-site/sites`
+and `fedscan run`.
+
+Everything runs on Flower's deployment runtime: `flower-superlink` with TLS, SuperNode
+authentication and a persistent state database; sites are registered with Flower's own
+SuperNode registration (`flwr supernode register/unregister/list`); runs are submitted with
+`flwr run --stream`. fedscan adds the certificate authority, a registry that maps site names
+to Flower node IDs and key fingerprints, safe defaults, and the reports.
+
+A coordinator folder holds:
+```
+ca.crt, ca.key            the federation's private CA (ca.key 0600: keep it offline if you can)
+server.crt, server.key    the SuperLink's TLS certificate and key (0600)
+server.toml               where the SuperLink listens (written by init and start)
+sites.json                registered sites: name -> node ID, key fingerprint, date
+state.db                  the SuperLink's state (runs, nodes), kept across restarts
+logs/                     superlink.log, and one folder per `fedscan run`
+flwr-home/                the Flower CLI's connection to this SuperLink (FLWR_HOME)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedscan.common import pki
+from fedscan.common.config import AppConfig, RunConfig, tomllib
+from fedscan.common.errors import FedscanError
+from fedscan.common.flower_runtime import (
+    flower_exe,
+    offline_env,
+    stop_process_tree,
+    stream_flwr_run,
+    write_app_dir,
+)
+from fedscan.server.app import PROGRESS_TAG, REPORT_TAG
+from fedscan.server.checkpoint import atomic_write_bytes
+from fedscan.server.report import write_report_files
+
+log = logging.getLogger("fedscan.coordinator")
+
+DEFAULT_PORT = 9092
+CONNECTION = "fedscan"
+REGISTRY = "sites.json"
+
+
+def _paths(d: Path) -> dict[str, Path]:
+    d = Path(d)
+    return {"ca_crt": d / "ca.crt", "ca_key": d / "ca.key", "crt": d / "server.crt", "key": d / "server.key",
+            "conf": d / "server.toml", "registry": d / REGISTRY, "db": d / "state.db", "logs": d / "logs",
+            "home": d / "flwr-home"}
+
+
+def init_server(d: Path, hosts: list[str], port: int = DEFAULT_PORT, force: bool = False) -> dict[str, Path]:
+    """Create the CA and the SuperLink's certificate for ``hosts`` (plus localhost for local
+    administration). Existing keys are kept unless ``force``."""
+    p = _paths(d)
+    for key in ("ca_key", "key"):
+        if p[key].exists() and not force:
+            raise FedscanError(f"{p[key]} already exists; not overwriting a key",
+                               hint="pass --force to make new keys (every site must then get the new ca.crt)")
+    names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
+    ca_key, ca_cert = pki.make_ca()
+    key, cert = pki.make_server_cert(ca_key, ca_cert, names)
+    pki.write_secret(p["ca_key"], pki.server_pem(ca_key), force=force)
+    pki.write_public(p["ca_crt"], pki.cert_pem(ca_cert))
+    pki.write_secret(p["key"], pki.server_pem(key), force=force)
+    pki.write_public(p["crt"], pki.cert_pem(cert))
+    _write_conf(d, port)
+    p["logs"].mkdir(exist_ok=True)
+    return p
+
+
+def _write_conf(d: Path, port: int, host: str = "0.0.0.0") -> None:
+    atomic_write_bytes(_paths(d)["conf"], tomli_w.dumps({"host": host, "port": port}).encode())
+
+
+def _read_conf(d: Path) -> dict[str, Any]:
+    p = _paths(d)
+    if not p["crt"].is_file() or not p["key"].is_file():
+        raise FedscanError(f"{d} is not a coordinator folder (no server.crt/server.key)",
+                           hint="run `fedscan server init --dir DIR --host NAME` first")
+    try:
+        return tomllib.loads(p["conf"].read_text())
+    except (OSError, ValueError):
+        return {"host": "0.0.0.0", "port": DEFAULT_PORT}
+
+
+def superlink_command(d: Path, host: str, port: int) -> list[str]:
+    p = _paths(d)
+    return [
+        flower_exe("flower-superlink"),
+        "--host", host, "--port", str(port),
+        "--ssl-ca-certfile", str(p["ca_crt"]), "--ssl-certfile", str(p["crt"]), "--ssl-keyfile", str(p["key"]),
+        "--enable-supernode-auth",
+        "--database", str(p["db"]),
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]
+
+
+def start_server(d: Path, host: str | None, port: int | None, on_line: Callable[[str], None] = print) -> int:
+    """Run the SuperLink in the foreground (for systemd) until it exits or we are stopped.
+
+    Its output goes to ``on_line`` and to logs/superlink.log; SIGTERM and Ctrl-C stop it."""
+    conf = _read_conf(d)
+    host = host or str(conf.get("host", "0.0.0.0"))
+    port = int(port or conf.get("port", DEFAULT_PORT))
+    _write_conf(d, port, host)
+    p = _paths(d)
+    p["logs"].mkdir(exist_ok=True)
+    home = p["home"]
+    home.mkdir(exist_ok=True)
+    cmd = superlink_command(d, host, port)
+    on_line(f"starting the SuperLink on {host}:{port} (TLS, site authentication, state in {p['db']})")
+    with open(p["logs"] / "superlink.log", "a", encoding="utf-8") as logf:
+        proc = subprocess.Popen(cmd, env=offline_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+        try:  # the CLI turns SIGTERM into KeyboardInterrupt
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                logf.flush()
+                on_line(line.rstrip("\n"))
+            return proc.wait()
+        except KeyboardInterrupt:
+            on_line("stopping the SuperLink")
+            return 0
+        finally:
+            if proc.poll() is None:
+                stop_process_tree(proc)
+
+
+def _control_home(d: Path) -> Path:
+    """FLWR_HOME whose `fedscan` connection reaches this folder's SuperLink locally."""
+    conf = _read_conf(d)
+    p = _paths(d)
+    p["home"].mkdir(exist_ok=True)
+    connection = {"address": f"127.0.0.1:{int(conf.get('port', DEFAULT_PORT))}",
+                  "root-certificates": str(p["ca_crt"].resolve())}
+    (p["home"] / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+    return p["home"]
+
+
+def _flwr_json(args: list[str], home: Path, timeout: float = 60) -> dict[str, Any]:
+    """Run a `flwr` CLI command with --format json; its JSON answer, or a FedscanError."""
+    cmd = [flower_exe("flwr"), *args, "--format", "json"]
+    try:
+        res = subprocess.run(cmd, env=offline_env(home), capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        raise FedscanError(f"`flwr {args[0]} {args[1]}` did not answer within {timeout:.0f}s",
+                           hint="is the SuperLink running (`fedscan server start`)?") from None
+    text = res.stdout.strip()
+    start = text.find("{")
+    try:
+        data = json.loads(text[start:]) if start >= 0 else {}
+    except ValueError:
+        data = {}
+    if res.returncode != 0 or not data.get("success", False):
+        detail = data.get("error-message") or (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FedscanError(f"`flwr {' '.join(args[:2])}` failed: {detail if isinstance(detail, str) else detail[0]}",
+                           hint="is the SuperLink running (`fedscan server start`)?")
+    return data
+
+
+def _load_registry(d: Path) -> dict[str, dict[str, Any]]:
+    path = _paths(d)["registry"]
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise FedscanError(f"{path} is not valid JSON; restore it from a backup") from None
+
+
+def _save_registry(d: Path, reg: dict[str, dict[str, Any]]) -> None:
+    atomic_write_bytes(_paths(d)["registry"], (json.dumps(reg, indent=2, sort_keys=True) + "\n").encode())
+
+
+def add_site(d: Path, name: str, public_key: Path) -> dict[str, Any]:
+    """Register a site's public key with the SuperLink under ``name``."""
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise FedscanError(f"site name {name!r} must be letters, digits, '-' or '_'")
+    key = pki.load_site_public_key(public_key)
+    reg = _load_registry(d)
+    if name in reg:
+        raise FedscanError(f"a site named '{name}' is already registered",
+                           hint="remove it first (`fedscan server remove-site`) to register a new key")
+    fp = pki.fingerprint(key)
+    clash = [n for n, e in reg.items() if e.get("fingerprint") == fp]
+    if clash:
+        raise FedscanError(f"this key is already registered for site '{clash[0]}'")
+    with tempfile.TemporaryDirectory() as tmp:  # flwr reads the key from a file
+        keyfile = Path(tmp) / "site.pub"
+        keyfile.write_bytes(key)
+        data = _flwr_json(["supernode", "register", str(keyfile), CONNECTION, "--name", name], _control_home(d))
+    entry = {"node_id": str(data["node-id"]), "fingerprint": fp,
+             "added": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    reg[name] = entry
+    _save_registry(d, reg)
+    return {"name": name, **entry}
+
+
+def remove_site(d: Path, name: str) -> dict[str, Any]:
+    reg = _load_registry(d)
+    if name not in reg:
+        raise FedscanError(f"no site named '{name}' is registered",
+                           hint=f"registered: {', '.join(sorted(reg)) or 'none'}")
+    _flwr_json(["supernode", "unregister", reg[name]["node_id"], CONNECTION], _control_home(d))
+    entry = reg.pop(name)
+    _save_registry(d, reg)
+    return {"name": name, **entry}
+
+
+def list_sites(d: Path) -> list[dict[str, Any]]:
+    """Registered sites with their status as the SuperLink sees it."""
+    reg = _load_registry(d)
+    nodes = {str(n["node-id"]): n for n in _flwr_json(["supernode", "ls", CONNECTION], _control_home(d))["nodes"]}
+    rows = []
+    for name, entry in sorted(reg.items()):
+        node = nodes.get(entry["node_id"], {})
+        rows.append({"name": name, **entry, "status": node.get("status", "unknown"),
+                     "online_at": node.get("online-at", "N/A")})
+    return rows
+
+
+def run_deployment(
+    cfg: RunConfig,
+    superlink: str,
+    ca: Path,
+    *,
+    overwrite: bool = False,
+    on_progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Submit a run to a live SuperLink, stream its progress, write the report files into
+    ``cfg.output``; return report.json's content. Raises FedscanError when the run fails."""
+    from fedscan.server.simulate import check_output, clear_output
+
+    ca = Path(ca).expanduser().resolve()
+    if not ca.is_file():
+        raise FedscanError(f"CA certificate {ca} does not exist", hint="use the ca.crt from `fedscan server init`")
+    if ":" not in superlink:
+        raise FedscanError(f"--superlink {superlink!r} must be HOST:PORT")
+    out = Path(cfg.output).expanduser().resolve()
+    clear_output(out, check_output(out, overwrite))
+    # the sites' own folders and caches come from their node config, never from the coordinator
+    run = cfg.model_copy(update={"output": out, "data_root": None, "cache_dir": None})
+    app_cfg = AppConfig(run=run, site_names=[])
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    latest: dict[str, Any] = {}
+    failure: list[str] = []
+
+    def on_line(line: str) -> None:
+        idx = line.find(REPORT_TAG)
+        if idx >= 0:
+            try:
+                rep = json.loads(line[idx + len(REPORT_TAG):])
+            except ValueError:
+                return
+            latest.clear()
+            latest.update(rep)
+            write_report_files(out, rep)
+            return
+        idx = line.find(PROGRESS_TAG)
+        if idx >= 0:
+            text = line[idx + len(PROGRESS_TAG):].rstrip()
+            if text.startswith("run failed"):
+                failure.append(text)
+            on_progress(text)
+
+    with tempfile.TemporaryDirectory(prefix="fedscan-run-") as tmp:
+        tmp_path = Path(tmp)
+        home = tmp_path / "flwr-home"
+        home.mkdir()
+        connection = {"address": superlink, "root-certificates": str(ca)}
+        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+        overrides = tmp_path / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
+        cmd = [flower_exe("flwr"), "run", str(write_app_dir(tmp_path / "app")), CONNECTION,
+               "--run-config", str(overrides), "--stream"]
+        on_progress(f"submitting the run to {superlink}: waiting for {run.sites} sites "
+                    f"(up to {run.wait_timeout:.0f}s), {run.rounds} rounds")
+        t0 = time.monotonic()
+        try:
+            stream_flwr_run(cmd, offline_env(home), logs / "flower.log", on_line)
+        except FedscanError:
+            if not failure:
+                raise
+        if failure:
+            message, _, hint = failure[-1].removeprefix("run failed: ").partition(" | ")
+            raise FedscanError(message[:1].upper() + message[1:],
+                               hint=hint or f"see {logs / 'flower.log'} and the SuperLink's log")
+        log.info("run finished in %.1fs", time.monotonic() - t0)
+    if latest.get("status") != "complete":
+        raise FedscanError(
+            f"the federated run did not complete ({latest.get('rounds_completed', 0)} of {run.rounds} rounds)",
+            hint=f"see {logs / 'flower.log'}",
+        )
+    return latest

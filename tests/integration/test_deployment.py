@@ -1,0 +1,190 @@
+"""A real deployment on 127.0.0.1: `fedscan server start` (flower-superlink with TLS and node
+authentication) and three `fedscan site start` daemons (flower-supernode), driven by the fedscan
+commands a coordinator and hospital IT would type. Every process is stopped at the end, also
+when a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_simulate import FEDSCAN, flower_processes, run_cli
+
+from fedscan.common.data.synthetic import synthesize
+from fedscan.common.flower_runtime import flower_exe, free_port, offline_env, stop_process_tree
+
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+RUN_ARGS = ["--rounds", "2", "--image-size", "32", "--local-epochs", "2", "--seed", "3", "--device", "cpu"]
+
+
+class Federation:
+    """The coordinator folder, the site folders and every process started for them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.coord = root / "coord"
+        self.data = root / "data"
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def ca(self) -> Path:
+        return self.coord / "ca.crt"
+
+    @property
+    def superlink(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.out", "w")  # noqa: SIM115 - closed with the process
+        env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+        proc = subprocess.Popen([*FEDSCAN, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.root / f"{name}.out").read_text()
+
+    def start_site(self, name: str) -> subprocess.Popen:
+        return self.spawn(name, "site", "start", "--dir", str(self.root / name), "--superlink", self.superlink,
+                          "--ca", str(self.ca), "--runtime-port", str(free_port()))
+
+    def online(self) -> dict[str, str]:
+        res = run_cli("server", "sites", "--dir", str(self.coord), timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return {line.split("│")[1].strip(): line.split("│")[2].strip()
+                for line in res.stdout.splitlines() if line.startswith("│")}
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if run_cli("server", "sites", "--dir", str(self.coord), timeout=60).returncode == 0:
+                return
+            time.sleep(1)
+        raise AssertionError(f"the SuperLink did not answer within {timeout}s:\n{self.output('superlink')}")
+
+    def wait_online(self, names: list[str], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.online()
+            if all(status.get(n) == "online" for n in names):
+                return
+            time.sleep(2)
+        raise AssertionError(f"sites not online after {timeout}s: {status}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop_process_tree(proc)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    before = flower_processes()
+    f = Federation(tmp_path_factory.mktemp("deploy"))
+    try:
+        synthesize(f.data, 3, seed=5)
+        res = run_cli("server", "init", "--dir", str(f.coord), "--host", "localhost", "--port", str(f.port))
+        assert res.returncode == 0, res.stderr
+        for key in ("ca.key", "server.key"):
+            assert (f.coord / key).stat().st_mode & 0o777 == 0o600
+        again = run_cli("server", "init", "--dir", str(f.coord), "--host", "localhost")
+        assert again.returncode == 2 and "not overwriting a key" in again.stderr
+        f.spawn("superlink", "server", "start", "--dir", str(f.coord))
+        f.wait_ready()
+        for name in SITES:
+            res = run_cli("site", "init", "--dir", str(f.root / name), "--name", name, "--data", str(f.data / name))
+            assert res.returncode == 0, res.stderr
+            assert (f.root / name / "site.key").stat().st_mode & 0o777 == 0o600
+            fingerprint = res.stdout.split("fingerprint is")[1].split()[0]
+            res = run_cli("server", "add-site", "--dir", str(f.coord), "--name", name,
+                          str(f.root / name / "site.pub"), timeout=60)
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert fingerprint in res.stdout.replace("\n", "")
+            f.start_site(name)
+        f.wait_online(SITES)
+        yield f
+    finally:
+        f.stop()
+        assert flower_processes() - before == set(), "Flower processes were left running"
+
+
+@pytest.mark.integration
+def test_two_rounds_through_fedscan_run_match_simulation(fed: Federation) -> None:
+    out = fed.root / "run"
+    res = run_cli("run", "--superlink", fed.superlink, "--ca", str(fed.ca), "--sites", "3", "--out", str(out),
+                  *RUN_ARGS)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "round 1/2 done" in res.stderr and "round 2/2 done" in res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["rounds_completed"] == 2
+    assert report["sites"] == SITES
+    assert (out / "per_site.csv").is_file() and "hospital-c" in (out / "report.md").read_text()
+
+    sim_out = fed.root / "sim"
+    sim = run_cli("simulate", "--data-root", str(fed.data), "--out", str(sim_out), *RUN_ARGS)
+    assert sim.returncode == 0, sim.stdout + sim.stderr
+    simulated = json.loads((sim_out / "report.json").read_text())
+    assert simulated["sites"] == report["sites"]
+    for site in SITES:
+        dep, ref = report["final"]["per_site"][site], simulated["final"]["per_site"][site]
+        assert set(dep) == set(ref)
+        assert dep["num_examples"] == ref["num_examples"]  # the same patient split
+        assert abs(dep["dice"] - ref["dice"]) < 0.1, (site, dep["dice"], ref["dice"])
+
+
+@pytest.mark.integration
+def test_an_unregistered_key_is_refused(fed: Federation) -> None:
+    res = run_cli("site", "init", "--dir", str(fed.root / "stranger"), "--name", "stranger",
+                  "--data", str(fed.data / "hospital-a"))
+    assert res.returncode == 0, res.stderr
+    proc = fed.start_site("stranger")
+    assert proc.wait(timeout=90) == 3
+    assert "refused this site's key" in fed.output("stranger")
+
+
+@pytest.mark.integration
+def test_a_supernode_without_tls_cannot_connect(fed: Federation) -> None:
+    home = fed.root / "insecure-home"
+    home.mkdir()
+    log = fed.root / "insecure.out"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [flower_exe("flower-supernode"), "--insecure", "--superlink", fed.superlink,
+             "--port", str(free_port()), "--node-config", 'site-name="plain"'],
+            env=offline_env(home), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        fed.procs["insecure"] = proc
+        time.sleep(12)
+    text = log.read_text()
+    assert "Connection attempt failed" in text and "SuperNode ID" not in text
+    stop_process_tree(proc)
+
+
+@pytest.mark.integration
+def test_a_removed_site_is_refused_and_too_few_sites_fail_cleanly(fed: Federation) -> None:
+    res = run_cli("server", "remove-site", "--dir", str(fed.coord), "--name", "hospital-c", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert fed.procs["hospital-c"].wait(timeout=120) == 3  # its session ends, and it is refused back in
+    assert "refused this site's key" in fed.output("hospital-c")
+    assert "hospital-c" not in fed.online()
+
+    out = fed.root / "too-few"
+    t0 = time.monotonic()
+    res = run_cli("run", "--superlink", fed.superlink, "--ca", str(fed.ca), "--sites", "3", "--out", str(out),
+                  "--wait-timeout", "15", *RUN_ARGS, timeout=180)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "only 2 of the 3 sites this run needs were connected after waiting 15s" in res.stderr.replace("\n", " ")
+    assert elapsed < 90
+    assert json.loads((out / "report.json").read_text())["status"] == "failed"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
