@@ -1,13 +1,14 @@
 """The Flower ClientApp: thin glue between Flower messages and ``fedscan.client.training``.
 
 What leaves the site: the model weights after local training, scalar metrics, the example
-count, and the site's name. Errors are logged in full locally; the server gets only a
+count, the site's name, and how long the site computed (for the round-overhead figures). Errors are logged in full locally; the server gets only a
 generic reason, never a path, a DICOM value or a patient identifier.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ from fedscan.common.config import AppConfig
 from fedscan.common.data.layout import SiteDir
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
-from fedscan.common.weights import load_record, to_record
+from fedscan.common.weights import COMPUTE_SECONDS, load_record, to_record
 
 log = logging.getLogger("fedscan.client")
 
@@ -69,6 +70,7 @@ def _open(context: Context, cfg: AppConfig) -> training.LocalSite:
 def train(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     conf = msg.content["config"]
+    t0 = time.perf_counter()
     with _site_errors("training"):
         site = _open(context, cfg)
         model = build_model(cfg.run)
@@ -82,6 +84,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         log.info("site %s round %s: trained on %d examples, loss %.4f", site.name,
                  conf["server-round"], int(metrics["num-examples"]), metrics["train_loss"])
+        metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
@@ -90,10 +93,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
+    t0 = time.perf_counter()
     with _site_errors("evaluation"):
         site = _open(context, cfg)
         model = build_model(cfg.run)
         load_record(model, msg.content["arrays"])
         metrics = training.evaluate_local(model, site, cfg.run)
+        metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)

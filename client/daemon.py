@@ -108,9 +108,13 @@ def start_site(
     *,
     runtime_port: int | None = None,
     max_restarts: int | None = None,
+    threads: int | None = None,
     on_line: Callable[[str], None] = print,
 ) -> int:
-    """Run the site's SuperNode until stopped; returns the exit code for the service manager."""
+    """Run the site's SuperNode until stopped; returns the exit code for the service manager.
+
+    ``threads`` caps the CPU threads each training process uses (default: all cores); set it
+    when several sites, or other work, share one machine, or they slow each other down."""
     d = Path(d).expanduser().resolve()
     cfg = load_site(d)
     if runtime_port:
@@ -132,7 +136,7 @@ def start_site(
     while True:
         on_line(f"site {cfg.name}: connecting to {superlink} (key {fp})")
         started = time.monotonic()
-        code = _run_supernode(cmd, home, logs / "supernode.log", on_line)
+        code = _run_supernode(cmd, home, logs / "supernode.log", on_line, threads)
         if code is None:  # we were asked to stop
             on_line(f"site {cfg.name}: stopped")
             return 0
@@ -154,10 +158,14 @@ def start_site(
         backoff = min(backoff * 2, 300.0)
 
 
-def _run_supernode(cmd: list[str], home: Path, log_path: Path, on_line: Callable[[str], None]) -> int | None:
+def _run_supernode(cmd: list[str], home: Path, log_path: Path, on_line: Callable[[str], None],
+                   threads: int | None = None) -> int | None:
     """Run the SuperNode, mirroring its output; its exit code, or None when interrupted."""
+    env = offline_env(home)
+    if threads:  # inherited by every ClientApp process the SuperNode starts
+        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     with open(log_path, "a", encoding="utf-8") as logf:
-        proc = subprocess.Popen(cmd, env=offline_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
         try:
             assert proc.stdout is not None

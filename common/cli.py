@@ -367,6 +367,8 @@ def site_start(
                                             help="Local port of the SuperNode's runtime API (default 9094)."),
     max_restarts: int | None = typer.Option(None, "--max-restarts",
                                             help="Give up after this many failures (default: never)."),
+    threads: int | None = typer.Option(None, "--threads", min=1,
+                                       help="CPU threads per training process (default: all cores)."),
 ) -> None:
     """Run this hospital's SuperNode: checks the config and data, then connects out to the coordinator.
 
@@ -376,7 +378,7 @@ def site_start(
     with user_errors():
         from fedscan.client.daemon import start_site
 
-        code = start_site(dir, superlink, ca, runtime_port=runtime_port, max_restarts=max_restarts,
+        code = start_site(dir, superlink, ca, runtime_port=runtime_port, max_restarts=max_restarts, threads=threads,
                           on_line=lambda line: out_console.print(line, highlight=False, markup=False))
         raise typer.Exit(code)
 

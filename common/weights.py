@@ -31,3 +31,8 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
             raise ValueError(f"weight {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
         fixed[name] = t.round().to(ref.dtype) if not ref.is_floating_point() else t.to(ref.dtype)
     model.load_state_dict(fixed)
+
+
+# seconds a site spent handling a message (open data, train or evaluate): a metric both
+# replies carry; the server keeps it apart from the model's metrics
+COMPUTE_SECONDS = "compute_seconds"

@@ -44,6 +44,20 @@ def _emit_report(rep: dict[str, Any]) -> None:
     print(REPORT_TAG + json.dumps(rep, separators=(",", ":")), flush=True)
 
 
+def timing(round_seconds: float, compute: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A round's wall time against the sites' compute. A round waits for the slowest site twice
+    (training, then evaluation), so the compute bound is the slowest training plus the slowest
+    evaluation; the rest is overhead: messaging, process start-up, aggregation, waiting."""
+    train, evaluate = compute.get("train", {}), compute.get("evaluate", {})
+    bound = max(train.values(), default=0.0) + max(evaluate.values(), default=0.0)
+    return {
+        "round_seconds": round(round_seconds, 3),
+        "site_seconds": {s: round(train.get(s, 0.0) + evaluate.get(s, 0.0), 3) for s in sorted({*train, *evaluate})},
+        "slowest_compute_seconds": round(bound, 3),
+        "overhead_fraction": round(max(round_seconds - bound, 0.0) / round_seconds, 4) if round_seconds > 0 else None,
+    }
+
+
 class SitesMissing(FedscanError):
     """Fewer sites than a round needs stayed connected for longer than the wait timeout."""
 
@@ -119,10 +133,13 @@ def main(grid: Grid, context: Context) -> None:
 
     publish("running")
     _progress("run started: %d sites, %d rounds", n_sites, run.rounds)
+    round_start = [time.monotonic()]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
+            round_start[0] = time.monotonic()
             return None
+        elapsed = time.monotonic() - round_start[0]
         per_site = strategy.site_history.get(server_round, {})
         if not per_site:
             raise FedscanError(
@@ -130,8 +147,10 @@ def main(grid: Grid, context: Context) -> None:
                 hint="check the sites' logs; raise round_timeout for slow sites",
             )
         output("a checkpoint", lambda: checkpoint.save_round(run.output, server_round, arrays, run))
-        summary = recorder.record_round(server_round, per_site)
+        summary = recorder.record_round(server_round, per_site,
+                                        timing(elapsed, strategy.compute_seconds.get(server_round, {})))
         publish("running")
+        round_start[0] = time.monotonic()
         per_site = ", ".join(
             f"{s} {r[main_metric]:.3f}" if r.get(main_metric) is not None else f"{s} n/a"
             for s, r in summary["per_site"].items()

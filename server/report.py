@@ -91,11 +91,14 @@ class RunRecorder:
         self.sites: list[str] = list(cfg.site_names)
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    def record_round(self, server_round: int, per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
+    def record_round(self, server_round: int, per_site: dict[str, dict[str, float]],
+                     timing: dict[str, Any] | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "round": server_round,
             "per_site": {s: site_row(m, self.cfg.run.task) for s, m in sorted(per_site.items())},
         }
+        if timing:
+            entry["timing"] = timing
         self.sites += sorted(s for s in per_site if s not in self.sites)
         missing = [s for s in self.sites if s not in per_site]
         if missing:  # a site that failed or dropped out is named, not silently absent

@@ -14,6 +14,7 @@ from flwr.app import Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedscan.common.config import RunConfig
+from fedscan.common.weights import COMPUTE_SECONDS
 
 log = logging.getLogger("fedscan.server")
 
@@ -44,21 +45,40 @@ def site_metrics_from_replies(replies: Iterable[Message]) -> SiteMetrics:
     return per_site
 
 
+def _seconds(replies: list[Message]) -> dict[str, float]:
+    out = {}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        for rec in msg.content.metric_records.values():
+            if COMPUTE_SECONDS in rec:
+                out[site_name(msg)] = float(rec[COMPUTE_SECONDS])
+    return out
+
+
 class PerSiteEvaluation(Strategy):
     """Mixin: keeps ``site_history[round] = {site: metrics}``, then aggregates as usual."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.site_history: dict[int, SiteMetrics] = {}
+        # seconds each site computed, per round: {"train": {site: s}, "evaluate": {site: s}}
+        self.compute_seconds: dict[int, dict[str, dict[str, float]]] = {}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         # a fixed order (by site name), so that the floating-point sums do not depend on which
         # site answered first: the same seed gives the same model in simulation and deployment
-        return super().aggregate_train(server_round, sorted(replies, key=site_name))  # type: ignore[safe-super]
+        replies = sorted(replies, key=site_name)
+        self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
+        return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        self.site_history[server_round] = site_metrics_from_replies(replies)
+        self.compute_seconds.setdefault(server_round, {})["evaluate"] = _seconds(replies)
+        self.site_history[server_round] = {
+            site: {k: v for k, v in m.items() if k != COMPUTE_SECONDS}
+            for site, m in site_metrics_from_replies(replies).items()
+        }
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
 
 

@@ -54,7 +54,7 @@ class Federation:
 
     def start_site(self, name: str) -> subprocess.Popen:
         return self.spawn(name, "site", "start", "--dir", str(self.root / name), "--superlink", self.superlink,
-                          "--ca", str(self.ca), "--runtime-port", str(free_port()))
+                          "--ca", str(self.ca), "--runtime-port", str(free_port()), "--threads", "1")
 
     def online(self) -> dict[str, str]:
         res = run_cli("server", "sites", "--dir", str(self.coord), timeout=60)

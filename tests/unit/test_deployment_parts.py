@@ -1,0 +1,117 @@
+"""Deployment pieces that need no running Flower: keys and certificates, the waiting limits,
+the round timing, the site config."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedscan.client.daemon import init_site, load_site, supernode_command
+from fedscan.common import pki
+from fedscan.common.errors import FedscanError
+from fedscan.server.app import DeadlineGrid, SitesMissing, timing
+from fedscan.server.coordinator import add_site, init_server, superlink_command
+
+
+def test_server_init_makes_a_ca_and_a_server_cert_with_the_names(tmp_path: Path) -> None:
+    p = init_server(tmp_path / "coord", ["fl.hospital-net.example", "10.1.2.3"], port=9443)
+    for key in ("ca_key", "key"):
+        assert p[key].stat().st_mode & 0o777 == 0o600
+    ca = x509.load_pem_x509_certificate(p["ca_crt"].read_bytes())
+    cert = x509.load_pem_x509_certificate(p["crt"].read_bytes())
+    assert cert.issuer == ca.subject
+    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.hospital-net.example", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3"),
+                                                       ipaddress.ip_address("127.0.0.1")]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    before = p["key"].read_bytes()
+    with pytest.raises(FedscanError, match="not overwriting a key"):
+        init_server(tmp_path / "coord", ["other"])
+    assert p["key"].read_bytes() == before
+    init_server(tmp_path / "coord", ["other"], force=True)
+    assert p["key"].read_bytes() != before
+    cmd = superlink_command(tmp_path / "coord", "0.0.0.0", 9443)
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile",
+                 "--ssl-keyfile", "--ssl-ca-certfile", "--database"):
+        assert flag in cmd
+    assert "--insecure" not in cmd
+
+
+def test_site_keys_are_what_flower_reads(tmp_path: Path, synth_root: Path) -> None:
+    cfg, fp = init_site(tmp_path / "site", "hospital-a", synth_root / "hospital-a")
+    assert cfg.key.stat().st_mode & 0o777 == 0o600
+    private = load_ssh_private_key(cfg.key.read_bytes(), None)  # how flower-supernode loads it
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    pub = (tmp_path / "site" / "site.pub").read_bytes()
+    assert pub.startswith(b"ecdsa-sha2-nistp384 ")
+    assert load_ssh_public_key(pub).public_numbers() == private.public_key().public_numbers()
+    blob = base64.b64decode(pub.split()[1])  # as `ssh-keygen -l` computes it
+    assert fp == "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    loaded = load_site(tmp_path / "site")
+    assert loaded.name == "hospital-a" and loaded.data_dir == (synth_root / "hospital-a").resolve()
+    cmd = supernode_command(loaded, "fl.example:9092", tmp_path / "ca.crt")
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "ca.crt") and "--insecure" not in cmd
+    assert 'site-name="hospital-a"' in cmd[cmd.index("--node-config") + 1]
+    with pytest.raises(FedscanError, match="not overwriting a key"):
+        init_site(tmp_path / "site", "hospital-a", synth_root / "hospital-a")
+    cfg.key.chmod(0o644)
+    with pytest.raises(FedscanError, match="readable by other users"):
+        load_site(tmp_path / "site")
+
+
+def test_site_init_checks_the_data_and_the_name(tmp_path: Path) -> None:
+    with pytest.raises(FedscanError, match="does not exist"):
+        init_site(tmp_path / "s", "a", tmp_path / "missing")
+    with pytest.raises(FedscanError, match="must be letters"):
+        init_site(tmp_path / "s", "a b/c", tmp_path)
+
+
+def test_add_site_refuses_a_bad_key_before_asking_flower(tmp_path: Path) -> None:
+    init_server(tmp_path / "coord", ["localhost"])
+    bad = tmp_path / "key.pub"
+    bad.write_text("ssh-rsa AAAAnotakey\n")
+    with pytest.raises(FedscanError, match="not an OpenSSH public key"):
+        add_site(tmp_path / "coord", "a", bad)
+    with pytest.raises(FedscanError, match="does not exist|not an OpenSSH"):
+        add_site(tmp_path / "coord", "a", tmp_path / "nope.pub")
+
+
+class _Grid:
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]))
+
+
+def test_waiting_for_sites_gives_up_after_the_timeout() -> None:
+    now = [0.0]
+    grid = DeadlineGrid(_Grid([2, 2, 3, 2, 2, 2]), needed=3, timeout=10, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert len(list(grid.get_node_ids())) == 2  # short since t=0
+    now[0] = 8.0
+    grid.get_node_ids()
+    now[0] = 9.0
+    assert len(list(grid.get_node_ids())) == 3  # back to enough: the clock resets
+    now[0] = 15.0
+    grid.get_node_ids()  # short again since t=15
+    now[0] = 24.0
+    grid.get_node_ids()
+    now[0] = 25.5
+    with pytest.raises(SitesMissing, match="only 2 of the 3 sites .* after waiting 10s"):
+        grid.get_node_ids()
+
+
+def test_round_timing_overhead() -> None:
+    t = timing(10.0, {"train": {"a": 4.0, "b": 6.0}, "evaluate": {"a": 1.0, "b": 0.5}})
+    assert t["slowest_compute_seconds"] == 7.0  # slowest training + slowest evaluation
+    assert t["overhead_fraction"] == 0.3
+    assert t["site_seconds"] == {"a": 5.0, "b": 6.5}
