@@ -16,8 +16,8 @@ the coordinator's one port.
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,12 +34,10 @@ from fedscan.common.flower_runtime import flower_exe, offline_env, stop_process_
 log = logging.getLogger("fedscan.site")
 
 SITE_TOML = "site.toml"
-# flower-supernode's exit code when the SuperLink refuses to activate the node (its key is
-# not registered, or was removed)
-REFUSED_BY_SUPERLINK = 305
 EXIT_REFUSED = 3
-_FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
-_FLOWER_ENDED = "SuperNode terminated gracefully"
+# what flower-supernode prints when the SuperLink will not activate its key (not registered,
+# or removed); other activation errors (network, TLS, a SuperLink hiccup) are worth retrying
+_ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 
 class SiteConfig(BaseModel):
@@ -136,11 +134,12 @@ def start_site(
     while True:
         on_line(f"site {cfg.name}: connecting to {superlink} (key {fp})")
         started = time.monotonic()
-        code = _run_supernode(cmd, home, logs / "supernode.log", on_line, threads)
-        if code is None:  # we were asked to stop
+        result = _run_supernode(cmd, home, logs / "supernode.log", on_line, threads)
+        if result is None:  # we were asked to stop
             on_line(f"site {cfg.name}: stopped")
             return 0
-        if code == REFUSED_BY_SUPERLINK:
+        code, refused = result
+        if refused:
             on_line(f"site {cfg.name}: the coordinator refused this site's key ({fp}); it is not registered "
                     "or was removed. Ask the coordinator to run `fedscan server add-site`.")
             return EXIT_REFUSED
@@ -159,28 +158,37 @@ def start_site(
 
 
 def _run_supernode(cmd: list[str], home: Path, log_path: Path, on_line: Callable[[str], None],
-                   threads: int | None = None) -> int | None:
-    """Run the SuperNode, mirroring its output; its exit code, or None when interrupted."""
+                   threads: int | None = None) -> tuple[int, bool] | None:
+    """Run the SuperNode, mirroring its output (and its ClientApps', which share the pipe).
+
+    Returns (exit code, refused) once the SuperNode process itself has exited, or None when
+    interrupted. A SuperNode can exit while its SuperExec child lingers and keeps the pipe
+    open, so the end is taken from the process, never from log text, and the whole process
+    tree is then stopped. ``refused``: the SuperLink would not activate this node's key."""
     env = offline_env(home)
     if threads:  # inherited by every ClientApp process the SuperNode starts
         env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    seen: list[str] = []
     with open(log_path, "a", encoding="utf-8") as logf:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
-        try:
+
+        def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 logf.write(line)
                 logf.flush()
+                if _ACTIVATION_REFUSED in line:
+                    seen.append(line)
                 on_line(line.rstrip("\n"))
-                m = _FLOWER_EXIT.search(line)
-                if m or _FLOWER_ENDED in line:
-                    # the SuperNode has ended, but its SuperExec child can linger: stop them all
-                    stop_process_tree(proc)
-                    return int(m.group(1)) if m else 0
-            return proc.wait()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait()
         except KeyboardInterrupt:
             return None
         finally:
-            if proc.poll() is None:
-                stop_process_tree(proc)
+            stop_process_tree(proc)  # lingering children release the pipe
+            reader.join(timeout=10)
+    return code, bool(seen)

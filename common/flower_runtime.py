@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,13 +124,29 @@ def write_app_dir(app_dir: Path) -> Path:
     return app_dir
 
 
-def stream_flwr_run(cmd: list[str], env: dict[str, str], log_path: Path, on_line: Callable[[str], None]) -> None:
-    """Run `flwr run --stream`, keep its whole output in a log, hand every line to ``on_line``."""
+def stream_flwr_run(cmd: list[str], env: dict[str, str], log_path: Path, on_line: Callable[[str], None],
+                    give_up: Callable[[], bool] | None = None) -> None:
+    """Run `flwr run --stream`, keep its whole output in a log, hand every line to ``on_line``.
+
+    ``give_up`` is asked every few seconds; when it says so, the command is stopped and a
+    FedscanError raised (for a run that never starts)."""
     with open(log_path, "a", encoding="utf-8") as log_file:
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, bufsize=1, start_new_session=True,
         )
+        gave_up = threading.Event()
+
+        def watch() -> None:
+            while proc.poll() is None:
+                if give_up is not None and give_up():
+                    gave_up.set()
+                    stop_process_tree(proc)
+                    return
+                time.sleep(2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -139,5 +157,7 @@ def stream_flwr_run(cmd: list[str], env: dict[str, str], log_path: Path, on_line
         finally:
             if proc.poll() is None:
                 stop_process_tree(proc)
+    if gave_up.is_set():
+        raise FedscanError("`flwr run` was stopped: the run did not start", hint=f"see {log_path}")
     if proc.returncode != 0:
         raise FedscanError(f"`flwr run` failed (exit code {proc.returncode})", hint=f"see {log_path}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,7 +42,9 @@ def _progress(msg: str, *args: object) -> None:
 
 
 def _emit_report(rep: dict[str, Any]) -> None:
-    print(REPORT_TAG + json.dumps(rep, separators=(",", ":")), flush=True)
+    # one write, so that no other log output can land inside the line
+    sys.stdout.write(REPORT_TAG + json.dumps(rep, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
 
 
 def timing(round_seconds: float, compute: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -73,13 +76,20 @@ class DeadlineGrid:
         self.timeout = timeout
         self._clock = clock
         self._short_since: float | None = None
+        self.waited = 0.0  # seconds spent short of sites, for the round timing
+
+    def take_waited(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited
 
     def get_node_ids(self) -> Iterable[int]:
         ids = list(self._grid.get_node_ids())
+        now = self._clock()
         if len(ids) >= self.needed:
+            if self._short_since is not None:
+                self.waited += now - self._short_since
             self._short_since = None
             return ids
-        now = self._clock()
         if self._short_since is None:
             self._short_since = now
             _progress("waiting for sites: %d of %d connected (up to %.0fs)", len(ids), self.needed, self.timeout)
@@ -134,12 +144,15 @@ def main(grid: Grid, context: Context) -> None:
     publish("running")
     _progress("run started: %d sites, %d rounds", n_sites, run.rounds)
     round_start = [time.monotonic()]
+    deadline_grid = DeadlineGrid(grid, n_sites, run.wait_timeout)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             round_start[0] = time.monotonic()
+            deadline_grid.take_waited()
             return None
-        elapsed = time.monotonic() - round_start[0]
+        # waiting for sites to connect is not part of the round's cost
+        elapsed = time.monotonic() - round_start[0] - deadline_grid.take_waited()
         per_site = strategy.site_history.get(server_round, {})
         if not per_site:
             raise FedscanError(
@@ -168,7 +181,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     try:
         strategy.start(
-            grid=DeadlineGrid(grid, n_sites, run.wait_timeout),  # type: ignore[arg-type]
+            grid=deadline_grid,  # type: ignore[arg-type]
             initial_arrays=to_record(model),
             num_rounds=run.rounds,
             train_config=round_config,

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -50,6 +52,9 @@ from fedscan.server.report import write_report_files
 log = logging.getLogger("fedscan.coordinator")
 
 DEFAULT_PORT = 9092
+# a submitted run whose ServerApp says nothing for this long never started
+STARTUP_TIMEOUT = 180.0
+_RUN_ID = re.compile(r"[Ss]uccessfully started run (\d+)")
 CONNECTION = "fedscan"
 REGISTRY = "sites.json"
 
@@ -146,7 +151,9 @@ def _control_home(d: Path) -> Path:
     conf = _read_conf(d)
     p = _paths(d)
     p["home"].mkdir(exist_ok=True)
-    connection = {"address": f"127.0.0.1:{int(conf.get('port', DEFAULT_PORT))}",
+    host = str(conf.get("host", "0.0.0.0"))
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    connection = {"address": f"{host}:{int(conf.get('port', DEFAULT_PORT))}",
                   "root-certificates": str(p["ca_crt"].resolve())}
     (p["home"] / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
@@ -236,6 +243,15 @@ def list_sites(d: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _stop_run(run_id: str, home: Path) -> None:
+    """Ask the SuperLink to stop a run we no longer follow (Ctrl-C, a lost stream)."""
+    try:
+        _flwr_json(["stop", run_id, CONNECTION], home, timeout=30)
+        log.warning("stopped run %s on the SuperLink", run_id)
+    except FedscanError as exc:
+        log.warning("could not stop run %s on the SuperLink: %s", run_id, exc.message)
+
+
 def run_deployment(
     cfg: RunConfig,
     superlink: str,
@@ -262,20 +278,31 @@ def run_deployment(
     logs.mkdir(parents=True, exist_ok=True)
     latest: dict[str, Any] = {}
     failure: list[str] = []
+    run_id: list[str] = []
+    started = threading.Event()  # the ServerApp has said something: the run is running
 
     def on_line(line: str) -> None:
+        m = _RUN_ID.search(line)
+        if m and not run_id:
+            run_id.append(m.group(1))
         idx = line.find(REPORT_TAG)
         if idx >= 0:
+            started.set()
             try:
                 rep = json.loads(line[idx + len(REPORT_TAG):])
             except ValueError:
+                log.warning("a report line from the ServerApp could not be read; waiting for the next one")
                 return
             latest.clear()
             latest.update(rep)
-            write_report_files(out, rep)
+            try:
+                write_report_files(out, rep)
+            except OSError as exc:
+                log.warning("cannot write the report into %s: %s", out, exc)
             return
         idx = line.find(PROGRESS_TAG)
         if idx >= 0:
+            started.set()
             text = line[idx + len(PROGRESS_TAG):].rstrip()
             if text.startswith("run failed"):
                 failure.append(text)
@@ -294,10 +321,21 @@ def run_deployment(
         on_progress(f"submitting the run to {superlink}: waiting for {run.sites} sites "
                     f"(up to {run.wait_timeout:.0f}s), {run.rounds} rounds")
         t0 = time.monotonic()
+        deadline = STARTUP_TIMEOUT
         try:
-            stream_flwr_run(cmd, offline_env(home), logs / "flower.log", on_line)
-        except FedscanError:
-            if not failure:
+            stream_flwr_run(cmd, offline_env(home), logs / "flower.log", on_line,
+                            give_up=lambda: not started.is_set() and time.monotonic() - t0 > deadline)
+        except BaseException as exc:
+            if run_id and latest.get("status") not in ("complete", "failed"):
+                _stop_run(run_id[0], home)  # do not leave it training at the sites
+            if isinstance(exc, FedscanError) and failure:
+                pass  # the ServerApp's own message, below, says more
+            elif isinstance(exc, FedscanError) and not started.is_set():
+                raise FedscanError(
+                    f"the run did not start within {deadline:.0f}s",
+                    hint=f"is the SuperLink at {superlink} running, and is --ca its CA? see {logs / 'flower.log'}",
+                ) from None
+            else:
                 raise
         if failure:
             message, _, hint = failure[-1].removeprefix("run failed: ").partition(" | ")
