@@ -12,11 +12,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedscan.client import training
+from fedscan.client import secagg, training
 from fedscan.common.config import AppConfig
 from fedscan.common.data.layout import SiteDir
 from fedscan.common.errors import FedscanError
@@ -69,25 +70,37 @@ def _open(context: Context, cfg: AppConfig) -> training.LocalSite:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
-    conf = msg.content["config"]
-    t0 = time.perf_counter()
     with _site_errors("training"):
-        site = _open(context, cfg)
-        model = build_model(cfg.run)
-        load_record(model, msg.content["arrays"])
-        metrics = training.train_local(
-            model, site, cfg.run,
-            server_round=int(conf["server-round"]),
-            epochs=int(conf.get("local-epochs", cfg.run.local_epochs)),
-            lr=float(conf.get("lr", cfg.run.learning_rate)),
-            batch_size=int(conf.get("batch-size", cfg.run.batch_size)),
-        )
-        log.info("site %s round %s: trained on %d examples, loss %.4f", site.name,
-                 conf["server-round"], int(metrics["num-examples"]), metrics["train_loss"])
-        metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
+        if secagg.is_secure(msg):  # the SecAgg+ protocol drives this message
+            keys = list(build_model(cfg.run).state_dict().keys())
+            return secagg.secure_train(
+                msg, context, lambda arrays, conf, ctxt: _train(arrays, conf, ctxt, cfg), keys,
+                cfg.run.count_rounding,
+            )
+        model, metrics, name = _train(msg.content["arrays"], dict(msg.content["config"]), context, cfg)
+        metrics["num-examples"] = secagg.round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": site.name})})
+                          "site": ConfigRecord({"name": name})})
     return Message(content=content, reply_to=msg)
+
+
+def _train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) -> tuple[Any, dict[str, float], str]:
+    """Local training from the global ``arrays``: the model, its metrics and the site's name."""
+    t0 = time.perf_counter()
+    site = _open(context, cfg)
+    model = build_model(cfg.run)
+    load_record(model, arrays)
+    metrics = training.train_local(
+        model, site, cfg.run,
+        server_round=int(conf["server-round"]),
+        epochs=int(conf.get("local-epochs", cfg.run.local_epochs)),
+        lr=float(conf.get("lr", cfg.run.learning_rate)),
+        batch_size=int(conf.get("batch-size", cfg.run.batch_size)),
+    )
+    log.info("site %s round %s: trained on %d examples, loss %.4f", site.name,
+             conf["server-round"], int(metrics["num-examples"]), metrics["train_loss"])
+    metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
+    return model, metrics, site.name
 
 
 @app.evaluate()

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedscan.common import __version__
-from fedscan.common.config import MODELS, STRATEGIES, TASKS, load_run_config
+from fedscan.common.config import MODELS, STRATEGIES, TASKS, load_run_config, read_toml
 from fedscan.common.errors import FedscanError
 
 console = Console(stderr=True)
@@ -144,6 +144,8 @@ def simulate(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size."),
     image_size: int | None = typer.Option(None, "--image-size", help="Image side in pixels (multiple of 16)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    secagg: bool | None = typer.Option(None, "--secagg/--no-secagg",
+                                       help="Secure aggregation (SecAgg+): the server learns only the sum. Default: off."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
 ) -> None:
     """Simulate a federation of hospitals on this machine and report results per site.
@@ -156,7 +158,7 @@ def simulate(
             "sites": sites, "rounds": rounds, "data_root": data_root, "output": out, "seed": seed,
             "task": task, "model": model, "strategy": strategy, "local_epochs": local_epochs,
             "learning_rate": learning_rate, "batch_size": batch_size, "image_size": image_size,
-            "device": device,
+            "device": device, "secagg": secagg,
         }
         cfg = load_run_config(config, overrides)
         from fedscan.server.simulate import run_simulation
@@ -225,6 +227,8 @@ def run_cmd(
                                               help="Seconds to wait for the sites a round needs (default 600)."),
     round_timeout: float | None = typer.Option(None, "--round-timeout",
                                                help="Seconds a round waits for the sites' replies (default 3600)."),
+    secagg: bool | None = typer.Option(None, "--secagg/--no-secagg",
+                                       help="Secure aggregation (SecAgg+). Default: on in deployment."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
 ) -> None:
     """Run a federation on a live SuperLink: the coordinator's command.
@@ -237,8 +241,10 @@ def run_cmd(
             "sites": sites, "rounds": rounds, "output": out, "seed": seed, "task": task, "model": model,
             "strategy": strategy, "local_epochs": local_epochs, "learning_rate": learning_rate,
             "batch_size": batch_size, "image_size": image_size, "device": device,
-            "wait_timeout": wait_timeout, "round_timeout": round_timeout,
+            "wait_timeout": wait_timeout, "round_timeout": round_timeout, "secagg": secagg,
         }
+        if secagg is None and not (config and "secagg" in read_toml(config)):
+            overrides["secagg"] = True  # deployment: on unless the config or --no-secagg says otherwise
         cfg = load_run_config(config, overrides)
         from fedscan.server.coordinator import run_deployment
 

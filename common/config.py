@@ -90,6 +90,22 @@ class RunConfig(BaseModel):
     intensity_percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="MR and other non-CT series: clip to these percentiles, then z-score"
     )
+    secagg: bool = Field(False, description="secure aggregation (SecAgg+): the server learns only the sum")
+    secagg_shares: int | None = Field(
+        None, ge=2, le=1024, description="SecAgg+: sites each site shares its secrets with (default: all)"
+    )
+    secagg_threshold: int | None = Field(
+        None, ge=2, le=1024, description="SecAgg+: shares needed to reconstruct (default: a majority of the shares)"
+    )
+    secagg_clipping_range: float = Field(8.0, gt=0, le=1e6, description="SecAgg+: updates are clipped to +-this")
+    secagg_quantization_range: int = Field(2**22, ge=2**8, le=2**28, description="SecAgg+: quantization levels")
+    secagg_max_weight: float = Field(
+        10_000.0, gt=0, description="SecAgg+: above every site's example count (weights are count / max_weight)"
+    )
+    secagg_timeout: float = Field(600.0, gt=0, le=7 * 86400, description="SecAgg+: seconds each protocol stage waits")
+    count_rounding: int = Field(
+        1, ge=1, le=10_000, description="sites disclose their example count rounded up to a multiple of this"
+    )
     wait_timeout: float = Field(
         600.0, gt=0, le=7 * 86400, description="seconds to wait for the sites a round needs before failing"
     )
@@ -147,12 +163,14 @@ class RunConfig(BaseModel):
             raise ValueError(f"must be a multiple of 16, got {v}")
         return v
 
-    @field_validator("ct_window")
-    @classmethod
-    def _ct_window(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[1] <= 0:
-            raise ValueError(f"the window width must be positive, got {v[1]}")
-        return v
+    def secagg_plan(self, n_sites: int) -> tuple[int, int]:
+        """(shares, threshold) for ``n_sites``: everyone shares with everyone by default, and a
+        majority of the shares must come together to unmask (Bell et al. 2020 need t > n/2)."""
+        shares = min(self.secagg_shares or n_sites, n_sites)
+        threshold = self.secagg_threshold or max(2, shares // 2 + 1)
+        if threshold > shares:
+            raise ValueError(f"secagg_threshold {threshold} exceeds the {shares} shares")
+        return shares, threshold
 
     @field_validator("intensity_percentiles")
     @classmethod

@@ -145,6 +145,14 @@ def main(grid: Grid, context: Context) -> None:
     _progress("run started: %d sites, %d rounds", n_sites, run.rounds)
     round_start = [time.monotonic()]
     deadline_grid = DeadlineGrid(grid, n_sites, run.wait_timeout)
+    train_grid: Any = deadline_grid
+    if run.secagg:
+        from fedscan.server.secagg import SecureTrainGrid
+
+        shares, threshold = run.secagg_plan(n_sites)
+        train_grid = SecureTrainGrid(deadline_grid, context, run)
+        _progress("secure aggregation (SecAgg+): with %d sites, %d shares per site and %d needed to unmask",
+                  n_sites, shares, threshold)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -160,8 +168,10 @@ def main(grid: Grid, context: Context) -> None:
                 hint="check the sites' logs; raise round_timeout for slow sites",
             )
         output("a checkpoint", lambda: checkpoint.save_round(run.output, server_round, arrays, run))
-        summary = recorder.record_round(server_round, per_site,
-                                        timing(elapsed, strategy.compute_seconds.get(server_round, {})))
+        summary = recorder.record_round(
+            server_round, per_site, timing(elapsed, strategy.compute_seconds.get(server_round, {})),
+            {"secure": run.secagg, "records_seen_by_strategy": strategy.train_records.get(server_round, 0)},
+        )
         publish("running")
         round_start[0] = time.monotonic()
         per_site = ", ".join(
@@ -181,7 +191,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     try:
         strategy.start(
-            grid=deadline_grid,  # type: ignore[arg-type]
+            grid=train_grid,
             initial_arrays=to_record(model),
             num_rounds=run.rounds,
             train_config=round_config,

@@ -92,13 +92,16 @@ class RunRecorder:
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def record_round(self, server_round: int, per_site: dict[str, dict[str, float]],
-                     timing: dict[str, Any] | None = None) -> dict[str, Any]:
+                     timing: dict[str, Any] | None = None,
+                     aggregation: dict[str, Any] | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "round": server_round,
             "per_site": {s: site_row(m, self.cfg.run.task) for s, m in sorted(per_site.items())},
         }
         if timing:
             entry["timing"] = timing
+        if aggregation:
+            entry["aggregation"] = aggregation
         self.sites += sorted(s for s in per_site if s not in self.sites)
         missing = [s for s in self.sites if s not in per_site]
         if missing:  # a site that failed or dropped out is named, not silently absent
@@ -116,6 +119,7 @@ class RunRecorder:
             "task": run.task,
             "model": run.model,
             "strategy": run.strategy,
+            "secagg": run.secagg,
             "rounds": run.rounds,
             "rounds_completed": len(self.history),
             "seed": run.seed,

@@ -64,11 +64,15 @@ class PerSiteEvaluation(Strategy):
         self.site_history: dict[int, SiteMetrics] = {}
         # seconds each site computed, per round: {"train": {site: s}, "evaluate": {site: s}}
         self.compute_seconds: dict[int, dict[str, dict[str, float]]] = {}
+        # how many training records the aggregation step received per round: one per site in
+        # plaintext, exactly one (the secure aggregate) under SecAgg+
+        self.train_records: dict[int, int] = {}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         # a fixed order (by site name), so that the floating-point sums do not depend on which
         # site answered first: the same seed gives the same model in simulation and deployment
         replies = sorted(replies, key=site_name)
+        self.train_records[server_round] = len(replies)
         self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
         return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
 

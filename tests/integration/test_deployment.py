@@ -125,13 +125,17 @@ def test_two_rounds_through_fedscan_run_match_simulation(fed: Federation) -> Non
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete" and report["rounds_completed"] == 2
     assert report["sites"] == SITES
+    # SecAgg+ is on by default in deployment: the strategy saw one aggregated record per round
+    assert report["secagg"] is True
+    assert [h["aggregation"]["records_seen_by_strategy"] for h in report["history"]] == [1, 1]
     assert (out / "per_site.csv").is_file() and "hospital-c" in (out / "report.md").read_text()
 
     sim_out = fed.root / "sim"
     sim = run_cli("simulate", "--data-root", str(fed.data), "--out", str(sim_out), *RUN_ARGS)
     assert sim.returncode == 0, sim.stdout + sim.stderr
     simulated = json.loads((sim_out / "report.json").read_text())
-    assert simulated["sites"] == report["sites"]
+    assert simulated["sites"] == report["sites"] and simulated["secagg"] is False
+    assert [h["aggregation"]["records_seen_by_strategy"] for h in simulated["history"]] == [3, 3]
     for site in SITES:
         dep, ref = report["final"]["per_site"][site], simulated["final"]["per_site"][site]
         assert set(dep) == set(ref)

@@ -115,3 +115,15 @@ def test_round_timing_overhead() -> None:
     assert t["slowest_compute_seconds"] == 7.0  # slowest training + slowest evaluation
     assert t["overhead_fraction"] == 0.3
     assert t["site_seconds"] == {"a": 5.0, "b": 6.5}
+
+
+def test_secagg_plan_and_count_rounding() -> None:
+    from fedscan.client.secagg import round_count
+    from fedscan.common.config import RunConfig
+
+    cfg = RunConfig()
+    assert cfg.secagg_plan(3) == (3, 2) and cfg.secagg_plan(5) == (5, 3) and cfg.secagg_plan(10) == (10, 6)
+    assert RunConfig(secagg_shares=5, secagg_threshold=4).secagg_plan(10) == (5, 4)
+    with pytest.raises(ValueError, match="exceeds"):
+        RunConfig(secagg_threshold=4).secagg_plan(3)
+    assert [round_count(n, 10) for n in (1, 10, 11, 99)] == [10, 10, 20, 100] and round_count(7, 1) == 7
