@@ -72,13 +72,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     with _site_errors("training"):
         if secagg.is_secure(msg):  # the SecAgg+ protocol drives this message
-            keys = list(build_model(cfg.run).state_dict().keys())
             return secagg.secure_train(
-                msg, context, lambda arrays, conf, ctxt: _train(arrays, conf, ctxt, cfg), keys,
-                cfg.run.count_rounding,
+                msg, context, lambda arrays, conf, ctxt: _train(arrays, conf, ctxt, cfg),
+                lambda: list(build_model(cfg.run).state_dict().keys()),
             )
         model, metrics, name = _train(msg.content["arrays"], dict(msg.content["config"]), context, cfg)
-        metrics["num-examples"] = secagg.round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": name})})
     return Message(content=content, reply_to=msg)
@@ -99,6 +97,8 @@ def _train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) ->
     )
     log.info("site %s round %s: trained on %d examples, loss %.4f", site.name,
              conf["server-round"], int(metrics["num-examples"]), metrics["train_loss"])
+    # the example count the site discloses (for the weighting), rounded as the run asks
+    metrics["num-examples"] = secagg.round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     return model, metrics, site.name
 

@@ -34,12 +34,15 @@ def round_count(n: int, step: int) -> int:
     return n if step <= 1 else int(-(-n // step) * step)
 
 
-def secure_train(msg: Message, context: Context, train: TrainFn, model_keys: list[str], count_step: int) -> Message:
-    """Run SecAgg+ for this message; ``train(global_arrays, config, context)`` does the training."""
+def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[[], list[str]]) -> Message:
+    """Run SecAgg+ for this message; ``train(global_arrays, config, context)`` does the training
+    (and reports the example count already rounded); ``keys()`` names the model's arrays in
+    order, asked for only in the stage that trains."""
 
     def masked_stage(inner: Message, ctxt: Context) -> Message:
         fitins = recorddict_to_fitins(inner.content, keep_input=True)
         global_np = parameters_to_ndarrays(fitins.parameters)
+        model_keys = keys()
         if len(global_np) != len(model_keys):
             raise ValueError(f"the server sent {len(global_np)} arrays; the model has {len(model_keys)}")
         arrays = ArrayRecord({k: torch.from_numpy(np.array(a)) for k, a in zip(model_keys, global_np, strict=True)})
@@ -47,7 +50,7 @@ def secure_train(msg: Message, context: Context, train: TrainFn, model_keys: lis
         local = model.state_dict()
         delta = [local[k].detach().cpu().numpy().astype(np.float64) - g.astype(np.float64)
                  for k, g in zip(model_keys, global_np, strict=True)]
-        n = round_count(int(metrics["num-examples"]), count_step)
+        n = int(metrics["num-examples"])
         scalars = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([d.astype(np.float32) for d in delta]), n, scalars)
         return Message(fitres_to_recorddict(res, keep_input=False), reply_to=inner)

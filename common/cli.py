@@ -128,25 +128,39 @@ def synth(
 _ROUND_RE = re.compile(r"round (\d+)/(\d+)")
 
 
+# Options `simulate` and `run` share: one definition each.
+_CONFIG = typer.Option(None, "--config", help="Run configuration (TOML).")
+_ROUNDS = typer.Option(None, "--rounds", help="Federated rounds.")
+_SEED = typer.Option(None, "--seed", help="Random seed.")
+_TASK = typer.Option(None, "--task", help=f"One of: {', '.join(TASKS)}.")
+_MODEL = typer.Option(None, "--model", help=f"One of: {', '.join(MODELS)}.")
+_STRATEGY = typer.Option(None, "--strategy", help=f"One of: {', '.join(STRATEGIES)}.")
+_LOCAL_EPOCHS = typer.Option(None, "--local-epochs", help="Local epochs per round.")
+_LR = typer.Option(None, "--lr", help="Learning rate.")
+_BATCH_SIZE = typer.Option(None, "--batch-size", help="Batch size.")
+_IMAGE_SIZE = typer.Option(None, "--image-size", help="Image side in pixels (multiple of 16).")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out.")
+
+
 @app.command()
 def simulate(
-    config: Path | None = typer.Option(None, "--config", help="Run configuration (TOML)."),
+    config: Path | None = _CONFIG,
     sites: int | None = typer.Option(None, "--sites", help="Synthetic hospitals to create when no --data-root is given."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds."),
+    rounds: int | None = _ROUNDS,
     data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding one folder per site."),
     out: Path | None = typer.Option(None, "--out", help="Output folder for reports and weights."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
-    task: str | None = typer.Option(None, "--task", help=f"One of: {', '.join(TASKS)}."),
-    model: str | None = typer.Option(None, "--model", help=f"One of: {', '.join(MODELS)}."),
-    strategy: str | None = typer.Option(None, "--strategy", help=f"One of: {', '.join(STRATEGIES)}."),
-    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
-    learning_rate: float | None = typer.Option(None, "--lr", help="Learning rate."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Image side in pixels (multiple of 16)."),
+    seed: int | None = _SEED,
+    task: str | None = _TASK,
+    model: str | None = _MODEL,
+    strategy: str | None = _STRATEGY,
+    local_epochs: int | None = _LOCAL_EPOCHS,
+    learning_rate: float | None = _LR,
+    batch_size: int | None = _BATCH_SIZE,
+    image_size: int | None = _IMAGE_SIZE,
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     secagg: bool | None = typer.Option(None, "--secagg/--no-secagg",
                                        help="Secure aggregation (SecAgg+): the server learns only the sum. Default: off."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Simulate a federation of hospitals on this machine and report results per site.
 
@@ -210,18 +224,18 @@ def _print_result(report: dict[str, Any], out: Path) -> None:
 def run_cmd(
     superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, HOST:PORT."),
     ca: Path = typer.Option(..., "--ca", help="The federation's CA certificate (ca.crt from `fedscan server init`)."),
-    config: Path | None = typer.Option(None, "--config", help="Run configuration (TOML)."),
+    config: Path | None = _CONFIG,
     sites: int | None = typer.Option(None, "--sites", help="Registered sites to wait for before round 1."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds."),
+    rounds: int | None = _ROUNDS,
     out: Path | None = typer.Option(None, "--out", help="Output folder for the reports."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
-    task: str | None = typer.Option(None, "--task", help=f"One of: {', '.join(TASKS)}."),
-    model: str | None = typer.Option(None, "--model", help=f"One of: {', '.join(MODELS)}."),
-    strategy: str | None = typer.Option(None, "--strategy", help=f"One of: {', '.join(STRATEGIES)}."),
-    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
-    learning_rate: float | None = typer.Option(None, "--lr", help="Learning rate."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Image side in pixels (multiple of 16)."),
+    seed: int | None = _SEED,
+    task: str | None = _TASK,
+    model: str | None = _MODEL,
+    strategy: str | None = _STRATEGY,
+    local_epochs: int | None = _LOCAL_EPOCHS,
+    learning_rate: float | None = _LR,
+    batch_size: int | None = _BATCH_SIZE,
+    image_size: int | None = _IMAGE_SIZE,
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (at each site)."),
     wait_timeout: float | None = typer.Option(None, "--wait-timeout",
                                               help="Seconds to wait for the sites a round needs (default 600)."),
@@ -229,7 +243,7 @@ def run_cmd(
                                                help="Seconds a round waits for the sites' replies (default 3600)."),
     secagg: bool | None = typer.Option(None, "--secagg/--no-secagg",
                                        help="Secure aggregation (SecAgg+). Default: on in deployment."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Run a federation on a live SuperLink: the coordinator's command.
 

@@ -506,12 +506,13 @@ def _read_native(path: Path, layout: tuple[int, str, int, bool], shape: tuple[in
 def _decode(path: Path, need_dataset: bool) -> tuple[np.ndarray, Dataset | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if not need_dataset and has_preamble(path):
+        preamble = has_preamble(path)
+        if not need_dataset and preamble:
             try:
                 return pydicom.pixels.pixel_array(path), None  # reads only what decoding needs
             except Exception:  # noqa: BLE001 - e.g. deflated files: fall back to a full read
                 pass
-        ds = pydicom.dcmread(path, force=not has_preamble(path))
+        ds = pydicom.dcmread(path, force=not preamble)
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
             # a raw dataset without file meta (old ACR-NEMA style): the encoding it was read with
             implicit, little = ds.original_encoding

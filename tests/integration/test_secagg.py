@@ -38,8 +38,12 @@ def test_secagg_equals_plaintext_within_the_quantization_step(synth_root: Path, 
     # what the aggregation step received: one record per round under SecAgg+, one per site without
     assert [h["aggregation"]["records_seen_by_strategy"] for h in sec["history"]] == [1, 1]
     assert [h["aggregation"]["records_seen_by_strategy"] for h in plain["history"]] == [2, 2]
+    # after round 1 the models differ only by quantization, and so do the Dice values. Later
+    # rounds train on from those weights, and Flower's stochastic rounding makes the final Dice
+    # move by a few hundredths from run to run: not asserted (see the issue 6 notes)
     for site in ("hospital-a", "hospital-b"):
-        assert abs(sec["final"]["per_site"][site]["dice"] - plain["final"]["per_site"][site]["dice"]) < 0.01
+        first_sec, first_plain = sec["history"][0]["per_site"][site], plain["history"][0]["per_site"][site]
+        assert abs(first_sec["dice"] - first_plain["dice"]) < 0.01
 
     # round 1 starts from the same weights, so its aggregate differs only by quantization
     cfg = RunConfig(image_size=32, seed=1)
