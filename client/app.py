@@ -1,8 +1,11 @@
 """The Flower ClientApp: thin glue between Flower messages and ``fedscan.client.training``.
 
-What leaves the site: the model weights after local training, scalar metrics, the example
-count, the site's name, and how long the site computed (for the round-overhead figures). Errors are logged in full locally; the server gets only a
-generic reason, never a path, a DICOM value or a patient identifier.
+What leaves the site: the model weights after local training (masked under SecAgg+, see
+``fedscan.client.secagg``), scalar metrics, the example counts (rounded up to a multiple of
+``count_rounding``), the site's name, and how long the site computed (for the round-overhead
+figures). The README's "What leaves a site" lists it per message. Errors are logged in full
+locally; the server gets only a generic reason, never a path, a DICOM value or a patient
+identifier.
 """
 
 from __future__ import annotations
@@ -95,8 +98,9 @@ def _train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) ->
         lr=float(conf.get("lr", cfg.run.learning_rate)),
         batch_size=int(conf.get("batch-size", cfg.run.batch_size)),
     )
-    log.info("site %s round %s: trained on %d examples, loss %.4f", site.name,
-             conf["server-round"], int(metrics["num-examples"]), metrics["train_loss"])
+    steps = metrics.pop("steps", 0.0)  # kept here: it would tell the exact count despite count_rounding
+    log.info("site %s round %s: trained on %d examples (%d steps), loss %.4f", site.name,
+             conf["server-round"], int(metrics["num-examples"]), int(steps), metrics["train_loss"])
     # the example count the site discloses (for the weighting), rounded as the run asks
     metrics["num-examples"] = secagg.round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
@@ -112,6 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         model = build_model(cfg.run)
         load_record(model, msg.content["arrays"])
         metrics = training.evaluate_local(model, site, cfg.run)
+        metrics["num-examples"] = secagg.round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
         metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)

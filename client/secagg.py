@@ -2,15 +2,16 @@
 
 When the server runs SecAgg+, the train message carries the protocol's stage in a
 ``secaggplus_configs`` record. The mod handles the key agreement and secret sharing stages
-itself; in the masking stage it calls ``secure_train``, which trains like the plaintext path
-and answers in the legacy FitRes form the mod expects, with the update as a delta (local
-weights minus global weights, all as float32) that the mod then quantizes and masks. What
-leaves the site in that stage: the masked vector, the (optionally rounded) example count and
-the scalar training metrics.
+itself; in the masking stage it trains like the plaintext path and answers in the legacy
+FitRes form the mod expects, with the update encoded as ``fedscan.common.secagg_numerics``
+describes, which the mod then quantizes and masks. What leaves the site in that stage: the
+masked vector, the (optionally rounded, and capped at ``secagg_max_weight``) example count, and
+the scalar training metrics, among them the fraction of the update cut by the clipping range.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -18,9 +19,14 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 from torch import nn
+
+from fedscan.common.secagg_numerics import encode_update
+from fedscan.common.weights import CLIPPED_FRACTION
+
+log = logging.getLogger("fedscan.client")
 
 TrainFn = Callable[[ArrayRecord, dict, Context], tuple[nn.Module, dict[str, float], str]]
 
@@ -48,11 +54,20 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         arrays = ArrayRecord({k: torch.from_numpy(np.array(a)) for k, a in zip(model_keys, global_np, strict=True)})
         model, metrics, _site = train(arrays, dict(fitins.config), ctxt)
         local = model.state_dict()
-        delta = [local[k].detach().cpu().numpy().astype(np.float64) - g.astype(np.float64)
-                 for k, g in zip(model_keys, global_np, strict=True)]
+        params = ctxt.state.config_records[RECORD_KEY_STATE]  # saved by the mod at setup
+        clip, max_weight = float(params["clipping_range"]), float(params["max_weight"])
         n = int(metrics["num-examples"])
+        if n > max_weight:
+            log.warning("this site's %d examples count as secagg_max_weight = %g (its weight is capped)", n, max_weight)
+            n = int(max_weight)
+        delta, clipped = encode_update(global_np, [local[k].detach().cpu().numpy() for k in model_keys], clip,
+                                       n / max_weight)
+        if clipped:
+            log.warning("%.2g%% of this update's values exceed the SecAgg+ clipping range of +-%g and are cut; "
+                        "raise secagg_clipping_range", 100 * clipped, clip)
         scalars = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
-        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([d.astype(np.float32) for d in delta]), n, scalars)
+        scalars[CLIPPED_FRACTION] = clipped
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), n, scalars)
         return Message(fitres_to_recorddict(res, keep_input=False), reply_to=inner)
 
     return secaggplus_mod(msg, context, masked_stage)

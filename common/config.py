@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedscan.common.errors import FedscanError
+from fedscan.common.secagg_numerics import quantization_range
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +48,14 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 RUN_CONFIG_KEY = "fedscan-config"
 
 
+class SecAggPlan(NamedTuple):
+    """A round's SecAgg+ parameters."""
+
+    shares: int
+    threshold: int
+    quantization_range: int
+
+
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     name = value.strip().lower()
     if name not in allowed:
@@ -63,7 +72,10 @@ class RunConfig(BaseModel):
     model: str = Field("unet", description=f"one of: {', '.join(MODELS)}; default: unet or mil by task")
     strategy: str = Field("fedavg", description=f"one of: {', '.join(STRATEGIES)}")
     rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
-    local_epochs: int = Field(6, ge=1, le=1000, description="local epochs per round")
+    local_epochs: int = Field(
+        6, ge=0, le=1000,
+        description="local epochs per round (0: no training, the sites send the global weights back: times the protocol alone)",
+    )
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
     batch_size: int = Field(4, ge=1, le=4096)
     image_size: int = Field(96, ge=32, le=1024, description="square side, multiple of 16")
@@ -98,7 +110,10 @@ class RunConfig(BaseModel):
         None, ge=2, le=1024, description="SecAgg+: shares needed to reconstruct (default: a majority of the shares)"
     )
     secagg_clipping_range: float = Field(8.0, gt=0, le=1e6, description="SecAgg+: updates are clipped to +-this")
-    secagg_quantization_range: int = Field(2**22, ge=2**8, le=2**28, description="SecAgg+: quantization levels")
+    secagg_quantization_range: int | None = Field(
+        None, ge=2**8, le=2**31,
+        description="SecAgg+: quantization levels (default: the most the 2^32 modulus allows for the round's sites)",
+    )
     secagg_max_weight: float = Field(
         10_000.0, gt=0, description="SecAgg+: above every site's example count (weights are count / max_weight)"
     )
@@ -163,14 +178,20 @@ class RunConfig(BaseModel):
             raise ValueError(f"must be a multiple of 16, got {v}")
         return v
 
-    def secagg_plan(self, n_sites: int) -> tuple[int, int]:
-        """(shares, threshold) for ``n_sites``: everyone shares with everyone by default, and a
-        majority of the shares must come together to unmask (Bell et al. 2020 need t > n/2)."""
+    def secagg_plan(self, n_sites: int) -> SecAggPlan:
+        """SecAgg+ parameters for ``n_sites``: everyone shares with everyone by default, a
+        majority of the shares must come together to unmask (Bell et al. 2020 need t > n/2), and
+        the quantization is as fine as the sum of ``n_sites`` updates allows."""
         shares = min(self.secagg_shares or n_sites, n_sites)
         threshold = self.secagg_threshold or max(2, shares // 2 + 1)
         if threshold > shares:
             raise ValueError(f"secagg_threshold {threshold} exceeds the {shares} shares")
-        return shares, threshold
+        most = quantization_range(n_sites)
+        q_range = self.secagg_quantization_range or most
+        if q_range > most:
+            raise ValueError(f"secagg_quantization_range {q_range} is too large for {n_sites} sites: their sum "
+                             f"must stay below 2^32, so at most {most}")
+        return SecAggPlan(shares, threshold, q_range)
 
     @field_validator("intensity_percentiles")
     @classmethod
@@ -208,6 +229,8 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"class_weights has {len(self.class_weights)} values but num_classes is {self.num_classes}"
             )
+        if self.secagg:  # the explicit SecAgg+ settings must fit the run's (minimum) number of sites
+            self.secagg_plan(max(self.sites, 2))
         return self
 
     @field_validator("ct_window")

@@ -36,3 +36,7 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
 # seconds a site spent handling a message (open data, train or evaluate): a metric both
 # replies carry; the server keeps it apart from the model's metrics
 COMPUTE_SECONDS = "compute_seconds"
+
+# under SecAgg+, the fraction of a site's update that the clipping range cut: the server warns
+# when it is not zero (the aggregate is then biased)
+CLIPPED_FRACTION = "secagg_clipped"

@@ -24,7 +24,7 @@ from fedscan.common.tasks.registry import task_metrics
 from fedscan.common.weights import to_record
 from fedscan.server import checkpoint
 from fedscan.server.report import RunRecorder, write_report_files
-from fedscan.server.strategies import build_strategy
+from fedscan.server.strategies import SECURE_AGGREGATE, build_strategy
 
 log = logging.getLogger("fedscan.server")
 
@@ -55,7 +55,9 @@ def timing(round_seconds: float, compute: dict[str, dict[str, float]]) -> dict[s
     bound = max(train.values(), default=0.0) + max(evaluate.values(), default=0.0)
     return {
         "round_seconds": round(round_seconds, 3),
-        "site_seconds": {s: round(train.get(s, 0.0) + evaluate.get(s, 0.0), 3) for s in sorted({*train, *evaluate})},
+        # under SecAgg+ training time comes for the round (the slowest site), not per site
+        "site_seconds": {s: round(train.get(s, 0.0) + evaluate.get(s, 0.0), 3)
+                         for s in sorted({*train, *evaluate} - {SECURE_AGGREGATE})},
         "slowest_compute_seconds": round(bound, 3),
         "overhead_fraction": round(max(round_seconds - bound, 0.0) / round_seconds, 4) if round_seconds > 0 else None,
     }
@@ -149,10 +151,17 @@ def main(grid: Grid, context: Context) -> None:
     if run.secagg:
         from fedscan.server.secagg import SecureTrainGrid
 
-        shares, threshold = run.secagg_plan(n_sites)
-        train_grid = SecureTrainGrid(deadline_grid, context, run)
-        _progress("secure aggregation (SecAgg+): with %d sites, %d shares per site and %d needed to unmask",
-                  n_sites, shares, threshold)
+        plan = run.secagg_plan(n_sites)
+        train_grid = SecureTrainGrid(deadline_grid, context, run, progress=_progress)
+        _progress("secure aggregation (SecAgg+): each round over the sites it reaches (with %d: %d needed to "
+                  "unmask); updates clipped to +-%g, quantized to 2^%d levels", n_sites, plan.threshold,
+                  run.secagg_clipping_range, plan.quantization_range.bit_length() - 1)
+
+    def aggregation(server_round: int) -> dict[str, Any]:
+        """What the aggregation step saw: one record per site, or under SecAgg+ one in all."""
+        seen = strategy.train_records.get(server_round, 0)
+        sites = train_grid.sites_aggregated.get(server_round, 0) if run.secagg else seen
+        return {"secure": run.secagg, "records_seen_by_strategy": seen, "sites_aggregated": sites}
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -170,7 +179,7 @@ def main(grid: Grid, context: Context) -> None:
         output("a checkpoint", lambda: checkpoint.save_round(run.output, server_round, arrays, run))
         summary = recorder.record_round(
             server_round, per_site, timing(elapsed, strategy.compute_seconds.get(server_round, {})),
-            {"secure": run.secagg, "records_seen_by_strategy": strategy.train_records.get(server_round, 0)},
+            aggregation(server_round),
         )
         publish("running")
         round_start[0] = time.monotonic()

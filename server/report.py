@@ -168,6 +168,20 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _secagg_lines(rep: dict[str, Any]) -> list[str]:
+    if not rep.get("secagg"):
+        return ["- secure aggregation: off (the server saw each site's update)"]
+    counts = [(h["round"], h.get("aggregation", {}).get("sites_aggregated")) for h in rep["history"]]
+    lines = ["- secure aggregation (SecAgg+): on; the server saw only the sum of the sites' updates"]
+    if counts:
+        lines[0] += "; sites in each round's sum: " + ", ".join(_fmt(n) for _, n in counts)
+    failed = [str(r) for r, n in counts if n == 0]
+    if failed:
+        lines.append(f"- round(s) {', '.join(failed)}: too few sites finished the secure aggregation; "
+                     "the global model did not change")
+    return lines
+
+
 def report_markdown(rep: dict[str, Any]) -> str:
     final = rep["final"]
     task = rep["task"]
@@ -181,6 +195,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
         f"- task: **{task}**, model: **{rep['model']}**, strategy: **{rep['strategy']}**",
         f"- rounds: {rep['rounds_completed']} of {rep['rounds']} completed ({rep['status']}), seed {rep['seed']}",
         f"- sites: {', '.join(rep['sites'])}",
+        *_secagg_lines(rep),
         "",
         "## Final global model, evaluated at each site",
         "",

@@ -6,16 +6,23 @@ runs the protocol for one round over every connected site, and a small legacy st
 the single aggregate it yields back as an ArrayRecord. The Message-API strategy then gets
 exactly one aggregated reply per round; it never sees a site's own update.
 
-Sites send their update as a delta (local weights minus the global weights), so the values
-fit the clipping range; the aggregate is the example-weighted mean of the deltas, which the
-round adds to the global weights. Flower's implementation of the protocol is used as is
-(Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020).
+Sites send their update as a delta (local weights minus the global weights; encoded as
+``fedscan.common.secagg_numerics`` describes), so the values fit the clipping range; the
+aggregate is the example-weighted mean of the deltas, which the round adds to the global
+weights. Because the bridge wraps the Grid, not the strategy, every Message-API strategy runs
+on it unchanged: it sees one reply whose weights are the secure mean (a server optimizer such as
+FedAdam then steps from it). Aggregators that need each site's update (a median, a trimmed
+mean) cannot be robust on a single record.
+
+Flower's implementation of the protocol (Bell et al., "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020) is used as is, except for one correction to which sites
+count as dropped (``DropoutSafeSecAggPlus``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -31,6 +38,12 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
+
+from fedscan.common.config import SecAggPlan
+from fedscan.common.errors import FedscanError
+from fedscan.common.secagg_numerics import MODULUS, decode_aggregate
+from fedscan.common.weights import CLIPPED_FRACTION, COMPUTE_SECONDS
+from fedscan.server.strategies import SECURE_AGGREGATE
 
 log = logging.getLogger("fedscan.server")
 
@@ -99,46 +112,75 @@ def secure_train_round(
     return parameters_to_arrayrecord(strategy.aggregate, keep_input=True), strategy.num_examples, strategy.metrics
 
 
-def apply_delta(global_arrays: ArrayRecord, delta: ArrayRecord) -> ArrayRecord:
-    """global + delta, array by array, back in each array's own dtype (integer buffers rounded)."""
+class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with one correction to its dropout bookkeeping; the protocol and
+    all its cryptography stay Flower's.
+
+    Flower 1.42 treats as dropped, at unmasking, every site sampled at setup that sent no
+    masked vector. A site that left before its key shares went out is among them, yet nobody
+    holds shares of its keys: every survivor then fails at unmasking (``KeyError`` in
+    ``secaggplus_mod``) and the round is lost, although the survivors never masked against that
+    site. Here a site takes part from the moment its key shares went out: sites that left
+    earlier are dropped from the round and from every neighbourhood, so unmasking recovers and
+    removes exactly the masks that are in the sum."""
+
+    def share_keys_stage(self, grid: Grid, context: Any, state: Any) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        shared = set(state.active_node_ids)
+        state.sampled_node_ids = shared
+        for nid in shared:
+            state.nid_to_neighbours[nid] = state.nid_to_neighbours[nid] & shared
+        return ok
+
+
+def make_workflow(run: Any, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflow:
+    """The SecAgg+ workflow with the run's parameters. Sharing with everyone is passed as the
+    fraction 1.0: Flower takes integer share counts only above 2."""
+    return DropoutSafeSecAggPlus(
+        num_shares=1.0 if plan.shares >= n_sites else plan.shares, reconstruction_threshold=plan.threshold,
+        max_weight=run.secagg_max_weight, clipping_range=run.secagg_clipping_range,
+        quantization_range=plan.quantization_range, modulus_range=MODULUS, timeout=run.secagg_timeout,
+    )
+
+
+def _decode(global_arrays: ArrayRecord, delta: ArrayRecord) -> ArrayRecord:
     import torch
 
-    base = global_arrays.to_numpy_ndarrays()
-    diff = delta.to_numpy_ndarrays()
-    if len(base) != len(diff):
-        raise ValueError(f"the aggregate has {len(diff)} arrays, the model {len(base)}")
-    out = {}
-    for key, g, d in zip(global_arrays.keys(), base, diff, strict=True):
-        value = g.astype(np.float64) + d.astype(np.float64).reshape(g.shape)
-        value = np.rint(value).astype(g.dtype) if g.dtype.kind in "iu" else value.astype(g.dtype)
-        out[key] = torch.from_numpy(np.ascontiguousarray(value))
-    return ArrayRecord(out)
+    base = dict(zip(global_arrays.keys(), global_arrays.to_numpy_ndarrays(), strict=True))
+    new = decode_aggregate(base, delta.to_numpy_ndarrays())
+    return ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in new.items()})  # np.array keeps 0-d shapes
 
 
-SECURE_AGGREGATE = "secure-aggregate"
-
-
-def make_workflow(run: Any, shares: int, threshold: int, n_sites: int) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ workflow with the run's parameters. Sharing with everyone is passed as the
-    fraction 1.0: Flower takes integer share counts only above 2."""
-    return SecAggPlusWorkflow(
-        num_shares=1.0 if shares >= n_sites else shares, reconstruction_threshold=threshold, max_weight=run.secagg_max_weight,
-        clipping_range=run.secagg_clipping_range, quantization_range=run.secagg_quantization_range,
-        timeout=run.secagg_timeout,
-    )
+def _summary(metrics: list[dict[str, Scalar]], n: int) -> dict[str, float | int]:
+    """The survivors' plaintext scalars as one record: the example-weighted mean of each metric,
+    the slowest site's compute time, and the total example count."""
+    weights = [float(m.get("num-examples", 0) or 0) for m in metrics]
+    names = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float))} - {"num-examples"}
+    out: dict[str, float | int] = {
+        k: float(np.average([float(m.get(k, 0.0)) for m in metrics], weights=weights if sum(weights) else None))
+        for k in sorted(names - {COMPUTE_SECONDS})
+    }
+    if COMPUTE_SECONDS in names:
+        out[COMPUTE_SECONDS] = max(float(m.get(COMPUTE_SECONDS, 0.0)) for m in metrics)
+    out["num-examples"] = int(n)
+    return out
 
 
 class SecureTrainGrid:
     """A Grid whose training round runs SecAgg+: the strategy's train messages go out through
     the protocol, and the strategy gets back one reply, the secure aggregate, as if one site had
-    sent it. Evaluation and everything else pass through unchanged. ``aggregates`` counts the
-    aggregated records handed to the strategy, per round."""
+    sent it. Evaluation and everything else pass through unchanged. Per round, ``aggregates``
+    counts the aggregated records handed to the strategy and ``sites_aggregated`` the sites whose
+    masked updates are in the aggregate (0 when the round failed)."""
 
-    def __init__(self, grid: Grid, context: Context, run: Any) -> None:
+    def __init__(self, grid: Grid, context: Context, run: Any,
+                 progress: Callable[..., None] | None = None) -> None:
         self._grid = grid
         self._context = context
         self.run = run
+        self._progress = progress  # where the coordinator follows the run, besides the log
         self.aggregates: dict[int, int] = {}
+        self.sites_aggregated: dict[int, int] = {}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -149,22 +191,34 @@ class SecureTrainGrid:
         config = first.content["config"]
         server_round = int(config["server-round"])
         nodes = [m.metadata.dst_node_id for m in messages]
-        shares, threshold = self.run.secagg_plan(len(nodes))  # for the sites this round really has
-        log.info("round %d: SecAgg+ over %d sites, %d shares each, %d needed to unmask", server_round,
-                 len(nodes), shares, threshold)
+        try:
+            plan = self.run.secagg_plan(len(nodes))  # for the sites this round really has
+        except ValueError as exc:
+            raise FedscanError(f"round {server_round}: {exc}", hint="change the secagg_ settings in the run config") from None
+        log.info("round %d: SecAgg+ over %d sites (%d needed to unmask)", server_round, len(nodes), plan.threshold)
         delta, n, metrics = secure_train_round(self._grid, self._context, server_round, global_arrays, config,
-                                               make_workflow(self.run, shares, threshold, len(nodes)), nodes)
+                                               make_workflow(self.run, plan, len(nodes)), nodes)
+        self.sites_aggregated[server_round] = len(metrics)
+        problems = []
         if delta is None:
-            log.warning("round %d: secure aggregation did not complete (too few sites took part to the end); "
-                        "the global model is unchanged", server_round)
+            problems.append(f"round {server_round}: secure aggregation did not complete: fewer than {plan.threshold} "
+                            "sites took part to the end; the global model is unchanged")
+        elif len(metrics) < len(nodes):
+            problems.append(f"round {server_round}: {len(nodes) - len(metrics)} of {len(nodes)} sites dropped out "
+                            f"during SecAgg+; the aggregate is the other {len(metrics)}'s")
+        clipped = [float(m.get(CLIPPED_FRACTION, 0.0)) for m in metrics]
+        if any(clipped):
+            problems.append(f"round {server_round}: the SecAgg+ clipping range (+-{self.run.secagg_clipping_range:g}) "
+                            f"cut up to {100 * max(clipped):.2g}% of a site's update; raise secagg_clipping_range")
+        for text in problems:
+            log.warning("%s", text)
+            if self._progress:
+                self._progress("%s", text)
+        if delta is None:
             return []
-        weights = [float(m.get("num-examples", 0) or 0) for m in metrics]
-        names = sorted({k for m in metrics for k, v in m.items() if isinstance(v, (int, float))} - {"num-examples"})
-        mean = {k: float(np.average([float(m.get(k, 0.0)) for m in metrics], weights=weights or None))
-                for k in names} if metrics else {}
         content = RecordDict({
-            "arrays": apply_delta(global_arrays, delta),
-            "metrics": MetricRecord({**mean, "num-examples": int(n)}),
+            "arrays": _decode(global_arrays, delta),
+            "metrics": MetricRecord(_summary(metrics, n)),
             "site": ConfigRecord({"name": SECURE_AGGREGATE}),
         })
         self.aggregates[server_round] = self.aggregates.get(server_round, 0) + 1

@@ -56,6 +56,10 @@ def _seconds(replies: list[Message]) -> dict[str, float]:
     return out
 
 
+# the name on the one training reply a strategy gets under SecAgg+: the secure aggregate
+SECURE_AGGREGATE = "secure-aggregate"
+
+
 class PerSiteEvaluation(Strategy):
     """Mixin: keeps ``site_history[round] = {site: metrics}``, then aggregates as usual."""
 

@@ -20,10 +20,9 @@ import pydicom.data
 import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from test_simulate import run_cli
 
 from fedscan.common.data.dicom import SeriesHeader, read_series, scan_site
-
-from test_simulate import run_cli
 
 CORPUS = [Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"]
 SITES = {

@@ -13,16 +13,25 @@ from test_simulate import run_cli
 from fedscan.client.training import open_site
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
+from fedscan.common.secagg_numerics import error_bound
 
 ARGS = ["--image-size", "32", "--local-epochs", "2", "--seed", "1", "--device", "cpu"]
 
 
-def secagg_tolerance(cfg: RunConfig, examples: list[int]) -> float:
-    """Largest error of one weight: each site's weighted delta is quantized to a step of
-    2·clip/Q (stochastic rounding: up to one step), and the sum is divided by the total weight
-    Σ n_i / max_weight."""
-    step = 2 * cfg.secagg_clipping_range / cfg.secagg_quantization_range
-    return len(examples) * step / (sum(examples) / cfg.secagg_max_weight)
+def assert_matches_plaintext(secure: Path, plain: Path, cfg: RunConfig, data_root: Path, cache: Path) -> None:
+    """Two checkpoints of one round from the same starting weights, with and without SecAgg+:
+    every float weight within the quantization bound (fedscan.common.secagg_numerics), integer
+    buffers within 1 (SecAgg+ carries them scaled, then rounds), and not all equal (the masked
+    path really ran)."""
+    examples = [open_site(s, cfg, cache).train_idx.size for s in discover_sites(data_root)]
+    tol = error_bound(cfg.secagg_clipping_range, cfg.secagg_plan(len(examples)).quantization_range,
+                      cfg.secagg_max_weight, examples)
+    a = torch.load(secure, weights_only=True)["state_dict"]
+    b = torch.load(plain, weights_only=True)["state_dict"]
+    floats = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+    ints = max((int((a[k] - b[k]).abs().max()) for k in a if not a[k].is_floating_point()), default=0)
+    assert 0 < floats <= tol, (floats, tol)
+    assert ints <= 1
 
 
 @pytest.mark.integration
@@ -30,26 +39,22 @@ def test_secagg_equals_plaintext_within_the_quantization_step(synth_root: Path, 
     reports = {}
     for mode in ("--secagg", "--no-secagg"):
         out = tmp_path / mode
-        res = run_cli("simulate", "--data-root", str(synth_root), "--rounds", "2", "--out", str(out), mode, *ARGS)
+        res = run_cli("simulate", "--data-root", str(synth_root), "--rounds", "1", "--out", str(out), mode, *ARGS)
         assert res.returncode == 0, res.stdout + res.stderr
         reports[mode] = json.loads((out / "report.json").read_text())
     sec, plain = reports["--secagg"], reports["--no-secagg"]
     assert sec["secagg"] is True and plain["secagg"] is False
     # what the aggregation step received: one record per round under SecAgg+, one per site without
-    assert [h["aggregation"]["records_seen_by_strategy"] for h in sec["history"]] == [1, 1]
-    assert [h["aggregation"]["records_seen_by_strategy"] for h in plain["history"]] == [2, 2]
-    # after round 1 the models differ only by quantization, and so do the Dice values. Later
-    # rounds train on from those weights, and Flower's stochastic rounding makes the final Dice
-    # move by a few hundredths from run to run: not asserted (see the issue 6 notes)
+    assert [h["aggregation"]["records_seen_by_strategy"] for h in sec["history"]] == [1]
+    assert [h["aggregation"]["records_seen_by_strategy"] for h in plain["history"]] == [2]
+    assert sec["history"][0]["aggregation"]["sites_aggregated"] == 2  # both sites are in the sum
+    assert "sites in each round's sum: 2" in (tmp_path / "--secagg" / "report.md").read_text()
+    assert "secure aggregation: off" in (tmp_path / "--no-secagg" / "report.md").read_text()
+    # the final models (one round, from the same seed) differ only by quantization: within the
+    # bound, and the per-site Dice within the issue's 0.01. (Over more rounds the Dice values
+    # drift further apart: local training amplifies any difference in its starting point, even
+    # noise of 1e-7 in plaintext; see BENCHMARKS.md, "Secure aggregation".)
     for site in ("hospital-a", "hospital-b"):
-        first_sec, first_plain = sec["history"][0]["per_site"][site], plain["history"][0]["per_site"][site]
-        assert abs(first_sec["dice"] - first_plain["dice"]) < 0.01
-
-    # round 1 starts from the same weights, so its aggregate differs only by quantization
-    cfg = RunConfig(image_size=32, seed=1)
-    examples = [open_site(s, cfg, tmp_path / "cache").train_idx.size for s in discover_sites(synth_root)]
-    tol = secagg_tolerance(cfg, examples)
-    a = torch.load(tmp_path / "--secagg" / "checkpoints" / "round-001.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "--no-secagg" / "checkpoints" / "round-001.pt", weights_only=True)["state_dict"]
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    assert 0 < worst <= tol + 1e-6, (worst, tol)  # > 0: the masked path really ran
+        assert abs(sec["final"]["per_site"][site]["dice"] - plain["final"]["per_site"][site]["dice"]) < 0.01, site
+    assert_matches_plaintext(tmp_path / "--secagg" / "global_model.pt", tmp_path / "--no-secagg" / "global_model.pt",
+                             RunConfig(image_size=32, seed=1), synth_root, tmp_path / "cache")

@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedscan.client.daemon import init_site, load_site, supernode_command
-from fedscan.common import pki
 from fedscan.common.errors import FedscanError
 from fedscan.server.app import DeadlineGrid, SitesMissing, timing
 from fedscan.server.coordinator import add_site, init_server, superlink_command
@@ -122,8 +121,9 @@ def test_secagg_plan_and_count_rounding() -> None:
     from fedscan.common.config import RunConfig
 
     cfg = RunConfig()
-    assert cfg.secagg_plan(3) == (3, 2) and cfg.secagg_plan(5) == (5, 3) and cfg.secagg_plan(10) == (10, 6)
-    assert RunConfig(secagg_shares=5, secagg_threshold=4).secagg_plan(10) == (5, 4)
+    assert cfg.secagg_plan(3) == (3, 2, 2**30) and cfg.secagg_plan(5) == (5, 3, 2**29)
+    assert cfg.secagg_plan(10) == (10, 6, 2**28)
+    assert RunConfig(secagg_shares=5, secagg_threshold=4).secagg_plan(10)[:2] == (5, 4)
     with pytest.raises(ValueError, match="exceeds"):
         RunConfig(secagg_threshold=4).secagg_plan(3)
     assert [round_count(n, 10) for n in (1, 10, 11, 99)] == [10, 10, 20, 100] and round_count(7, 1) == 7

@@ -91,7 +91,7 @@ def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path
         monkeypatch.setattr(TaskIdentity, attr, 1)
     root, secrets = phi_root
     run = RunConfig(data_root=root, sites=2, rounds=1, local_epochs=1, image_size=32, base_channels=4,
-                    unet_depth=2, output=tmp_path / "out", cache_dir=tmp_path / "cache")
+                    unet_depth=2, output=tmp_path / "out", cache_dir=tmp_path / "cache", count_rounding=7)
     cfg = AppConfig(run=run, site_names=["hospital-a", "hospital-b"])
     arrays = to_record(build_model(run))
     sent = b""
@@ -105,6 +105,15 @@ def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path
             reply = handler(msg, _context(cfg, k))
             assert reply.has_content()
             sent += message_to_proto(reply).SerializeToString()
+            # exactly what the README lists, and the counts rounded up to a multiple of 7
+            metrics = reply.content["metrics"]
+            if kind == "train":
+                assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+                assert set(metrics.keys()) == {"train_loss", "num-examples", "compute_seconds"}
+            else:
+                assert set(reply.content.keys()) == {"metrics", "site"}
+            assert metrics["num-examples"] > 0 and metrics["num-examples"] % 7 == 0
+            assert dict(reply.content["site"]) == {"name": f"hospital-{'ab'[k]}"}
     assert len(sent) > 10_000  # the weights were really in there
     assert _leaks(sent, secrets) == []
     assert str(root).encode() not in sent
