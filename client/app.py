@@ -98,6 +98,7 @@ def _train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) ->
         lr=float(conf.get("lr", cfg.run.learning_rate)),
         batch_size=int(conf.get("batch-size", cfg.run.batch_size)),
     )
+    _keep_global_counters(model, arrays)
     steps = metrics.pop("steps", 0.0)  # kept here: it would tell the exact count despite count_rounding
     log.info("site %s round %s: trained on %d examples (%d steps), loss %.4f", site.name,
              conf["server-round"], int(metrics["num-examples"]), int(steps), metrics["train_loss"])
@@ -105,6 +106,16 @@ def _train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) ->
     metrics["num-examples"] = secagg.round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     return model, metrics, site.name
+
+
+def _keep_global_counters(model: Any, arrays: ArrayRecord) -> None:
+    """Integer buffers (BatchNorm's ``num_batches_tracked``) go back to their global values before
+    the update leaves: they count local steps, which would tell the site's exact example count
+    despite count_rounding, and BatchNorm with momentum does not read them."""
+    glob = arrays.to_torch_state_dict()
+    for name, value in model.state_dict().items():
+        if not value.is_floating_point() and name in glob:
+            value.copy_(glob[name])
 
 
 @app.evaluate()

@@ -115,9 +115,12 @@ class RunConfig(BaseModel):
         description="SecAgg+: quantization levels (default: the most the 2^32 modulus allows for the round's sites)",
     )
     secagg_max_weight: float = Field(
-        10_000.0, gt=0, description="SecAgg+: above every site's example count (weights are count / max_weight)"
+        10_000.0, ge=1, description="SecAgg+: above every site's example count (weights are count / max_weight)"
     )
-    secagg_timeout: float = Field(600.0, gt=0, le=7 * 86400, description="SecAgg+: seconds each protocol stage waits")
+    secagg_timeout: float = Field(
+        600.0, gt=0, le=7 * 86400,
+        description="SecAgg+: seconds each protocol stage waits (the stage that trains waits round_timeout, if longer)",
+    )
     count_rounding: int = Field(
         1, ge=1, le=10_000, description="sites disclose their example count rounded up to a multiple of this"
     )
@@ -178,19 +181,37 @@ class RunConfig(BaseModel):
             raise ValueError(f"must be a multiple of 16, got {v}")
         return v
 
-    def secagg_plan(self, n_sites: int) -> SecAggPlan:
-        """SecAgg+ parameters for ``n_sites``: everyone shares with everyone by default, a
-        majority of the shares must come together to unmask (Bell et al. 2020 need t > n/2), and
-        the quantization is as fine as the sum of ``n_sites`` updates allows."""
+    def secagg_plan(self, n_sites: int, *, strict: bool = False) -> SecAggPlan:
+        """SecAgg+ parameters for a round of ``n_sites``.
+
+        - Shares: with everyone by default. Fewer (Bell et al.'s neighbourhoods) are rounded up
+          to an odd number of at least 3, as Flower's neighbourhoods need.
+        - Threshold: by default a majority of the shares; one given must be more than half of
+          them (Bell et al. 2020 need t > n/2) and, with fewer shares than sites, fewer than them.
+        - Quantization: as fine as the sum of ``n_sites`` updates allows. A given level count too
+          large for this many sites is lowered to what they allow, or refused when ``strict``.
+        """
+        if n_sites < 2:
+            raise ValueError(f"secure aggregation needs at least 2 sites in a round, got {n_sites} "
+                             "(for a single site, turn it off: --no-secagg or secagg = false)")
         shares = min(self.secagg_shares or n_sites, n_sites)
+        if shares < n_sites:
+            shares = max(3, shares + (1 - shares % 2))  # odd, at least 3
+            shares = min(shares, n_sites)
         threshold = self.secagg_threshold or max(2, shares // 2 + 1)
         if threshold > shares:
-            raise ValueError(f"secagg_threshold {threshold} exceeds the {shares} shares")
+            raise ValueError(f"secagg_threshold {threshold} exceeds the {shares} shares of a round of {n_sites} sites")
+        if 2 * threshold <= shares:
+            raise ValueError(f"secagg_threshold {threshold} must be more than half of the {shares} shares")
+        if shares < n_sites and threshold == shares:
+            raise ValueError(f"secagg_threshold must be below secagg_shares ({shares}) when fewer than all sites share")
         most = quantization_range(n_sites)
         q_range = self.secagg_quantization_range or most
         if q_range > most:
-            raise ValueError(f"secagg_quantization_range {q_range} is too large for {n_sites} sites: their sum "
-                             f"must stay below 2^32, so at most {most}")
+            if strict:
+                raise ValueError(f"secagg_quantization_range {q_range} is too large for {n_sites} sites: their sum "
+                                 f"must stay below 2^32, so at most {most}")
+            q_range = most
         return SecAggPlan(shares, threshold, q_range)
 
     @field_validator("intensity_percentiles")
@@ -230,7 +251,7 @@ class RunConfig(BaseModel):
                 f"class_weights has {len(self.class_weights)} values but num_classes is {self.num_classes}"
             )
         if self.secagg:  # the explicit SecAgg+ settings must fit the run's (minimum) number of sites
-            self.secagg_plan(max(self.sites, 2))
+            self.secagg_plan(self.sites, strict=True)
         return self
 
     @field_validator("ct_window")

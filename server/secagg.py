@@ -107,7 +107,7 @@ def secure_train_round(
     legacy.state.array_records[MAIN_PARAMS_RECORD] = deltas_of
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     workflow(grid, legacy)
-    if strategy.aggregate is None:
+    if strategy.aggregate is None or strategy.num_examples <= 0:  # no weight at all: no mean either
         return None, 0, []
     return parameters_to_arrayrecord(strategy.aggregate, keep_input=True), strategy.num_examples, strategy.metrics
 
@@ -122,15 +122,31 @@ class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
     ``secaggplus_mod``) and the round is lost, although the survivors never masked against that
     site. Here a site takes part from the moment its key shares went out: sites that left
     earlier are dropped from the round and from every neighbourhood, so unmasking recovers and
-    removes exactly the masks that are in the sum."""
+    removes exactly the masks that are in the sum.
+
+    Also, the stage that trains (masking) waits ``train_timeout`` when that is longer than the
+    other stages' timeout: it includes the sites' local training."""
+
+    def __init__(self, *, train_timeout: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.train_timeout = train_timeout
 
     def share_keys_stage(self, grid: Grid, context: Any, state: Any) -> bool:
-        ok = super().share_keys_stage(grid, context, state)
+        super().share_keys_stage(grid, context, state)
         shared = set(state.active_node_ids)
         state.sampled_node_ids = shared
         for nid in shared:
             state.nid_to_neighbours[nid] = state.nid_to_neighbours[nid] & shared
-        return ok
+        return self._check_threshold(state)  # over the sites that take part from here on
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: Any, state: Any) -> bool:
+        stage_timeout = self.timeout
+        if self.train_timeout is not None and (stage_timeout is None or self.train_timeout > stage_timeout):
+            self.timeout = self.train_timeout
+        try:
+            return super().collect_masked_vectors_stage(grid, context, state)
+        finally:
+            self.timeout = stage_timeout
 
 
 def make_workflow(run: Any, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflow:
@@ -140,6 +156,7 @@ def make_workflow(run: Any, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflo
         num_shares=1.0 if plan.shares >= n_sites else plan.shares, reconstruction_threshold=plan.threshold,
         max_weight=run.secagg_max_weight, clipping_range=run.secagg_clipping_range,
         quantization_range=plan.quantization_range, modulus_range=MODULUS, timeout=run.secagg_timeout,
+        train_timeout=run.round_timeout,
     )
 
 
@@ -216,8 +233,19 @@ class SecureTrainGrid:
                 self._progress("%s", text)
         if delta is None:
             return []
+        try:
+            new_global = _decode(global_arrays, delta)
+        except ValueError as exc:
+            raise FedscanError(f"round {server_round}: the secure aggregate does not fit the model: {exc}") from None
+        if not all(np.isfinite(a).all() for a in new_global.to_numpy_ndarrays() if a.dtype.kind == "f"):
+            text = (f"round {server_round}: the secure aggregate is not finite (a site sent a broken update); "
+                    "the global model is unchanged")
+            log.warning("%s", text)
+            if self._progress:
+                self._progress("%s", text)
+            return []
         content = RecordDict({
-            "arrays": _decode(global_arrays, delta),
+            "arrays": new_global,
             "metrics": MetricRecord(_summary(metrics, n)),
             "site": ConfigRecord({"name": SECURE_AGGREGATE}),
         })

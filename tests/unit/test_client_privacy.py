@@ -21,3 +21,24 @@ def test_failure_reason_is_generic(exc: Exception, caplog: pytest.LogCaptureFixt
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert "training failed" in str(info.value)
     assert SECRET in caplog.text  # the details stay in the site's own log
+
+
+def test_step_counters_leave_a_site_at_their_global_value() -> None:
+    """BatchNorm's num_batches_tracked counts local steps, which would tell the exact example
+    count: the ClientApp puts it back to the global value; the trained floats stay."""
+    import torch
+    from flwr.app import ArrayRecord
+    from torch import nn
+
+    from fedscan.client.app import _keep_global_counters
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    start = ArrayRecord(model.state_dict())
+    model.train()
+    for _ in range(7):
+        model(torch.randn(4, 1, 8, 8))
+    assert int(model[1].num_batches_tracked) == 7
+    moved = model[1].running_mean.clone()
+    _keep_global_counters(model, start)
+    assert int(model[1].num_batches_tracked) == 0
+    assert torch.equal(model[1].running_mean, moved) and moved.abs().sum() > 0
