@@ -89,7 +89,7 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
             fed.start_site(name)
         fed.wait_online(SITES)
         config = tmp_path / "run.toml"
-        config.write_text("secagg = true\nsecagg_timeout = 45\nround_timeout = 60\n")
+        config.write_text("secagg = true\nsecagg_timeout = 45\nround_timeout = 45\n")
 
         # 1. five sites, one dies after key sharing: the four survivors' aggregate
         out = tmp_path / "dropout"
@@ -109,9 +109,10 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
                                  RunConfig(image_size=32, seed=2), survivors, tmp_path / "cache", round_sites=5)
 
         # 2. four sites, two die after key sharing: 2 < threshold 3, the round fails cleanly
-        # Round 2 must list only the two survivors: the SuperLink marks a silent site offline
-        # within about 60 s (Flower's heartbeat), and round 1 alone waits longer than that (its
-        # masking stage waits round_timeout for the killed sites, then their evaluation fails).
+        # Round 2 must list only the two survivors. The SuperLink marks a silent site offline
+        # within about 60 s (Flower's heartbeat), and round 1 outwaits that: its masking stage
+        # waits 45 s for the killed sites, then their evaluation waits until the SuperLink has
+        # marked them offline (an error reply) or 45 s more.
         out2 = tmp_path / "below-threshold"
         report = _run_and_kill(fed, config, out2, min_sites=2, rounds=2, kill=["hospital-c", "hospital-d"])
         seen = [h["aggregation"]["records_seen_by_strategy"] for h in report["history"]]
