@@ -151,7 +151,12 @@ def main(grid: Grid, context: Context) -> None:
     if run.secagg:
         from fedscan.server.secagg import SecureTrainGrid
 
-        plan = run.secagg_plan(n_sites)
+        try:
+            plan = run.secagg_plan(n_sites)
+        except ValueError as exc:
+            publish("failed")
+            _progress("run failed: %s", exc)
+            raise FedscanError(str(exc), hint="change the secagg_ settings, or run with --no-secagg") from None
         train_grid = SecureTrainGrid(deadline_grid, context, run, progress=_progress)
         _progress("secure aggregation (SecAgg+): each round over the sites it reaches (with %d: %d needed to "
                   "unmask); updates clipped to +-%g, quantized to 2^%d levels", n_sites, plan.threshold,

@@ -243,6 +243,7 @@ class SecureTrainGrid:
             log.warning("%s", text)
             if self._progress:
                 self._progress("%s", text)
+            self.sites_aggregated[server_round] = 0
             return []
         content = RecordDict({
             "arrays": new_global,
