@@ -97,6 +97,7 @@ def _train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) ->
         epochs=int(conf.get("local-epochs", cfg.run.local_epochs)),
         lr=float(conf.get("lr", cfg.run.learning_rate)),
         batch_size=int(conf.get("batch-size", cfg.run.batch_size)),
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),  # FedProx's µ, sent by its strategy
     )
     _keep_global_counters(model, arrays)
     steps = metrics.pop("steps", 0.0)  # kept here: it would tell the exact count despite count_rounding

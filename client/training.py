@@ -81,10 +81,11 @@ def train_local(
     epochs: int,
     lr: float,
     batch_size: int,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     metrics = get_task(cfg.task).train(
         model, site.data, site.train_idx, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
-        seed=site_seed(cfg.seed, site.name, server_round), precision=run_precision(cfg),
+        seed=site_seed(cfg.seed, site.name, server_round), precision=run_precision(cfg), proximal_mu=proximal_mu,
     )
     model.to("cpu", memory_format=torch.contiguous_format)
     return metrics

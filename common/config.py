@@ -25,7 +25,9 @@ else:  # pragma: no cover
 # The names a user can choose. Later issues add to these tuples and to the registries.
 TASKS: tuple[str, ...] = ("segmentation", "classification")
 MODELS: tuple[str, ...] = ("unet", "segnet", "densenet121", "resnet18", "mil")
-STRATEGIES: tuple[str, ...] = ("fedavg",)
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "fedmedian", "fedtrimmedavg")
+# aggregators that need every site's own update: no robustness is left on SecAgg+'s single sum
+ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg")
 
 # Which models serve which task, and the model a task gets when none is named.
 TASK_MODELS: dict[str, tuple[str, ...]] = {
@@ -71,6 +73,15 @@ class RunConfig(BaseModel):
     task: str = Field("segmentation", description=f"one of: {', '.join(TASKS)}")
     model: str = Field("unet", description=f"one of: {', '.join(MODELS)}; default: unet or mil by task")
     strategy: str = Field("fedavg", description=f"one of: {', '.join(STRATEGIES)}")
+    proximal_mu: float = Field(0.01, ge=0, le=100, description="fedprox: weight µ of the proximal term µ/2·‖w − w_global‖²")
+    server_learning_rate: float | None = Field(
+        None, gt=0, le=10, description="fedavgm, fedadam, fedyogi: server learning rate (default 1.0 for fedavgm, 0.01 otherwise)"
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum")
+    server_tau: float = Field(1e-3, gt=0, le=1, description="fedadam, fedyogi: adaptivity τ")
+    trimmed_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="fedtrimmedavg: fraction of the sites' values cut at each end, per coordinate"
+    )
     rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
     local_epochs: int = Field(
         6, ge=0, le=1000,
@@ -252,6 +263,11 @@ class RunConfig(BaseModel):
             )
         if self.secagg:  # the explicit SecAgg+ settings must fit the run's (minimum) number of sites
             self.secagg_plan(self.sites, strict=True)
+            if self.strategy in ROBUST_STRATEGIES:
+                raise ValueError(
+                    f"strategy {self.strategy} needs each site's own update, and secure aggregation gives the server "
+                    "only their sum: choose another strategy, or turn secure aggregation off (--no-secagg)"
+                )
         return self
 
     @field_validator("ct_window")

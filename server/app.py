@@ -166,7 +166,11 @@ def main(grid: Grid, context: Context) -> None:
         """What the aggregation step saw: one record per site, or under SecAgg+ one in all."""
         seen = strategy.train_records.get(server_round, 0)
         sites = train_grid.sites_aggregated.get(server_round, 0) if run.secagg else seen
-        return {"secure": run.secagg, "records_seen_by_strategy": seen, "sites_aggregated": sites}
+        rejected = strategy.rejected.get(server_round, {})
+        for site, reason in rejected.items():
+            _progress("round %d: rejected the update of %s: %s", server_round, site, reason)
+        return {"secure": run.secagg, "records_seen_by_strategy": seen, "sites_aggregated": sites,
+                "rejected": rejected}
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:

@@ -1,8 +1,11 @@
-"""Federated strategies, extended to keep each site's evaluation under its own name.
+"""Federated strategies: Flower's own (``flwr.serverapp.strategy``), extended to keep each
+site's evaluation under its own name and to reject faulty updates.
 
 Flower's strategies average evaluation metrics across sites; a hospital needs to see its
 own numbers. :class:`PerSiteEvaluation` records every reply's metrics under the site name
-the client sends, before the usual aggregation runs.
+the client sends, before the usual aggregation runs. Before any strategy aggregates, a training
+reply whose weights hold NaN or infinite values, or do not match the global model's arrays and
+shapes, is rejected with a logged reason (and counted in the report), whatever the strategy.
 """
 
 from __future__ import annotations
@@ -10,8 +13,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from flwr.app import Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg, Strategy
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Strategy,
+)
 
 from fedscan.common.config import RunConfig
 from fedscan.common.weights import COMPUTE_SECONDS
@@ -71,11 +85,26 @@ class PerSiteEvaluation(Strategy):
         # how many training records the aggregation step received per round: one per site in
         # plaintext, exactly one (the secure aggregate) under SecAgg+
         self.train_records: dict[int, int] = {}
+        # training updates rejected before aggregation, per round: {site: reason}
+        self.rejected: dict[int, dict[str, str]] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+        self._global_shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         # a fixed order (by site name), so that the floating-point sums do not depend on which
         # site answered first: the same seed gives the same model in simulation and deployment
         replies = sorted(replies, key=site_name)
+        kept = []
+        for msg in replies:
+            problem = None if msg.has_error() else faulty_update(msg, getattr(self, "_global_shapes", None))
+            if problem:
+                log.warning("round %d: rejected the update of %s: %s", server_round, site_name(msg), problem)
+                self.rejected.setdefault(server_round, {})[site_name(msg)] = problem
+            else:
+                kept.append(msg)
+        replies = kept
         self.train_records[server_round] = len(replies)
         self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
         return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
@@ -90,11 +119,73 @@ class PerSiteEvaluation(Strategy):
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
 
 
+def faulty_update(msg: Message, shapes: dict[str, tuple[int, ...]] | None) -> str | None:
+    """Why a training reply's weights cannot be aggregated, or None: non-finite values, or
+    arrays that are not the global model's (missing, extra, or of another shape)."""
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        return f"it holds {len(records)} weight records, not 1"
+    arrays = records[0]
+    if shapes is not None:
+        missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
+        if missing or extra:
+            return f"its arrays do not match the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, arr in arrays.items():
+        if shapes is not None and tuple(arr.shape) != shapes[key]:
+            return f"array {key} has shape {tuple(arr.shape)}, the model's is {shapes[key]}"
+        values = arr.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"array {key} holds NaN or infinite values"
+    return None
+
+
 class PerSiteFedAvg(PerSiteEvaluation, FedAvg):
-    """FedAvg (McMahan et al., AISTATS 2017) with per-site evaluation records."""
+    """FedAvg (McMahan et al., AISTATS 2017): the example-weighted mean."""
 
 
-_STRATEGIES: dict[str, type[PerSiteEvaluation]] = {"fedavg": PerSiteFedAvg}
+class PerSiteFedAvgM(PerSiteEvaluation, FedAvgM):
+    """FedAvgM (Hsu et al. 2019): FedAvg with server momentum."""
+
+
+class PerSiteFedAdam(PerSiteEvaluation, FedAdam):
+    """FedAdam (Reddi et al., ICLR 2021): Adam on the server, the mean update as its gradient."""
+
+
+class PerSiteFedYogi(PerSiteEvaluation, FedYogi):
+    """FedYogi (Reddi et al., ICLR 2021): Yogi on the server."""
+
+
+class PerSiteFedProx(PerSiteEvaluation, FedProx):
+    """FedProx (Li et al., MLSys 2020): FedAvg, the sites adding µ/2·‖w − w_global‖² to their loss."""
+
+
+class PerSiteFedMedian(PerSiteEvaluation, FedMedian):
+    """FedMedian (Yin et al., ICML 2018): the coordinate-wise median, robust to a faulty site."""
+
+
+class PerSiteFedTrimmedAvg(PerSiteEvaluation, FedTrimmedAvg):
+    """FedTrimmedAvg (Yin et al., ICML 2018): the coordinate-wise mean without the lowest and
+    highest ``trimmed_fraction`` of the sites' values."""
+
+
+_STRATEGIES: dict[str, type[PerSiteEvaluation]] = {
+    "fedavg": PerSiteFedAvg, "fedavgm": PerSiteFedAvgM, "fedadam": PerSiteFedAdam, "fedyogi": PerSiteFedYogi,
+    "fedprox": PerSiteFedProx, "fedmedian": PerSiteFedMedian, "fedtrimmedavg": PerSiteFedTrimmedAvg,
+}
+
+
+def _options(cfg: RunConfig) -> dict[str, float]:
+    """The run config's settings for the chosen strategy."""
+    lr = cfg.server_learning_rate
+    if cfg.strategy == "fedavgm":
+        return {"server_learning_rate": 1.0 if lr is None else lr, "server_momentum": cfg.server_momentum}
+    if cfg.strategy in ("fedadam", "fedyogi"):
+        return {"eta": 1e-2 if lr is None else lr, "tau": cfg.server_tau}
+    if cfg.strategy == "fedprox":
+        return {"proximal_mu": cfg.proximal_mu}
+    if cfg.strategy == "fedtrimmedavg":
+        return {"beta": cfg.trimmed_fraction}
+    return {}
 
 
 def build_strategy(cfg: RunConfig, n_sites: int) -> PerSiteEvaluation:
@@ -106,4 +197,5 @@ def build_strategy(cfg: RunConfig, n_sites: int) -> PerSiteEvaluation:
         min_train_nodes=n_sites,
         min_evaluate_nodes=n_sites,
         min_available_nodes=n_sites,
+        **_options(cfg),
     )

@@ -78,6 +78,7 @@ def train(
     batch_size: int,
     seed: int,
     precision: Precision,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train on the samples of the given slices; ``batch_size`` counts images or exams."""
     samples = data.samples_of(indices)
@@ -89,11 +90,12 @@ def train(
         loader = seeded_loader(ExamDataset(data, samples), batch_size=batch_size, seed=seed,
                                precision=precision, collate_fn=_collate_exams)
         metrics = fit(model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision,
-                      forward=forward_exams)
+                      forward=forward_exams, proximal_mu=proximal_mu)
     else:
         loader = seeded_loader(ImageDataset(data, samples), batch_size=batch_size, seed=seed,
                                precision=precision)
-        metrics = fit(model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision)
+        metrics = fit(model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision,
+                      proximal_mu=proximal_mu)
     metrics["num-examples"] = float(samples.size)
     return metrics
 

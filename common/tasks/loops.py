@@ -37,8 +37,12 @@ def fit(
     lr: float,
     precision: Precision,
     forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model`` in place with Adam; ``batches()`` yields one epoch of (x, y).
+
+    With ``proximal_mu`` > 0 (FedProx, Li et al. 2020), the loss also holds
+    µ/2 · ‖w − w_start‖², w_start being the weights training started from: the global model.
 
     The loss is computed in float32 on the model's output. The running loss stays on the
     device (no host synchronisation per step); an epoch whose loss is not finite stops
@@ -46,6 +50,7 @@ def fit(
     """
     model = precision.place_model(model)
     model.train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     scaler = precision.grad_scaler()
     total = torch.zeros((), dtype=torch.float64, device=precision.device)
@@ -58,6 +63,9 @@ def fit(
             with precision.autocast():
                 out = forward(model, x) if forward else model(x)
             loss = loss_fn(out.float(), y)
+            if anchor:
+                loss = loss + proximal_mu / 2 * sum(
+                    ((p.float() - a.float()) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(opt)

@@ -63,12 +63,14 @@ def train(
     batch_size: int,
     seed: int,
     precision: Precision,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model`` in place on the given slices; return scalar training metrics."""
     torch.manual_seed(seed)
     loader = seeded_loader(SliceDataset(data, indices), batch_size=batch_size, seed=seed,
                            precision=precision)
-    metrics = fit(model, lambda: loader, make_loss(), epochs=epochs, lr=lr, precision=precision)
+    metrics = fit(model, lambda: loader, make_loss(), epochs=epochs, lr=lr, precision=precision,
+                  proximal_mu=proximal_mu)
     metrics["num-examples"] = float(len(indices))
     return metrics
 

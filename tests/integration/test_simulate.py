@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 FEDSCAN = [sys.executable, "-m", "fedscan.common.cli"]
 
@@ -153,14 +154,22 @@ def test_exam_classification_with_attention_mil(exam_root: Path, tmp_path: Path)
 
 @pytest.mark.integration
 def test_segnet_runs_from_a_config_file(synth_root: Path, tmp_path: Path) -> None:
+    """SegNet (BatchNorm, so float running statistics and an integer step counter) from a config
+    file, trained with FedProx under SecAgg+."""
     config = tmp_path / "segnet.toml"
-    config.write_text('model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 1\n')
+    config.write_text('model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 1\n'
+                      'strategy = "fedprox"\nproximal-mu = 0.1\nsecagg = true\n')
     out = tmp_path / "out"
     res = run_cli("simulate", "--config", str(config), "--data-root", str(synth_root), "--out", str(out),
                   "--device", "cpu")
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "segnet" and report["status"] == "complete"
+    assert report["strategy"] == "fedprox" and report["secagg"] is True
+    assert report["history"][0]["aggregation"]["records_seen_by_strategy"] == 1
+    final = torch.load(out / "global_model.pt", weights_only=True)["state_dict"]
+    counters = [k for k in final if k.endswith("num_batches_tracked")]
+    assert counters and all(int(final[k]) == 0 for k in counters)  # step counters never left the sites
     for row in report["final"]["per_site"].values():
         assert 0.0 <= row["dice"] <= 1.0
         assert row["lesion_fp_per_image"] is not None and row["lesion_fp_per_image"] >= 0.0
