@@ -87,6 +87,7 @@ class PerSiteEvaluation(Strategy):
         self.train_records: dict[int, int] = {}
         # training updates rejected before aggregation, per round: {site: reason}
         self.rejected: dict[int, dict[str, str]] = {}
+        self._global_shapes: dict[str, tuple[int, ...]] | None = None  # of the round's global model
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         self._global_shapes = {k: tuple(v.shape) for k, v in arrays.items()}
@@ -98,7 +99,7 @@ class PerSiteEvaluation(Strategy):
         replies = sorted(replies, key=site_name)
         kept = []
         for msg in replies:
-            problem = None if msg.has_error() else faulty_update(msg, getattr(self, "_global_shapes", None))
+            problem = None if msg.has_error() else faulty_update(msg, self._global_shapes)
             if problem:
                 log.warning("round %d: rejected the update of %s: %s", server_round, site_name(msg), problem)
                 self.rejected.setdefault(server_round, {})[site_name(msg)] = problem

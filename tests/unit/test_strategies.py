@@ -114,7 +114,7 @@ def test_the_proximal_term_keeps_local_training_near_the_global_model() -> None:
         batches = [(torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen)) for _ in range(10)]
         fit(model, lambda: batches, torch.nn.CrossEntropyLoss(), epochs=20, lr=1e-2,
             precision=choose_precision(torch.device("cpu")), proximal_mu=mu)
-        return sum(float(((p - s) ** 2).sum()) for p, s in zip(model.parameters(), start, strict=True)) ** 0.5
+        return sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(model.parameters(), start, strict=True)) ** 0.5
 
     free, tied = train(0.0), train(10.0)
     assert tied < 0.5 * free, (free, tied)
