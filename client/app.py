@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -113,10 +114,9 @@ def _keep_global_counters(model: Any, arrays: ArrayRecord) -> None:
     """Integer buffers (BatchNorm's ``num_batches_tracked``) go back to their global values before
     the update leaves: they count local steps, which would tell the site's exact example count
     despite count_rounding, and BatchNorm with momentum does not read them."""
-    glob = arrays.to_torch_state_dict()
-    for name, value in model.state_dict().items():
-        if not value.is_floating_point() and name in glob:
-            value.copy_(glob[name])
+    for name, value in model.state_dict().items():  # only the counters are read back from the record
+        if not value.is_floating_point() and name in arrays:
+            value.copy_(torch.from_numpy(arrays[name].numpy()))
 
 
 @app.evaluate()

@@ -237,14 +237,6 @@ class SecureTrainGrid:
             new_global = _decode(global_arrays, delta)
         except ValueError as exc:
             raise FedscanError(f"round {server_round}: the secure aggregate does not fit the model: {exc}") from None
-        if not all(np.isfinite(a).all() for a in new_global.to_numpy_ndarrays() if a.dtype.kind == "f"):
-            text = (f"round {server_round}: the secure aggregate is not finite (a site sent a broken update); "
-                    "the global model is unchanged")
-            log.warning("%s", text)
-            if self._progress:
-                self._progress("%s", text)
-            self.sites_aggregated[server_round] = 0
-            return []
         content = RecordDict({
             "arrays": new_global,
             "metrics": MetricRecord(_summary(metrics, n)),
