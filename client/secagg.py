@@ -24,7 +24,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from torch import nn
 
 from fedscan.common.secagg_numerics import encode_update
-from fedscan.common.weights import CLIPPED_FRACTION
+from fedscan.common.weights import CLIPPED_FRACTION, QUALITY_FACTOR
 
 log = logging.getLogger("fedscan.client")
 
@@ -57,6 +57,8 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         params = ctxt.state.config_records[RECORD_KEY_STATE]  # saved by the mod at setup
         clip, max_weight = float(params["clipping_range"]), float(params["max_weight"])
         n = int(metrics["num-examples"])
+        if QUALITY_FACTOR in metrics:  # quality weighting: the masked weight is count x quality factor
+            n = max(1, round(n * float(metrics[QUALITY_FACTOR])))
         if n > max_weight:
             log.warning("this site's %d examples count as secagg_max_weight = %g (its weight is capped)", n, max_weight)
             n = int(max_weight)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from fedscan.common.data.dicom import SeriesHeader, SiteScan, Skipped, list_files, read_series, scan_site
 from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, ClassLabels, index_masks, read_class_labels
 from fedscan.common.data.layout import LAYOUT_HINT, SiteDir
-from fedscan.common.data.quality import SeriesProfile, SiteProfile, sample_indices, site_profile, slice_snr
+from fedscan.common.data.quality import SeriesProfile, SiteProfile, sample_indices, series_snr, site_profile
 from fedscan.common.errors import FedscanError
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,6 @@ def _profile(sid: str, hdr: SeriesHeader, pixels: np.ndarray, mask: np.ndarray |
     """``classes``: each slice's class (None: unlabelled); ``samples``: the labelled samples
     first counted at this series (an exam counts once however many series it has)."""
     sample = pixels[sample_indices(len(pixels))]
-    snrs = [slice_snr(img) for img in sample]
-    finite = [v for v in snrs if np.isfinite(v)]
     p1, p99 = (float(v) for v in np.percentile(sample, [1, 99])) if pixels.size else (None, None)
     fg_slices = fg_pixels = None
     labelled = 0.0
@@ -118,7 +116,7 @@ def _profile(sid: str, hdr: SeriesHeader, pixels: np.ndarray, mask: np.ndarray |
         id=sid, modality=hdr.modality, manufacturer=hdr.manufacturer or "unknown",
         slices=len(hdr), rows=hdr.shape[0], columns=hdr.shape[1], patient_geometry=hdr.geometry,
         pixel_spacing_mm=hdr.spacing, slice_thickness_mm=hdr.thickness, slice_spacing_mm=hdr.slice_spacing,
-        snr=float(np.median(finite)) if finite else None,
+        snr=series_snr(pixels),
         intensity_min=float(pixels.min()) if pixels.size else None,
         intensity_max=float(pixels.max()) if pixels.size else None,
         intensity_p1=p1, intensity_p99=p99,

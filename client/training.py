@@ -53,6 +53,10 @@ class LocalSite:
     train_idx: np.ndarray
     val_idx: np.ndarray
 
+    def snr(self) -> float | None:
+        """The site's SNR (its quality profile's median over series), for quality weighting."""
+        return self.data.site_snr()
+
     def describe(self) -> str:
         """One line for the site's own log: sizes only, no identifiers."""
         d = self.data

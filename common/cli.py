@@ -92,6 +92,9 @@ def synth(
     task: str = typer.Option("segmentation", "--task", help="segmentation (masks) or classification (labels.csv)."),
     label_level: str = typer.Option("exam", "--label-level",
                                     help="Classification: label whole exams (exam) or single images (image)."),
+    scenario: str = typer.Option("default", "--scenario",
+                                 help="default, or heterogeneous (at least 4 sites: a clean one, heavy noise, "
+                                      "another intensity calibration, a small one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
 ) -> None:
     """Create synthetic hospitals: CT-like DICOM series with labels, one folder per site.
@@ -108,7 +111,7 @@ def synth(
 
         with console.status("writing synthetic hospitals") as status:
             manifest = synthesize(out, sites, seed, overwrite=overwrite, task=task.strip().lower(),
-                                  label_level=label_level.strip().lower(),
+                                  label_level=label_level.strip().lower(), scenario=scenario.strip().lower(),
                                   on_site=lambda name: status.update(f"writing {name}"))
         for prof in manifest.sites:
             c = manifest.counts[prof.name]
@@ -160,12 +163,21 @@ def simulate(
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     secagg: bool | None = typer.Option(None, "--secagg/--no-secagg",
                                        help="Secure aggregation (SecAgg+): the server learns only the sum. Default: off."),
+    baselines: bool = typer.Option(False, "--baselines",
+                                   help="Also train each site alone and all data pooled, at the same compute, and "
+                                        "evaluate every model at every site (cross-site matrix, federated gain)."),
     overwrite: bool = _OVERWRITE,
+    resume: Path | None = typer.Option(
+        None, "--resume", metavar="OUT",
+        help="Continue the stopped run in the output folder OUT after its last completed round, with the "
+             "settings it was started with (OUT/run_config.toml).",
+    ),
 ) -> None:
     """Simulate a federation of hospitals on this machine and report results per site.
 
     Without --data-root it first creates --sites synthetic hospitals. Writes report.json,
     per_site.csv, report.md, the final global weights and the resolved config into --out.
+    With --resume OUT it continues a stopped run from its last checkpoint instead.
     """
     with user_errors():
         overrides: dict[str, Any] = {
@@ -174,6 +186,11 @@ def simulate(
             "learning_rate": learning_rate, "batch_size": batch_size, "image_size": image_size,
             "device": device, "secagg": secagg,
         }
+        if resume is not None:
+            given = [k for k, v in {**overrides, "config": config, "overwrite": overwrite or None}.items()
+                     if v is not None]
+            _resume(resume, given, baselines)
+            return
         cfg = load_run_config(config, overrides)
         from fedscan.server.simulate import run_simulation
 
@@ -181,18 +198,43 @@ def simulate(
             console.print(f"[dim]{line}[/]", highlight=False)
 
         with _round_progress(cfg.rounds) as on_progress:
-            report = run_simulation(cfg, overwrite=overwrite, on_progress=on_progress, on_stage=on_stage)
+            report = run_simulation(cfg, overwrite=overwrite, on_progress=on_progress, on_stage=on_stage,
+                                    baselines=baselines)
         _print_result(report, Path(cfg.output))
 
 
+# how `simulate` spells the options behind these settings, where it differs from the setting
+_FLAGS = {"output": "--out", "learning_rate": "--lr", "secagg": "--secagg/--no-secagg"}
+
+
+def _resume(out: Path, given: list[str], baselines: bool) -> None:
+    """`fedscan simulate --resume OUT`: the run's own settings only, so that it ends as it would have."""
+    if given:
+        flags = ", ".join(_FLAGS.get(k, "--" + k.replace("_", "-")) for k in given)
+        raise FedscanError(
+            f"--resume continues a run with the settings it was started with; it takes no other options (got {flags})",
+            hint=f"drop them, or start a new run; the run's settings are in {out / 'run_config.toml'}",
+        )
+    from fedscan.server.simulate import find_resume, run_simulation
+
+    cfg, ckpt, done = find_resume(out)
+    console.print(f"[dim]resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})[/]",
+                  highlight=False)
+    with _round_progress(cfg.rounds, done) as on_progress:
+        report = run_simulation(cfg, on_progress=on_progress, baselines=baselines, resume_from=ckpt,
+                                on_stage=lambda line: console.print(f"[dim]{line}[/]", highlight=False))
+    _print_result(report, Path(cfg.output))
+
+
 @contextmanager
-def _round_progress(rounds: int) -> Iterator[Callable[[str], None]]:
-    """A progress bar over the rounds, fed with the ServerApp's progress lines."""
+def _round_progress(rounds: int, done: int = 0) -> Iterator[Callable[[str], None]]:
+    """A progress bar over the rounds (``done`` of them before it starts), fed with the
+    ServerApp's progress lines."""
     progress = Progress(
         TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, transient=False,
     )
-    task_id = progress.add_task("rounds", total=rounds)
+    task_id = progress.add_task("rounds", total=rounds, completed=done)
 
     def on_progress(line: str) -> None:
         if not progress.live.is_started:
@@ -265,6 +307,22 @@ def run_cmd(
         with _round_progress(cfg.rounds) as on_progress:
             report = run_deployment(cfg, superlink, ca, overwrite=overwrite, on_progress=on_progress)
         _print_result(report, Path(cfg.output))
+
+
+@app.command("report")
+def report_cmd(
+    out: Path = typer.Argument(..., help="A run's output folder, holding its report.json."),
+) -> None:
+    """Rebuild a run's report files from its report.json.
+
+    Rewrites report.md, per_site.csv, report.html (one self-contained page, figures
+    embedded) and the figures in OUT/figures from OUT/report.json; report.json is not changed.
+    """
+    with user_errors():
+        from fedscan.server.report import regenerate_report
+
+        for path in regenerate_report(out):
+            out_console.print(f"wrote {path}", highlight=False)
 
 
 server_app = typer.Typer(

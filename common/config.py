@@ -25,7 +25,9 @@ else:  # pragma: no cover
 # The names a user can choose. Later issues add to these tuples and to the registries.
 TASKS: tuple[str, ...] = ("segmentation", "classification")
 MODELS: tuple[str, ...] = ("unet", "segnet", "densenet121", "resnet18", "mil")
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "fedmedian", "fedtrimmedavg")
+STRATEGIES: tuple[str, ...] = (
+    "fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "fedmedian", "fedtrimmedavg", "fedbn",
+)
 # aggregators that need every site's own update: no robustness is left on SecAgg+'s single sum
 ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg")
 
@@ -79,9 +81,25 @@ class RunConfig(BaseModel):
     )
     server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum")
     server_tau: float = Field(1e-3, gt=0, le=1, description="fedadam, fedyogi: adaptivity τ")
-    trimmed_fraction: float = Field(
-        0.2, ge=0, lt=0.5, description="fedtrimmedavg: fraction of the sites' values cut at each end, per coordinate"
+    trimmed_fraction: float | None = Field(
+        None, ge=0, lt=0.5,
+        description="fedtrimmedavg: fraction of the sites' values cut at each end, per coordinate (default: one site's)",
     )
+    quality_weighting: bool = Field(
+        False, description="weight sites by example count x data-quality factor (see quality_snr_reference)"
+    )
+    quality_snr_reference: float = Field(
+        30.0, gt=0, le=1e4, description="quality weighting: a site at or above this SNR gets factor 1"
+    )
+    quality_floor: float = Field(0.25, gt=0, le=1, description="quality weighting: the lowest quality factor")
+    quality_max_share: float = Field(
+        0.5, gt=0, le=1, description="quality weighting: the largest share of the aggregate one site may hold"
+    )
+    fault_site: str | None = Field(None, description="simulation only: the site whose updates are made faulty")
+    fault_kind: Literal["scale", "nan"] | None = Field(
+        None, description="simulation only: scale (the update times fault_scale) or nan (all values NaN)"
+    )
+    fault_scale: float = Field(100.0, description="simulation only: the factor of a 'scale' fault")
     rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
     local_epochs: int = Field(
         6, ge=0, le=1000,
@@ -261,6 +279,16 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"class_weights has {len(self.class_weights)} values but num_classes is {self.num_classes}"
             )
+        if self.strategy == "fedtrimmedavg" and self.sites < 3:
+            raise ValueError(f"fedtrimmedavg needs at least 3 sites to cut one at each end, got {self.sites}")
+        if (self.strategy == "fedtrimmedavg" and self.trimmed_fraction is not None
+                and int(self.trimmed_fraction * self.sites) == 0):
+            raise ValueError(
+                f"trimmed_fraction {self.trimmed_fraction:g} cuts no site's values with {self.sites} sites "
+                f"(it cuts int(fraction x sites) at each end): use at least {1 / self.sites:.3g}, or leave it unset"
+            )
+        if (self.fault_site is None) != (self.fault_kind is None):
+            raise ValueError("fault_site and fault_kind go together: set both to make a site's updates faulty, or neither")
         if self.secagg:  # the explicit SecAgg+ settings must fit the run's (minimum) number of sites
             self.secagg_plan(self.sites, strict=True)
             if self.strategy in ROBUST_STRATEGIES:
@@ -289,6 +317,8 @@ class AppConfig(BaseModel):
 
     run: RunConfig = Field(default_factory=RunConfig)
     site_names: list[str] = Field(default_factory=list)
+    # a round's checkpoint (OUT/checkpoints/round-NNN.pt): the run continues after that round
+    resume_from: Path | None = None
 
     def to_run_config(self) -> dict[str, str]:
         return {RUN_CONFIG_KEY: self.model_dump_json()}

@@ -6,9 +6,23 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 
-def to_record(model: nn.Module) -> ArrayRecord:
-    """The model's full state (parameters and BatchNorm buffers) as an ArrayRecord."""
-    return ArrayRecord(model.state_dict())
+def to_record(model: nn.Module, exclude: frozenset[str] | set[str] = frozenset()) -> ArrayRecord:
+    """The model's state (parameters and BatchNorm buffers) as an ArrayRecord, less ``exclude``."""
+    return ArrayRecord({k: v for k, v in model.state_dict().items() if k not in exclude})
+
+
+# normalization layers: BatchNorm and InstanceNorm (both _NormBase), GroupNorm, LayerNorm
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_keys(model: nn.Module) -> frozenset[str]:
+    """The state keys of the model's normalization layers (weights, biases, running statistics):
+    what FedBN keeps at each site."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            keys.update(f"{name}.{k}" if name else k for k in module.state_dict())
+    return frozenset(keys)
 
 
 def load_record(model: nn.Module, record: ArrayRecord) -> None:
@@ -40,3 +54,7 @@ COMPUTE_SECONDS = "compute_seconds"
 # under SecAgg+, the fraction of a site's update that the clipping range cut: the server warns
 # when it is not zero (the aggregate is then biased)
 CLIPPED_FRACTION = "secagg_clipped"
+
+# quality weighting: the data-quality factor a site sends with its update (see
+# ``fedscan.common.data.quality.quality_factor``)
+QUALITY_FACTOR = "quality_factor"

@@ -1,7 +1,9 @@
 """The Flower ServerApp: builds the strategy from the run config and runs the rounds.
 
-After every round it saves the global model and rewrites the report with each site's
-evaluation of that model; the Flower-specific parts stay here, the rest is testable alone.
+After every round it saves a checkpoint (the global model, the strategy's state, the history)
+and rewrites the report with each site's evaluation of that model. Given ``resume_from``, it
+continues a run after its checkpoint's round. The Flower-specific parts stay here, the rest is
+testable alone.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from fedscan.common.config import AppConfig
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks.registry import task_metrics
-from fedscan.common.weights import to_record
+from fedscan.common.weights import norm_keys, to_record
 from fedscan.server import checkpoint
 from fedscan.server.report import RunRecorder, write_report_files
-from fedscan.server.strategies import SECURE_AGGREGATE, build_strategy
+from fedscan.server.strategies import SECURE_AGGREGATE, PerSiteEvaluation, build_strategy
 
 log = logging.getLogger("fedscan.server")
 
@@ -124,6 +126,28 @@ class OutputFolder:
             log.warning("cannot write %s here (%s); results are only streamed to `fedscan run`", what, exc)
 
 
+def resume_point(cfg: AppConfig, strategy: PerSiteEvaluation, initial: ArrayRecord) -> checkpoint.Resume:
+    """Read ``cfg.resume_from``, check that it belongs to this run, and restore the strategy's
+    state and round offset from it. Raises FedscanError for a checkpoint of another run."""
+    assert cfg.resume_from is not None
+    run = cfg.run
+    resumed = checkpoint.load_resume(cfg.resume_from)
+    saved = {"task": resumed.config.get("task"), "model": resumed.config.get("model"), "strategy": resumed.strategy}
+    ours = {"task": run.task, "model": run.model, "strategy": run.strategy}
+    if saved != ours:
+        raise FedscanError(f"the checkpoint {cfg.resume_from} is of another run ({saved}, this run: {ours})",
+                           hint="resume a run with the config it was started with (its run_config.toml)")
+    if {k: tuple(v.shape) for k, v in resumed.arrays.items()} != {k: tuple(v.shape) for k, v in initial.items()}:
+        raise FedscanError(f"the weights in {cfg.resume_from} do not fit this run's {run.model}",
+                           hint="resume a run with the config it was started with (its run_config.toml)")
+    if not 1 <= resumed.server_round < run.rounds:
+        raise FedscanError(f"the checkpoint {cfg.resume_from} is of round {resumed.server_round}; "
+                           f"this run has {run.rounds} rounds, so there is nothing left to resume")
+    strategy.load_state(resumed.strategy_state)
+    strategy.round_offset = resumed.server_round
+    return resumed
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = AppConfig.from_run_config(context.run_config)
@@ -131,11 +155,21 @@ def main(grid: Grid, context: Context) -> None:
     n_sites = len(cfg.site_names) or run.sites
     torch.manual_seed(run.seed)
     model = build_model(run)
-    strategy = build_strategy(run, n_sites)
+    strategy = build_strategy(run, n_sites, norm_keys(model))
     _, main_metric = task_metrics(run.task)
     recorder = RunRecorder(run.output, cfg)
     output = OutputFolder()
     output("the run config", lambda: checkpoint.save_run_config(run.output, run))
+    initial = to_record(model)
+    if cfg.resume_from is not None:
+        try:
+            resumed = resume_point(cfg, strategy, initial)
+        except FedscanError as exc:
+            _progress("run failed: %s%s", exc.message, f" | {exc.hint}" if exc.hint else "")
+            raise
+        initial = resumed.arrays
+        recorder.history = resumed.history
+        recorder.sites += sorted({s for h in resumed.history for s in h["per_site"]} - set(recorder.sites))
 
     def publish(status: str) -> dict[str, Any]:
         rep = recorder.report(status)
@@ -144,7 +178,12 @@ def main(grid: Grid, context: Context) -> None:
         return rep
 
     publish("running")
-    _progress("run started: %d sites, %d rounds", n_sites, run.rounds)
+    done = strategy.round_offset
+    if done:
+        _progress("resuming from round %d (%s): %d sites, rounds %d to %d", done, cfg.resume_from, n_sites,
+                  done + 1, run.rounds)
+    else:
+        _progress("run started: %d sites, %d rounds", n_sites, run.rounds)
     round_start = [time.monotonic()]
     deadline_grid = DeadlineGrid(grid, n_sites, run.wait_timeout)
     train_grid: Any = deadline_grid
@@ -169,14 +208,18 @@ def main(grid: Grid, context: Context) -> None:
         rejected = strategy.rejected.get(server_round, {})
         for site, reason in rejected.items():
             _progress("round %d: rejected the update of %s: %s", server_round, site, reason)
-        return {"secure": run.secagg, "records_seen_by_strategy": seen, "sites_aggregated": sites,
-                "rejected": rejected}
+        agg = {"secure": run.secagg, "records_seen_by_strategy": seen, "sites_aggregated": sites,
+               "rejected": rejected}
+        if server_round in strategy.weight_shares:  # quality weighting
+            agg["weight_share"] = {s: round(v, 4) for s, v in strategy.weight_shares[server_round].items()}
+        return agg
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             round_start[0] = time.monotonic()
             deadline_grid.take_waited()
             return None
+        server_round += strategy.round_offset  # Flower counts the rounds of a resumed run from 1
         # waiting for sites to connect is not part of the round's cost
         elapsed = time.monotonic() - round_start[0] - deadline_grid.take_waited()
         per_site = strategy.site_history.get(server_round, {})
@@ -185,11 +228,13 @@ def main(grid: Grid, context: Context) -> None:
                 f"round {server_round}: no site returned an evaluation within {run.round_timeout:.0f}s",
                 hint="check the sites' logs; raise round_timeout for slow sites",
             )
-        output("a checkpoint", lambda: checkpoint.save_round(run.output, server_round, arrays, run))
         summary = recorder.record_round(
             server_round, per_site, timing(elapsed, strategy.compute_seconds.get(server_round, {})),
             aggregation(server_round),
         )
+        # all a resumed run needs: the model, the server optimizer's state, the history so far
+        output("a checkpoint", lambda: checkpoint.save_round(run.output, server_round, arrays, run,
+                                                             strategy.state(), recorder.history))
         publish("running")
         round_start[0] = time.monotonic()
         per_site = ", ".join(
@@ -210,8 +255,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         strategy.start(
             grid=train_grid,
-            initial_arrays=to_record(model),
-            num_rounds=run.rounds,
+            initial_arrays=initial,
+            num_rounds=run.rounds - strategy.round_offset,
             train_config=round_config,
             evaluate_config=ConfigRecord(),
             evaluate_fn=after_round,

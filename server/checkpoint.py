@@ -1,19 +1,34 @@
-"""Saving the global model: after every round, and as the final weights of a run."""
+"""Saving the global model: after every round, and as the final weights of a run; and reading a
+round's checkpoint back to resume the run from it.
+
+checkpoints/round-NNN.pt holds the global model after round NNN, the strategy's state (the
+server optimizer's moments or momentum, see ``PerSiteEvaluation.state``) and the report's history
+up to that round: all a resumed run needs to continue as if it had never stopped. global_model.pt
+holds the latest global model alone. Both load with ``torch.load(weights_only=True)``: numpy arrays
+are stored as tensors, everything else as plain dicts, lists, strings and numbers.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import numpy as np
 import tomli_w
 import torch
 from flwr.app import ArrayRecord
 
 from fedscan.common.config import RunConfig
+from fedscan.common.errors import FedscanError
 
 GLOBAL_MODEL = "global_model.pt"
 RUN_CONFIG = "run_config.toml"
+CHECKPOINTS = "checkpoints"
+_ROUND_FILE = re.compile(r"round-(\d{3,})\.pt")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -29,25 +44,92 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _payload(arrays: ArrayRecord, cfg: RunConfig, server_round: int) -> bytes:
-    import io
+def _to_tensors(value: Any) -> Any:
+    """numpy arrays (at any depth of dicts and lists) as tensors, for a weights-only file."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))  # copied: the strategy's may be read-only
+    if isinstance(value, dict):
+        return {k: _to_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_tensors(v) for v in value]
+    return value
 
+
+def _to_arrays(value: Any) -> Any:
+    """The inverse of :func:`_to_tensors`."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _to_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_arrays(v) for v in value]
+    return value
+
+
+def _payload(arrays: ArrayRecord, cfg: RunConfig, server_round: int, **extra: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(
-        {"round": server_round, "model": cfg.model, "task": cfg.task,
-         "config": cfg.to_toml_dict(), "state_dict": arrays.to_torch_state_dict()},
+        {"round": server_round, "model": cfg.model, "task": cfg.task, "strategy": cfg.strategy,
+         "config": cfg.to_toml_dict(), "state_dict": arrays.to_torch_state_dict(), **extra},
         buf,
     )
     return buf.getvalue()
 
 
-def save_round(out: Path, server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> Path:
-    """Save the global model after ``server_round`` as checkpoints/round-NNN.pt and global_model.pt."""
-    data = _payload(arrays, cfg, server_round)
-    ckpt = Path(out) / "checkpoints" / f"round-{server_round:03d}.pt"
-    atomic_write_bytes(ckpt, data)
-    atomic_write_bytes(Path(out) / GLOBAL_MODEL, data)
+def checkpoint_path(out: Path, server_round: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"round-{server_round:03d}.pt"
+
+
+def save_round(out: Path, server_round: int, arrays: ArrayRecord, cfg: RunConfig,
+               strategy_state: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None) -> Path:
+    """Save the global model after ``server_round``: with the strategy's state and the report's
+    history as checkpoints/round-NNN.pt, and alone as global_model.pt."""
+    ckpt = checkpoint_path(out, server_round)
+    atomic_write_bytes(ckpt, _payload(arrays, cfg, server_round, strategy_state=_to_tensors(strategy_state or {}),
+                                      history=list(history or [])))
+    atomic_write_bytes(Path(out) / GLOBAL_MODEL, _payload(arrays, cfg, server_round))
     return ckpt
+
+
+class Resume(NamedTuple):
+    """What a checkpoint gives a resumed run."""
+
+    server_round: int
+    arrays: ArrayRecord
+    strategy_state: dict[str, Any]
+    history: list[dict[str, Any]]
+    strategy: str
+    config: dict[str, Any]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """OUT/checkpoints/round-NNN.pt of the highest round, or None when there is none."""
+    found = [(int(m.group(1)), p) for p in (Path(out) / CHECKPOINTS).glob("round-*.pt")
+             if (m := _ROUND_FILE.fullmatch(p.name))]
+    return max(found)[1] if found else None
+
+
+def load_resume(path: Path) -> Resume:
+    """Read a round's checkpoint for a resumed run. Raises FedscanError for a file that is not one."""
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as exc:  # unreadable, truncated, or holding more than weights and plain values
+        raise FedscanError(f"cannot read the checkpoint {path}: it is truncated, damaged or not a fedscan "
+                           f"checkpoint ({type(exc).__name__})",
+                           hint="remove it to resume from the round before, or start the run anew") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "strategy_state" not in ckpt:
+        raise FedscanError(
+            f"{path} is not a checkpoint fedscan can resume from (it holds no strategy state)",
+            hint="it was written by an earlier fedscan or is not a round checkpoint; start the run anew",
+        )
+    return Resume(
+        server_round=int(ckpt["round"]),
+        arrays=ArrayRecord(ckpt["state_dict"]),
+        strategy_state=_to_arrays(ckpt["strategy_state"]),
+        history=list(ckpt.get("history", [])),
+        strategy=str(ckpt.get("strategy", ckpt["config"].get("strategy", ""))),
+        config=dict(ckpt["config"]),
+    )
 
 
 def save_run_config(out: Path, cfg: RunConfig) -> Path:
@@ -56,5 +138,5 @@ def save_run_config(out: Path, cfg: RunConfig) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,11 +1,19 @@
-"""Run reports: per-site history and final results as report.json, per_site.csv, report.md.
+"""Run reports: per-site history and final results as report.json, per_site.csv, report.md,
+report.html and figures/*.png.
 
 The metrics are the run task's (``fedscan.common.tasks``): Dice and friends for
 segmentation, balanced accuracy, AUROC and friends for classification. Each hospital counts
 once: ``mean`` is the unweighted mean over sites, and ``worst`` is the site with the lowest
 main metric (Dice, or balanced accuracy). A metric that is undefined at a site (NaN) is written as
 null in JSON, empty in CSV and "n/a" in Markdown, and left out of the mean.
-The files are rewritten after every round, each atomically.
+The files are rewritten after every round, each atomically. The figures (``server/figures.py``)
+are best effort: a figure that cannot be drawn is logged and left out, never failing the run.
+
+Optional report.json keys, rendered when present: ``cross_site`` (each model's metrics at each
+site), ``federated_gain`` and ``federated_gain_model`` (the federated model's main metric at a
+site minus the site's own local model's), ``baselines`` (how the local and pooled models were
+trained), ``quality`` (each site's quality profile summary) and ``strategy_comparison`` (the
+main metric per strategy and site, merged from several runs).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,12 +29,17 @@ from typing import Any
 
 from fedscan.common import __version__
 from fedscan.common.config import EXAM_MODELS, AppConfig
+from fedscan.common.errors import FedscanError
 from fedscan.common.tasks.registry import task_metrics
 from fedscan.server.checkpoint import atomic_write_bytes
 
 REPORT_JSON = "report.json"
 PER_SITE_CSV = "per_site.csv"
 REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+FIGURES_DIR = "figures"
+
+log = logging.getLogger(__name__)
 
 # How report.md labels the metrics; metrics not listed keep their own name.
 _TITLES = {
@@ -139,11 +153,110 @@ class RunRecorder:
         return rep
 
 
-def write_report_files(out: Path, rep: dict[str, Any]) -> None:
-    """report.json, per_site.csv and report.md, each written atomically."""
-    atomic_write_bytes(Path(out) / REPORT_JSON, (json.dumps(rep, indent=2) + "\n").encode())
-    atomic_write_bytes(Path(out) / PER_SITE_CSV, per_site_csv(rep).encode())
-    atomic_write_bytes(Path(out) / REPORT_MD, report_markdown(rep).encode())
+def write_report_files(out: Path, rep: dict[str, Any]) -> list[Path]:
+    """report.json, then everything made from it (see :func:`write_derived_files`), each atomically.
+
+    Returns the paths written.
+    """
+    path = Path(out) / REPORT_JSON
+    atomic_write_bytes(path, (json.dumps(rep, indent=2) + "\n").encode())
+    return [path, *write_derived_files(out, rep)]
+
+
+def write_derived_files(out: Path, rep: dict[str, Any]) -> list[Path]:
+    """per_site.csv, report.md, figures/*.png and report.html from a report, each atomically.
+
+    A figure that cannot be drawn is logged as a warning and left out of report.html; the other
+    files are still written. A figure with nothing to show (no cross-site matrix, say) or that
+    failed is removed, so that figures/ never holds one from an earlier report. Returns the paths
+    written.
+    """
+    from fedscan.server.report_html import report_html
+
+    out = Path(out)
+    written: list[Path] = []
+    for name, text in ((PER_SITE_CSV, per_site_csv(rep)), (REPORT_MD, report_markdown(rep))):
+        atomic_write_bytes(out / name, text.encode())
+        written.append(out / name)
+    figures = render_figures(rep)
+    for name, data in figures.items():
+        if data is None:
+            (out / FIGURES_DIR / name).unlink(missing_ok=True)
+            continue
+        atomic_write_bytes(out / FIGURES_DIR / name, data)
+        written.append(out / FIGURES_DIR / name)
+    drawn = {name: data for name, data in figures.items() if data is not None}
+    atomic_write_bytes(out / REPORT_HTML, report_html(rep, drawn).encode())
+    written.append(out / REPORT_HTML)
+    return written
+
+
+def render_figures(rep: dict[str, Any]) -> dict[str, bytes | None]:
+    """The report's figures as PNG bytes by file name; ``None`` for a figure with nothing to show.
+
+    Never raises for a figure: one that fails is logged and ``None``; without matplotlib, none.
+    """
+    try:
+        from fedscan.server import figures
+    except Exception as exc:  # matplotlib missing or broken: the text reports still matter
+        log.warning("report figures skipped: matplotlib could not be loaded (%s)", exc)
+        return {}
+    drawn: dict[str, bytes | None] = {}
+    for name, func in figures.FIGURES.items():
+        try:
+            drawn[name] = getattr(figures, func)(rep)
+        except Exception as exc:  # a figure must never fail the run
+            log.warning("report figure %s not drawn: %s: %s", name, type(exc).__name__, exc)
+            log.debug("figure %s failed", name, exc_info=True)
+            drawn[name] = None
+    return drawn
+
+
+# Keys report_markdown needs; the others are optional.
+_REQUIRED = ("task", "model", "strategy", "status", "rounds", "rounds_completed", "seed", "sites",
+             "metrics", "history", "final")
+
+
+def load_report(out: Path) -> dict[str, Any]:
+    """A run's report.json, checked enough to render; a problem is a :class:`FedscanError`."""
+    out = Path(out)
+    hint = "give the output folder of a run: the --out of `fedscan simulate` or `fedscan run`"
+    if not out.exists():
+        raise FedscanError(f"{out}: no such folder", hint=hint)
+    if not out.is_dir():
+        raise FedscanError(f"{out} is not a folder", hint=hint)
+    path = out / REPORT_JSON
+    if not path.is_file():
+        raise FedscanError(f"{path} does not exist; a run writes it after its first round", hint=hint)
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FedscanError(
+            f"{path} is not valid JSON ({exc})",
+            hint="the file is damaged; a run rewrites it after every round, or rerun the run",
+        ) from None
+    if not isinstance(rep, dict):
+        raise FedscanError(f"{path} is not a fedscan report: it holds a JSON {type(rep).__name__}, not an object")
+    missing = [k for k in _REQUIRED if k not in rep]
+    if missing:
+        raise FedscanError(f"{path} is not a fedscan report: it lacks {', '.join(missing)}")
+    names, main = task_metrics(str(rep["task"]))  # an unknown task is a FedscanError
+    if not isinstance(rep["metrics"], dict) or "main" not in rep["metrics"]:
+        rep["metrics"] = {"main": main, "names": list(names)}
+    return rep
+
+
+def regenerate_report(out: Path) -> list[Path]:
+    """Rewrite per_site.csv, report.md, report.html and figures/ from OUT/report.json."""
+    rep = load_report(out)
+    try:
+        return write_derived_files(out, rep)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FedscanError(
+            f"{Path(out) / REPORT_JSON} does not have the shape of a fedscan report "
+            f"({type(exc).__name__}: {exc})",
+            hint="it may come from another fedscan version; rerun the run to write it again",
+        ) from None
 
 
 def per_site_csv(rep: dict[str, Any]) -> str:
@@ -179,6 +292,207 @@ def _secagg_lines(rep: dict[str, Any]) -> list[str]:
     if failed:
         lines.append(f"- round(s) {', '.join(failed)}: too few sites finished the secure aggregation; "
                      "the global model did not change")
+    return lines
+
+
+def metric_title(name: str) -> str:
+    """How the reports label a metric."""
+    return _TITLES.get(name, name)
+
+
+def number(value: Any) -> float | None:
+    """A finite real number as a float; anything else (null, NaN, text) as None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def mean_of(values: list[Any]) -> float | None:
+    """The unweighted mean of the defined values, None when there are none."""
+    vals = [v for v in map(number, values) if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def model_order(keys: Any) -> list[str]:
+    """Cross-site model keys in report order: global, personalized:*, pooled, local:*, then others."""
+    def rank(key: str) -> tuple[int, str]:
+        if key == "global":
+            return (0, "")
+        if key.startswith("personalized:"):
+            return (1, key)
+        if key == "pooled":
+            return (2, "")
+        if key.startswith("local:"):
+            return (3, key)
+        return (4, key)
+
+    return sorted(dict.fromkeys(str(k) for k in keys), key=rank)
+
+
+def report_sites(rep: dict[str, Any], *tables: Any) -> list[str]:
+    """The run's sites in its order, then other sites the tables ({row: {site: ...}}) name."""
+    sites = [str(s) for s in dict.fromkeys(rep.get("sites") or [])]
+    for table in tables:
+        for row in (table or {}).values():
+            if isinstance(row, dict):
+                sites += [str(s) for s in row if str(s) not in sites]
+    return sites
+
+
+# What each kind of cross-site model is: (key prefix, how it is written, what it is).
+MODEL_KINDS = (
+    ("global", "global", "the federated model, trained across all sites"),
+    ("personalized:", "personalized:<site>",
+     "the federated model with that site's own normalization layers (FedBN)"),
+    ("pooled", "pooled", "one model trained on all sites' training data put together (a reference: "
+     "a federation exists because this pooling is not allowed)"),
+    ("local:", "local:<site>", "trained on that site's training data alone"),
+)
+
+
+def model_kinds(models: list[str]) -> list[tuple[str, str]]:
+    """(label, description) of each kind of model present in a cross-site matrix."""
+    return [(label, text) for prefix, label, text in MODEL_KINDS
+            if any(m == prefix or (prefix.endswith(":") and m.startswith(prefix)) for m in models)]
+
+
+def cross_site_table(rep: dict[str, Any]) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """Models (rows, in report order), sites (columns) and the main metric of each at each."""
+    cross = rep.get("cross_site") or {}
+    main = rep["metrics"]["main"]
+    models = model_order(cross)
+    sites = report_sites(rep, cross)
+    values = []
+    for model in models:
+        row = cross.get(model) if isinstance(cross.get(model), dict) else {}
+        cells = [row.get(s) for s in sites]
+        values.append([number(c.get(main)) if isinstance(c, dict) else None for c in cells])
+    return models, sites, values
+
+
+def federated_gains(rep: dict[str, Any]) -> list[tuple[str, float | None, str]]:
+    """(site, gain, federated model used) for each site with a federated gain, in site order."""
+    gains = rep.get("federated_gain") or {}
+    used = rep.get("federated_gain_model") or {}
+    sites = [s for s in report_sites(rep, {"gain": gains}) if s in gains]
+    return [(s, number(gains[s]), str(used.get(s, "global"))) for s in sites]
+
+
+def gain_warning(site: str, gain: float, model: str, main: str) -> str:
+    """The sentence that flags a site the federation did not help."""
+    return (f"Joining the federation did not help {site}: its own local model scores {abs(gain):.3f} "
+            f"{metric_title(main)} higher there than the federated model ({model}).")
+
+
+# The quality columns: (key, title, format).
+QUALITY_COLUMNS = (
+    ("snr", "SNR", ".1f"),
+    ("quality_factor", "quality factor", ".3f"),
+    ("weight_share", "aggregation weight share", "%"),
+    ("train_images", "training images", "d"),
+)
+
+
+def format_quality(value: Any, spec: str) -> str:
+    v = number(value)
+    if v is None:
+        return "n/a"
+    if spec == "%":
+        return f"{100 * v:.1f}%"
+    if spec == "d":
+        return str(int(v))
+    return f"{v:{spec}}"
+
+
+def quality_table(rep: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tuple[str, list[str]]]]:
+    """The quality columns that hold a value somewhere, and a formatted row per site."""
+    quality = rep.get("quality") or {}
+    sites = [s for s in report_sites(rep, {"quality": quality}) if s in quality]
+    cols = [c for c in QUALITY_COLUMNS
+            if any(number((quality[s] or {}).get(c[0])) is not None for s in sites)]
+    rows = [(s, [format_quality((quality[s] or {}).get(key), spec) for key, _, spec in cols]) for s in sites]
+    return cols, rows
+
+
+def baselines_text(rep: dict[str, Any]) -> str:
+    """One paragraph on how the local and pooled baselines were trained, '' without baselines."""
+    base = rep.get("baselines") or {}
+    parts = []
+    steps = base.get("steps_per_site") or {}
+    if steps:
+        parts.append("local models trained for " + ", ".join(
+            f"{steps[s]} steps at {s}" for s in report_sites(rep, {"steps": steps}) if s in steps))
+    if base.get("pooled_steps") is not None:
+        parts.append(f"the pooled model for {base['pooled_steps']} steps")
+    text = ("Baselines: " + "; ".join(parts) + ".") if parts else ""
+    if base.get("note"):
+        text = f"{text} Note: {base['note']}".strip()
+    return text
+
+
+def strategy_comparison(rep: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
+    """Sites and, per strategy, its main metric at each site."""
+    comp = rep.get("strategy_comparison") or {}
+    sites = report_sites(rep, comp)
+    sites = [s for s in sites if any(isinstance(r, dict) and s in r for r in comp.values())]
+    rows = [(str(name), [number((r if isinstance(r, dict) else {}).get(s)) for s in sites])
+            for name, r in comp.items()]
+    return sites, rows
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _optional_sections(rep: dict[str, Any]) -> list[str]:
+    """The Markdown of the optional report keys, each section only when its key is present."""
+    main = rep["metrics"]["main"]
+    title = metric_title(main)
+    lines: list[str] = []
+    if rep.get("cross_site"):
+        models, sites, values = cross_site_table(rep)
+        lines += ["", "## Cross-site evaluation", "",
+                  f"{title} of each model (rows) on each site's validation data (columns); the mean is "
+                  "unweighted over sites.", ""]
+        lines += [f"- `{label}`: {text}" for label, text in model_kinds(models)]
+        lines += ["", "| model | " + " | ".join(_md_cell(s) for s in sites) + " | mean |",
+                  "| --- | " + " | ".join("---:" for _ in sites) + " | ---: |"]
+        for model, row in zip(models, values):
+            lines.append(f"| {_md_cell(model)} | " + " | ".join(_fmt(v) for v in row)
+                         + f" | {_fmt(mean_of(row))} |")
+    gains = federated_gains(rep)
+    if gains:
+        lines += ["", "## Federated gain per site", "",
+                  f"{title} of the federated model at each site minus that of the site's own local model "
+                  "there: above 0, joining the federation helped the site.", "",
+                  "| site | gain | federated model |", "| --- | ---: | --- |"]
+        for site, gain, model in gains:
+            val = "n/a" if gain is None else f"{gain:+.3f}"
+            flag = "⚠ " if gain is not None and gain < 0 else ""
+            lines.append(f"| {_md_cell(site)} | {flag}{val} | {_md_cell(model)} |")
+        warnings = [gain_warning(s, g, m, main) for s, g, m in gains if g is not None and g < 0]
+        if warnings:
+            lines += [""] + [f"⚠ {w}" for w in warnings]
+    if rep.get("quality"):
+        cols, rows = quality_table(rep)
+        if rows and cols:
+            lines += ["", "## Site quality", "",
+                      "| site | " + " | ".join(t for _, t, _ in cols) + " |",
+                      "| --- | " + " | ".join("---:" for _ in cols) + " |"]
+            lines += [f"| {_md_cell(s)} | " + " | ".join(vals) + " |" for s, vals in rows]
+    text = baselines_text(rep)
+    if text:
+        lines += ["", "## Baselines", "", text]
+    if rep.get("strategy_comparison"):
+        sites, rows = strategy_comparison(rep)
+        lines += ["", "## Strategy comparison", "",
+                  f"{title} of each strategy's federated model at each site.", "",
+                  "| strategy | " + " | ".join(_md_cell(s) for s in sites) + " | mean | worst |",
+                  "| --- | " + " | ".join("---:" for _ in sites) + " | ---: | ---: |"]
+        for name, vals in rows:
+            defined = [v for v in vals if v is not None]
+            lines.append(f"| {_md_cell(name)} | " + " | ".join(_fmt(v) for v in vals)
+                         + f" | {_fmt(mean_of(vals))} | {_fmt(min(defined) if defined else None)} |")
     return lines
 
 
@@ -223,5 +537,6 @@ def report_markdown(rep: dict[str, Any]) -> str:
             vals = [h["per_site"].get(s, {}).get(main) for s in sites]
             m = summarize(h["per_site"], task)["mean"][main]
             lines.append(f"| {h['round']} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(m)} |")
+    lines += _optional_sections(rep)
     lines.append("")
     return "\n".join(lines)

@@ -9,6 +9,9 @@ neither reused nor disturbed.
 
 Before Flower starts, every site is checked and its DICOM preprocessed into the local
 cache, so bad input fails fast with a message that names the site.
+
+``resume_simulation`` continues a stopped run in its output folder after its last checkpoint,
+with the run config it saved, to the same result as a run that never stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import IO, Any
 
 import tomli_w
 
-from fedscan.common.config import EXAM_MODELS, AppConfig, RunConfig
+from fedscan.common.config import EXAM_MODELS, AppConfig, RunConfig, load_run_config
 from fedscan.common.data.layout import SiteDir, check_site, discover_sites
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.errors import FedscanError
@@ -39,7 +42,7 @@ from fedscan.common.flower_runtime import (
     write_app_dir,
 )
 from fedscan.server.app import PROGRESS_TAG
-from fedscan.server.checkpoint import atomic_write_bytes
+from fedscan.server.checkpoint import RUN_CONFIG, atomic_write_bytes, latest_checkpoint, load_resume
 from fedscan.server.report import PER_SITE_CSV, REPORT_JSON, REPORT_MD, report_markdown
 
 log = logging.getLogger("fedscan.simulate")
@@ -188,11 +191,17 @@ def run_simulation(
     overwrite: bool = False,
     on_progress: Callable[[str], None] = print,
     on_stage: Callable[[str], None] | None = None,
+    baselines: bool = False,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Run a simulated federation; return report.json's content. Raises FedscanError."""
+    """Run a simulated federation; return report.json's content. Raises FedscanError.
+
+    With ``baselines``, also train the local-only and pooled baselines and evaluate every model
+    at every site (``fedscan.server.baselines``). With ``resume_from`` (a round's checkpoint in
+    ``cfg.output``, see :func:`find_resume`), continue that run in its folder instead of starting one."""
     say = on_stage or on_progress
     out = Path(cfg.output).expanduser().resolve()
-    earlier = check_output(out, overwrite)
+    earlier = [] if resume_from is not None else check_output(out, overwrite)  # a resumed run keeps its folder
     data_root, sites = resolve_sites(cfg, out, say)
     cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
     run = cfg.model_copy(update={"data_root": data_root, "output": out, "cache_dir": cache_dir})
@@ -201,13 +210,15 @@ def run_simulation(
     # earlier result is replaced.
     from fedscan.client.training import open_site  # torch import kept off the CLI's fast path
 
+    local_sites = []
     for site in sites:
         say(f"checking and preprocessing site '{site.name}'")
         local = open_site(site, run, cache_dir)
         say(f"  {site.name}: {local.describe()}")
+        local_sites.append(local)
     clear_output(out, earlier)
 
-    app_cfg = AppConfig(run=run, site_names=[s.name for s in sites])
+    app_cfg = AppConfig(run=run, site_names=[s.name for s in sites], resume_from=resume_from)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedscan-flwr-") as tmp:
@@ -245,7 +256,92 @@ def run_simulation(
             f"{report.get('rounds')} rounds); partial results are in {out}",
             hint=f"see {logs / 'flower.log'}",
         )
+    return compare_sites(run, out, local_sites, report, baselines, say)
+
+
+def compare_sites(run: RunConfig, out: Path, sites: list, report: dict[str, Any], baselines: bool,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """Add to a finished run's report each site's quality summary and the cross-site matrix: from
+    the federated evaluation alone, or with ``baselines`` every model on every site. Rewrites
+    the report files."""
+    from fedscan.server import baselines as bl
+    from fedscan.server.report import write_report_files
+
+    names = [s.name for s in sites]
+    main = report["metrics"]["main"]
+    report["quality"] = bl.quality_summary(run, sites, report)
+    final = report["final"]["per_site"]
+    if baselines:
+        models = bl.federated_models(run, out, names)
+        trained, report["baselines"] = bl.run_baselines(run, sites, say)
+        models.update(trained)
+        matrix = bl.cross_site_matrix(models, sites, run, say)
+        report["cross_site"] = matrix
+        report["federated_gain"], report["federated_gain_model"] = bl.federated_gain(
+            matrix, names, main, run.strategy == "fedbn")
+        worse = [s for s, g in report["federated_gain"].items() if g is not None and g < 0]
+        for s in worse:
+            say(f"warning: at {s} the federated model is worse than {s}'s local-only model "
+                f"({main} {report['federated_gain'][s]:+.3f})")
+    else:  # the federated evaluation: the global model at every site (FedBN: each site's own model)
+        key = "global" if run.strategy != "fedbn" else None
+        metrics = set(report["metrics"]["names"]) | {"loss"}
+        rows = {s: {k: v for k, v in r.items() if k in metrics} for s, r in final.items()}
+        report["cross_site"] = {key: rows} if key else {f"personalized:{s}": {s: r} for s, r in rows.items()}
+    write_report_files(out, report)
     return report
+
+
+def resume_simulation(
+    out: Path,
+    *,
+    on_progress: Callable[[str], None] = print,
+    on_stage: Callable[[str], None] | None = None,
+    baselines: bool = False,
+) -> dict[str, Any]:
+    """Continue the simulated run in ``out`` after its last checkpoint (checkpoints/round-NNN.pt),
+    with the config it saved (run_config.toml); return report.json's content. The folder is
+    kept and no data is synthesized. Raises FedscanError when there is nothing to resume."""
+    cfg, ckpt, done = find_resume(out)
+    (on_stage or on_progress)(f"resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})")
+    return run_simulation(cfg, on_progress=on_progress, on_stage=on_stage, baselines=baselines, resume_from=ckpt)
+
+
+def find_resume(out: Path) -> tuple[RunConfig, Path, int]:
+    """The run config saved in ``out``, its last checkpoint and that checkpoint's round, checked:
+    a FedscanError when there is no run, no checkpoint, nothing left to run, or its data is gone."""
+    out = Path(out).expanduser().resolve()
+    hint = "pass the --out folder of an earlier `fedscan simulate`"
+    if not out.is_dir():
+        raise FedscanError(f"cannot resume: {out} does not exist", hint=hint)
+    if not (out / RUN_CONFIG).is_file():
+        raise FedscanError(f"cannot resume: {out} holds no run ({RUN_CONFIG} is missing)", hint=hint)
+    cfg = load_run_config(out / RUN_CONFIG).model_copy(update={"output": out})
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise FedscanError(
+            f"cannot resume the run in {out}: it has no checkpoint (it stopped before its first round ended)",
+            hint=f"start it anew: fedscan simulate --config {out / RUN_CONFIG} --overwrite",
+        )
+    resumed = load_resume(ckpt)
+    if resumed.server_round >= cfg.rounds:
+        raise FedscanError(
+            f"the run in {out} is already complete: its last checkpoint is of round {resumed.server_round} "
+            f"of {cfg.rounds}",
+            hint="nothing to resume; for more rounds, start a new run",
+        )
+    data_root = Path(cfg.data_root) if cfg.data_root is not None else None
+    if data_root is None or not data_root.is_dir():
+        raise FedscanError(f"cannot resume the run in {out}: its data_root {data_root} is missing",
+                           hint=f"put the sites back where {out / RUN_CONFIG} says they are")
+    known = {s for h in resumed.history for s in (*h["per_site"], *h.get("missing_sites", []))}
+    found = {site.name for site in discover_sites(data_root)}
+    if known and found != known:
+        raise FedscanError(
+            f"cannot resume the run in {out}: {data_root} holds the sites {sorted(found)}, the run had {sorted(known)}",
+            hint="resume with the sites the run started with",
+        )
+    return cfg, ckpt, resumed.server_round
 
 
 def _mark_unfinished(out: Path, status: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -28,7 +29,10 @@ from flwr.serverapp.strategy import (
 )
 
 from fedscan.common.config import RunConfig
-from fedscan.common.weights import COMPUTE_SECONDS
+from fedscan.common.weights import COMPUTE_SECONDS, QUALITY_FACTOR
+
+# the metric quality weighting writes into each kept reply and aggregates by
+QUALITY_WEIGHT = "quality-weight"
 
 log = logging.getLogger("fedscan.server")
 
@@ -74,8 +78,32 @@ def _seconds(replies: list[Message]) -> dict[str, float]:
 SECURE_AGGREGATE = "secure-aggregate"
 
 
+# the attributes of Flower's strategies that carry the server optimizer's state between rounds:
+# FedOpt's moments (FedAdam, FedYogi) and FedAvgM's momentum
+OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+
+
 class PerSiteEvaluation(Strategy):
-    """Mixin: keeps ``site_history[round] = {site: metrics}``, then aggregates as usual."""
+    """Mixin: keeps ``site_history[round] = {site: metrics}``, then aggregates as usual.
+
+    ``round_offset``: the rounds a resumed run did before this ``start()``. Flower counts the
+    rounds of every ``start()`` from 1; the mixin passes on ``round + round_offset``, so that the
+    sites' per-round seeds, FedAdam's bias correction and the records keyed by round continue.
+    """
+
+    round_offset: int = 0
+
+    def state(self) -> dict[str, Any]:
+        """The server optimizer's state (see ``OPTIMIZER_STATE``) this strategy has: for a checkpoint."""
+        return {name: getattr(self, name) for name in OPTIMIZER_STATE if hasattr(self, name)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned (a resumed run)."""
+        unknown = sorted(set(state) - {n for n in OPTIMIZER_STATE if hasattr(self, n)})
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no optimizer state {unknown}")
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -88,12 +116,18 @@ class PerSiteEvaluation(Strategy):
         # training updates rejected before aggregation, per round: {site: reason}
         self.rejected: dict[int, dict[str, str]] = {}
         self._global_shapes: dict[str, tuple[int, ...]] | None = None  # of the round's global model
+        # quality weighting (plaintext): the largest share of the aggregate a site may hold, or None
+        self.quality_max_share: float | None = None
+        # each site's share of the aggregate, per round, under quality weighting
+        self.weight_shares: dict[int, dict[str, float]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+        server_round += self.round_offset
         self._global_shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+        server_round += self.round_offset
         # a fixed order (by site name), so that the floating-point sums do not depend on which
         # site answered first: the same seed gives the same model in simulation and deployment
         replies = sorted(replies, key=site_name)
@@ -106,11 +140,17 @@ class PerSiteEvaluation(Strategy):
             else:
                 kept.append(msg)
         replies = kept
+        if self.quality_max_share is not None and replies:
+            self.weight_shares[server_round] = _quality_weights(replies, self.quality_max_share)
         self.train_records[server_round] = len(replies)
         self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
         return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[safe-super]
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         self.compute_seconds.setdefault(server_round, {})["evaluate"] = _seconds(replies)
         self.site_history[server_round] = {
@@ -118,6 +158,37 @@ class PerSiteEvaluation(Strategy):
             for site, m in site_metrics_from_replies(replies).items()
         }
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
+
+
+def capped_shares(weights: dict[str, float], max_share: float) -> dict[str, float]:
+    """Shares proportional to ``weights``, none above ``max_share``: a site over the cap is held
+    at it and the excess goes to the others in proportion (water-filling). A cap below 1/n is
+    raised to 1/n, the equal split."""
+    cap = max(max_share, 1.0 / len(weights))
+    capped: dict[str, float] = {}
+    while True:
+        free = {s: w for s, w in weights.items() if s not in capped}
+        left = 1.0 - cap * len(capped)
+        total = sum(free.values())
+        shares = {s: (left * w / total if total > 0 else left / len(free)) for s, w in free.items()}
+        over = {s for s, v in shares.items() if v > cap + 1e-12}
+        if not over:
+            return {**{s: cap for s in capped}, **shares}
+        capped.update(dict.fromkeys(over, cap))
+
+
+def _quality_weights(replies: list[Message], max_share: float) -> dict[str, float]:
+    """Quality weighting: each reply's weight is example count x the quality factor the site
+    sent, with no site above ``max_share`` of the total. Written into the reply as
+    ``QUALITY_WEIGHT`` (the strategy aggregates by it); returns each site's share."""
+    raw = {}
+    for msg in replies:
+        rec = next(iter(msg.content.metric_records.values()))
+        raw[site_name(msg)] = float(rec["num-examples"]) * float(rec.get(QUALITY_FACTOR, 1.0))
+    shares = capped_shares(raw, max_share)
+    for msg in replies:
+        next(iter(msg.content.metric_records.values()))[QUALITY_WEIGHT] = shares[site_name(msg)]
+    return shares
 
 
 def faulty_update(msg: Message, shapes: dict[str, tuple[int, ...]] | None) -> str | None:
@@ -169,13 +240,43 @@ class PerSiteFedTrimmedAvg(PerSiteEvaluation, FedTrimmedAvg):
     highest ``trimmed_fraction`` of the sites' values."""
 
 
+class PerSiteFedBN(PerSiteFedAvg):
+    """FedBN (Li et al., ICLR 2021): FedAvg over every layer but the normalization layers, which
+    stay at each site (``fedscan.client.personal``) and are never sent. The global model keeps
+    its initial normalization layers; each site evaluates its personalized model."""
+
+    def __init__(self, *args: object, local_keys: frozenset[str] = frozenset(), **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.local_keys = local_keys
+        self._round_arrays: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+        self._round_arrays = arrays
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self._global_shapes = {k: v for k, v in (self._global_shapes or {}).items() if k not in self.local_keys}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        for msg in replies:  # a secure aggregate holds them (unchanged): the shared layers only
+            if not msg.has_error() and "arrays" in msg.content.array_records:
+                arrays = msg.content["arrays"]
+                msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in arrays if k not in self.local_keys})
+        shared, metrics = super().aggregate_train(server_round, replies)
+        if shared is None or self._round_arrays is None:
+            return shared, metrics
+        full = self._round_arrays  # the new shared layers, the global normalization layers, in model order
+        return ArrayRecord({k: (full[k] if k in self.local_keys else shared[k]) for k in full}), metrics
+
+
 _STRATEGIES: dict[str, type[PerSiteEvaluation]] = {
     "fedavg": PerSiteFedAvg, "fedavgm": PerSiteFedAvgM, "fedadam": PerSiteFedAdam, "fedyogi": PerSiteFedYogi,
     "fedprox": PerSiteFedProx, "fedmedian": PerSiteFedMedian, "fedtrimmedavg": PerSiteFedTrimmedAvg,
+    "fedbn": PerSiteFedBN,
 }
 
 
-def _options(cfg: RunConfig) -> dict[str, float]:
+def _options(cfg: RunConfig, n_sites: int) -> dict[str, float]:
     """The run config's settings for the chosen strategy."""
     lr = cfg.server_learning_rate
     if cfg.strategy == "fedavgm":
@@ -184,19 +285,31 @@ def _options(cfg: RunConfig) -> dict[str, float]:
         return {"eta": 1e-2 if lr is None else lr, "tau": cfg.server_tau}
     if cfg.strategy == "fedprox":
         return {"proximal_mu": cfg.proximal_mu}
-    if cfg.strategy == "fedtrimmedavg":
-        return {"beta": cfg.trimmed_fraction}
+    if cfg.strategy == "fedtrimmedavg":  # by default one site's values at each end
+        return {"beta": cfg.trimmed_fraction if cfg.trimmed_fraction is not None else min(1.0001 / n_sites, 0.4999)}
     return {}
 
 
-def build_strategy(cfg: RunConfig, n_sites: int) -> PerSiteEvaluation:
-    """The run's strategy; every site trains and evaluates in every round."""
+def build_strategy(cfg: RunConfig, n_sites: int, local_keys: frozenset[str] = frozenset()) -> PerSiteEvaluation:
+    """The run's strategy; every site trains and evaluates in every round. ``local_keys``: the
+    model's normalization layers, which FedBN leaves at the sites."""
     cls = _STRATEGIES[cfg.strategy]
-    return cls(
+    options: dict[str, object] = dict(_options(cfg, n_sites))
+    if cfg.strategy == "fedbn":
+        options["local_keys"] = local_keys
+    # quality weighting in plaintext: by the weights the strategy writes; under SecAgg+ each site
+    # masks its count x quality factor, and the secure aggregate carries their total as its count
+    quality = cfg.quality_weighting and not cfg.secagg
+    if quality:
+        options["weighted_by_key"] = QUALITY_WEIGHT
+    strategy = cls(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=n_sites,
         min_evaluate_nodes=n_sites,
         min_available_nodes=n_sites,
-        **_options(cfg),
+        **options,  # type: ignore[arg-type]
     )
+    if quality:
+        strategy.quality_max_share = cfg.quality_max_share
+    return strategy

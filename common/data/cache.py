@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the series' SNR per slice
 
 
 def cache_key(root: Path, files: list[Path], params: dict[str, object]) -> str:

@@ -27,6 +27,7 @@ from fedscan.common.data.dicom import SeriesHeader, SiteScan, list_files, read_s
 from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, index_masks, read_class_labels
 from fedscan.common.data.layout import SiteDir, check_site
 from fedscan.common.data.preprocess import PREPROCESS_VERSION, fit_images, fit_labels, normalize
+from fedscan.common.data.quality import series_snr
 from fedscan.common.errors import FedscanError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class SiteData:
     masks: np.ndarray | None = None  # segmentation: uint8 (n, size, size), class per pixel
     sample: np.ndarray | None = None  # classification: int32 (n,), the sample of each slice
     target: np.ndarray | None = None  # classification: int64 (n_samples,), class per sample
+    snr: np.ndarray | None = None  # float32 (n,), the SNR of each slice's series (NaN: unknown)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -70,8 +72,16 @@ class SiteData:
         bounds = np.searchsorted(sample[order], np.arange(self.n_samples + 1))
         return [order[bounds[k]:bounds[k + 1]] for k in range(self.n_samples)]
 
+    def site_snr(self) -> float | None:
+        """The site's SNR, as its quality profile gives it: the median over its series."""
+        if self.snr is None:
+            return None
+        per_series = np.unique(np.stack([np.asarray(self.series, np.float64), np.asarray(self.snr, np.float64)]), axis=1)
+        values = per_series[1][np.isfinite(per_series[1])]
+        return float(np.median(values)) if values.size else None
+
     def as_arrays(self) -> dict[str, np.ndarray]:
-        names = ("images", "patient", "series", "spacing", "masks", "sample", "target")
+        names = ("images", "patient", "series", "spacing", "masks", "sample", "target", "snr")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
@@ -119,9 +129,10 @@ def _model_input(hdr: SeriesHeader, pixels: np.ndarray, cfg: RunConfig) -> tuple
 
 def _add_slices(
     index: dict[str, list[np.ndarray]], n: int, patient: int, series: int, hdr: SeriesHeader,
-    model_spacing: tuple[float, float],
+    model_spacing: tuple[float, float], snr: float | None,
 ) -> None:
-    """Record n slices' patient and series indices and their spacing at model size."""
+    """Record n slices' patient and series indices, their spacing at model size and their series' SNR."""
+    index["snr"].append(np.full(n, np.nan if snr is None else snr, dtype=np.float32))
     index["patient"].append(np.full(n, patient, dtype=np.int32))
     index["series"].append(np.full(n, series, dtype=np.int32))
     index["spacing"].append(np.tile([model_spacing[0], model_spacing[1], hdr.slice_spacing], (n, 1)))
@@ -149,7 +160,7 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
         log.warning("site %s: %s: %s", site.name, p.path, p.reason)
     patients = sorted({s.patient_id for s in all_series})
     images, masks = [], []
-    index: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": []}
+    index: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": [], "snr": []}
     unlabelled = mismatched = 0
     for si, hdr in enumerate(all_series):
         if hdr.series_uid not in masks_of.sources:
@@ -179,7 +190,7 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
         pix, model_spacing = _model_input(hdr, pixels, cfg)
         images.append(pix)
         masks.append(fit_labels(mask, hdr.spacing, cfg.image_size, cfg.pixel_spacing))
-        _add_slices(index, pix.shape[0], patients.index(hdr.patient_id), si, hdr, model_spacing)
+        _add_slices(index, pix.shape[0], patients.index(hdr.patient_id), si, hdr, model_spacing, series_snr(pixels))
     if unlabelled or mismatched or masks_of.problems:
         log.warning("site %s: label mismatches: %d series without a mask, %d mask(s) not matching their "
                     "series, %d mask(s) for no series here", site.name, unlabelled, mismatched,
@@ -200,7 +211,7 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
     patients = sorted({s.patient_id for s in all_series})
     sample_ids: dict[str, int] = {}  # the labelled UID of each sample -> sample index
     images, sample, target = [], [], []
-    index: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": []}
+    index: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": [], "snr": []}
     matched: set[str] = set()
     unlabelled_series = 0
     # exams keyed by study gather all their series; keep a study's series together
@@ -230,7 +241,7 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
                 sample_ids[k] = len(sample_ids)
                 target.append(table.labels[k])
             sample.append(sample_ids[k])
-        _add_slices(index, len(keys), patients.index(hdr.patient_id), si, hdr, model_spacing)
+        _add_slices(index, len(keys), patients.index(hdr.patient_id), si, hdr, model_spacing, series_snr(pixels))
     unknown = len(table.labels) - len(matched)
     if unknown:
         log.warning("site %s: %d row(s) of %s match no image %s here", site.name, unknown,

@@ -52,6 +52,24 @@ def slice_snr(img: np.ndarray) -> float:
     return float((fg.mean() - bg.mean()) / sigma)
 
 
+def series_snr(pixels: np.ndarray) -> float | None:
+    """A series' SNR: the median slice estimate over up to 12 slices spread through it."""
+    snrs = [slice_snr(img) for img in pixels[sample_indices(len(pixels))]]
+    finite = [v for v in snrs if np.isfinite(v)]
+    return float(np.median(finite)) if finite else None
+
+
+def quality_factor(snr: float | None, reference: float, floor: float) -> float:
+    """A site's data-quality factor for quality weighting: ``clip(snr / reference, floor, 1)``.
+
+    A site at or above the reference SNR counts fully; a noisier one down to ``floor`` of its
+    example count. A site whose SNR cannot be estimated counts fully (no evidence against it).
+    """
+    if snr is None or not np.isfinite(snr):
+        return 1.0
+    return float(min(1.0, max(floor, snr / reference)))
+
+
 def sample_indices(n: int, k: int = 12) -> np.ndarray:
     """Up to k slice indices spread evenly through a series."""
     return np.unique(np.linspace(0, n - 1, num=min(n, k)).round().astype(int)) if n else np.zeros(0, int)

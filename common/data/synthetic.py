@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -85,6 +86,7 @@ class SiteProfile(BaseModel):
 class Manifest(BaseModel):
     generator: str = GENERATOR
     seed: int
+    scenario: str = "default"
     task: str = "segmentation"
     label_level: str | None = None
     sites: list[SiteProfile]
@@ -99,8 +101,30 @@ def site_names(n_sites: int) -> list[str]:
     ]
 
 
-def make_profiles(n_sites: int, seed: int, task: str = "segmentation") -> list[SiteProfile]:
-    """Draw each site's settings so that the sites differ the way hospitals do."""
+SCENARIOS = ("default", "heterogeneous")
+
+
+def _heterogeneous(profiles: list[SiteProfile]) -> list[SiteProfile]:
+    """Sharper differences, one kind per site: a clean reference site, one with heavy noise, one
+    with another intensity calibration, one small; the sites after them keep their drawn settings.
+    Annotators are exact everywhere, so that only the images differ."""
+    if len(profiles) < 4:
+        raise FedscanError(f"the heterogeneous scenario needs at least 4 sites, got {len(profiles)}")
+    changes: list[dict[str, Any]] = [
+        {"noise_hu": 10.0, "blur_sigma_px": 0.3, "hu_scale": 1.0, "hu_offset": 0.0, "n_patients": 12},  # reference
+        {"noise_hu": 90.0, "blur_sigma_px": 0.3, "hu_scale": 1.0, "hu_offset": 0.0, "n_patients": 10},  # heavy noise
+        {"noise_hu": 12.0, "blur_sigma_px": 0.3, "hu_scale": 1.3, "hu_offset": 150.0, "n_patients": 10},  # calibration
+        {"noise_hu": 12.0, "blur_sigma_px": 0.3, "hu_scale": 1.0, "hu_offset": 0.0, "n_patients": 3},  # small
+    ]
+    out = [p.model_copy(update={**c, "label_noise": 0.0}) for p, c in zip(profiles, changes, strict=False)]
+    return out + [p.model_copy(update={"label_noise": 0.0}) for p in profiles[len(changes):]]
+
+
+def make_profiles(n_sites: int, seed: int, task: str = "segmentation", scenario: str = "default") -> list[SiteProfile]:
+    """Draw each site's settings so that the sites differ the way hospitals do; the
+    ``heterogeneous`` scenario sets one difference per site on purpose (``_heterogeneous``)."""
+    if scenario not in SCENARIOS:
+        raise FedscanError(f"unknown scenario '{scenario}'; allowed: {', '.join(SCENARIOS)}")
     if n_sites < 1:
         raise FedscanError(f"--sites must be at least 1, got {n_sites}")
     if task not in ("segmentation", "classification"):
@@ -173,7 +197,7 @@ def make_profiles(n_sites: int, seed: int, task: str = "segmentation") -> list[S
             })
             for i, p in enumerate(profiles)
         ]
-    return profiles
+    return _heterogeneous(profiles) if scenario == "heterogeneous" else profiles
 
 
 # --- the phantom ------------------------------------------------------------------------
@@ -496,6 +520,7 @@ def synthesize(
     on_site: Callable[[str], None] | None = None,
     task: str = "segmentation",
     label_level: str = "exam",
+    scenario: str = "default",
 ) -> Manifest:
     """Write ``n_sites`` synthetic hospitals under ``out``; all or nothing.
 
@@ -510,7 +535,7 @@ def synthesize(
                 f"output folder {out} already exists and is not empty",
                 hint="choose a new --out, or pass --overwrite to replace it",
             )
-    profiles = make_profiles(n_sites, seed, task)
+    profiles = make_profiles(n_sites, seed, task, scenario)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -519,7 +544,7 @@ def synthesize(
             if on_site:
                 on_site(prof.name)
             counts[prof.name] = write_site(tmp, prof, seed, i, label_level)
-        manifest = Manifest(seed=seed, task=task, sites=profiles, counts=counts,
+        manifest = Manifest(seed=seed, scenario=scenario, task=task, sites=profiles, counts=counts,
                             label_level=label_level if task == "classification" else None)
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
         if out.exists():

@@ -52,7 +52,7 @@ def _honest(scale: float = 1.0) -> list[dict[str, torch.Tensor]]:
 def test_every_strategy_aggregates_honest_sites() -> None:
     weights = np.array(COUNTS, dtype=np.float64) / sum(COUNTS)
     mean = float(np.dot(weights, [1, 2, 3, 4, 5]))
-    expect = {"fedavg": mean, "fedprox": mean, "fedmedian": 3.0, "fedtrimmedavg": 3.0}
+    expect = {"fedavg": mean, "fedprox": mean, "fedbn": mean, "fedmedian": 3.0, "fedtrimmedavg": 3.0}
     for name in STRATEGIES:
         _, msgs, out = _round(name, _honest())
         assert out is not None and set(out) == {"w", "b"}, name

@@ -1,0 +1,248 @@
+"""report.html: the run report as one self-contained HTML page.
+
+Everything is inside the file: the CSS inline, the figures embedded as base64 PNG data URLs,
+no script and no external address, so the page opens offline, from an e-mail attachment or a
+hospital's locked-down browser, and can be archived as it is. Every piece of text from the
+report (site names above all: they are user data) goes through :func:`html.escape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+from fedscan.common.config import EXAM_MODELS
+from fedscan.common.tasks.registry import task_metrics
+from fedscan.server.report import (
+    baselines_text,
+    cross_site_table,
+    federated_gains,
+    gain_warning,
+    mean_of,
+    metric_title,
+    model_kinds,
+    number,
+    quality_table,
+    strategy_comparison,
+    summarize,
+)
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color: #1f2328; background: #ffffff; max-width: 1100px; margin: 0 auto; padding: 1.5rem;
+       line-height: 1.45; }
+h1 { font-size: 1.6rem; margin: 0 0 0.6rem; }
+h2 { font-size: 1.2rem; margin-top: 2rem; padding-bottom: 0.3rem; border-bottom: 1px solid #d0d7de; }
+table { border-collapse: collapse; margin: 0.75rem 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f6f8fa; }
+tr.mean td { font-weight: 600; }
+dl.summary { display: grid; grid-template-columns: max-content auto; gap: 0.15rem 1rem; }
+dl.summary dt { color: #57606a; }
+dl.summary dd { margin: 0; }
+figure { margin: 1rem 0; }
+figure img { max-width: 100%; height: auto; }
+figcaption, .note { color: #57606a; font-size: 0.9rem; }
+.warn { color: #8a1c00; font-weight: 600; }
+tr.warn td { background: #fdecea; }
+footer { margin-top: 2.5rem; color: #57606a; font-size: 0.85rem; }
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    """A value for a table cell, escaped: numbers rounded, missing or undefined as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return _e(value)
+    if isinstance(value, int):
+        return str(value)
+    v = number(value)
+    if v is None:
+        return _e(value) if not isinstance(value, float) else "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _table(head: list[str], rows: list[tuple[list[str], str]]) -> str:
+    """A table from already-escaped cells; each row carries its CSS class ('' for none)."""
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>", "<tbody>"]
+    for cells, cls in rows:
+        attr = f' class="{cls}"' if cls else ""
+        out.append(f"<tr{attr}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out += ["</tbody>", "</table>"]
+    return "\n".join(out)
+
+
+def _img(figures: dict[str, bytes], name: str, alt: str, caption: str, img_id: str | None = None) -> str:
+    data = figures.get(name)
+    if not data:
+        return ""
+    src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    id_attr = f' id="{_e(img_id)}"' if img_id else ""
+    return (f'<figure><img{id_attr} src="{src}" alt="{_e(alt)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _summary(rep: dict[str, Any]) -> str:
+    secagg = ("on (SecAgg+): the server saw only the sum of the sites' updates" if rep.get("secagg")
+              else "off: the server saw each site's update")
+    items = [
+        ("task", rep["task"]), ("model", rep["model"]), ("strategy", rep["strategy"]),
+        ("rounds", f"{rep['rounds_completed']} of {rep['rounds']} completed ({rep['status']})"),
+        ("seed", rep["seed"]), ("sites", ", ".join(str(s) for s in rep["sites"])),
+        ("secure aggregation", secagg),
+    ]
+    items += [(k, rep[k]) for k in ("started", "updated") if rep.get(k)]
+    return '<dl class="summary">\n' + "\n".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "\n</dl>"
+
+
+def _final(rep: dict[str, Any]) -> str:
+    final = rep["final"]
+    names, main = task_metrics(rep["task"])
+    unit = "validation slices"
+    if rep["task"] == "classification":
+        unit = "validation exams" if rep["model"] in EXAM_MODELS else "validation images"
+    digits = {"hd95": 1}
+    head = ["site", *(_e(metric_title(m)) for m in names), _e(unit)]
+    rows = [([_e(site), *(_fmt(row.get(m), digits.get(m, 3)) for m in names), _fmt(row.get("num_examples"))], "")
+            for site, row in final["per_site"].items()]
+    mean = final["mean"]
+    rows.append((["mean", *(_fmt(mean.get(m), digits.get(m, 3)) for m in names), ""], "mean"))
+    parts = ["<h2>Final global model, evaluated at each site</h2>", _table(head, rows)]
+    if any(row.get(m) is None for row in final["per_site"].values() for m in names):
+        parts.append('<p class="note">n/a: undefined at that site (for example AUROC on a validation set '
+                     "holding one class, or Dice without any lesion); left out of the mean.</p>")
+    worst = final.get("worst") or {}
+    if worst:
+        parts.append(f"<p>Worst site: <strong>{_e(worst['site'])}</strong> "
+                     f"({_e(metric_title(main))} {_fmt(worst.get(main))}).</p>")
+    return "\n".join(parts)
+
+
+def _rounds(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
+    history = rep["history"]
+    if not history:
+        return ""
+    main = rep["metrics"]["main"]
+    title = metric_title(main)
+    sites = rep["sites"] or sorted(history[-1]["per_site"])
+    rows = []
+    for h in history:
+        vals = [h["per_site"].get(s, {}).get(main) for s in sites]
+        m = summarize(h["per_site"], rep["task"])["mean"][main]
+        rows.append(([_e(h["round"]), *(_fmt(v) for v in vals), _fmt(m)], ""))
+    return "\n".join([
+        f"<h2>{_e(title)} per round</h2>",
+        _img(figures, "curves.png", f"{title} at each site per round",
+             f"{title} of the global model at each site after each round; dashed: the mean over sites."),
+        _table(["round", *(_e(s) for s in sites), "mean"], rows),
+    ])
+
+
+def _cross_site(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
+    if not rep.get("cross_site"):
+        return ""
+    title = metric_title(rep["metrics"]["main"])
+    models, sites, values = cross_site_table(rep)
+    rows = [([_e(m), *(_fmt(v) for v in row), _fmt(mean_of(row))], "") for m, row in zip(models, values)]
+    kinds = "".join(f"<li><code>{_e(label)}</code>: {_e(text)}</li>" for label, text in model_kinds(models))
+    return "\n".join([
+        "<h2>Cross-site evaluation</h2>",
+        f"<p>{_e(title)} of each model (rows) on each site's validation data (columns); "
+        "the mean is unweighted over sites.</p>",
+        f"<ul>{kinds}</ul>",
+        _img(figures, "cross_site.png", f"cross-site {title} heatmap",
+             f"Cross-site {title}: models on rows, the sites they are evaluated at on columns.",
+             img_id="cross-site-heatmap"),
+        _table(["model", *(_e(s) for s in sites), "mean"], rows),
+    ])
+
+
+def _gain(rep: dict[str, Any]) -> str:
+    gains = federated_gains(rep)
+    if not gains:
+        return ""
+    main = rep["metrics"]["main"]
+    rows = []
+    warnings = []
+    for site, gain, model in gains:
+        negative = gain is not None and gain < 0
+        val = "n/a" if gain is None else f"{gain:+.3f}"
+        if negative:
+            val = f'<span class="warn" title="joining did not help this site">&#9888; {val}</span>'
+            warnings.append(gain_warning(site, gain, model, main))
+        rows.append(([_e(site), val, _e(model)], "warn" if negative else ""))
+    return "\n".join([
+        "<h2>Federated gain per site</h2>",
+        f"<p>{_e(metric_title(main))} of the federated model at each site minus that of the site's own "
+        "local model there: above 0, joining the federation helped the site.</p>",
+        _table(["site", "gain", "federated model"], rows),
+        *(f'<p class="warn">&#9888; {_e(w)}</p>' for w in warnings),
+    ])
+
+
+def _quality(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
+    if not rep.get("quality"):
+        return ""
+    cols, rows = quality_table(rep)
+    parts = ["<h2>Site quality</h2>"]
+    if cols and rows:
+        parts.append(_table(["site", *(_e(t) for _, t, _ in cols)],
+                            [([_e(s), *(_e(v) for v in vals)], "") for s, vals in rows]))
+    parts.append(_img(figures, "quality.png", "site quality per site",
+                      "Each site's image quality: the SNR estimate and the quality factor."))
+    return "\n".join(parts)
+
+
+def _baselines(rep: dict[str, Any]) -> str:
+    text = baselines_text(rep)
+    return f"<h2>Baselines</h2>\n<p>{_e(text)}</p>" if text else ""
+
+
+def _comparison(rep: dict[str, Any]) -> str:
+    if not rep.get("strategy_comparison"):
+        return ""
+    sites, rows = strategy_comparison(rep)
+    body = []
+    for name, vals in rows:
+        defined = [v for v in vals if v is not None]
+        body.append(([_e(name), *(_fmt(v) for v in vals), _fmt(mean_of(vals)),
+                      _fmt(min(defined) if defined else None)], ""))
+    return "\n".join([
+        "<h2>Strategy comparison</h2>",
+        f"<p>{_e(metric_title(rep['metrics']['main']))} of each strategy's federated model at each site.</p>",
+        _table(["strategy", *(_e(s) for s in sites), "mean", "worst"], body),
+    ])
+
+
+def report_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
+    """The report as a self-contained HTML5 page; ``figures`` maps file names to PNG bytes."""
+    sections = [
+        _summary(rep), _final(rep), _rounds(rep, figures), _cross_site(rep, figures), _gain(rep),
+        _quality(rep, figures), _baselines(rep), _comparison(rep),
+    ]
+    version = rep.get("fedscan_version")
+    footer = f"Written by fedscan {_e(version)} from report.json." if version else "Written from report.json."
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>fedscan run report: {_e(rep['task'])}, {_e(rep['strategy'])}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        "<h1>fedscan run report</h1>",
+        *(s for s in sections if s),
+        f"<footer>{footer}</footer>",
+        "</body>",
+        "</html>",
+        "",
+    ])

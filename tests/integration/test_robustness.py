@@ -1,0 +1,112 @@
+"""A faulty site: one site sends updates scaled by 100, or all NaN.
+
+The whole federation runs in this process: fedscan's ServerApp ``main`` and ClientApp handlers,
+Flower's strategies, every message through protobuf as on the wire; only Flower's transport and
+Ray are left out (the simulate tests cover them), so that several whole runs fit in the suite.
+
+- fedmedian and fedtrimmedavg keep the global model's validation Dice within 5% of the honest run;
+- NaN updates are always rejected, with the reason in report.json, whatever the strategy;
+- fedavg follows a scaled site (documented in the README's Strategies section): its Dice collapses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedscan.client.app import evaluate as client_evaluate
+from fedscan.client.app import train as client_train
+from fedscan.common.config import AppConfig, RunConfig
+from fedscan.common.data.synthetic import synthesize
+from fedscan.server.app import main as server_main
+
+SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+FAULTY = "hospital-c"
+
+
+class InProcessGrid:
+    """The sites answer in this process through the real ClientApp handlers."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.contexts = {
+            k + 1: Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": len(SITES)},
+                           state=RecordDict(), run_config=cfg.to_run_config())
+            for k in range(len(SITES))
+        }
+        self.sent = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        replies = []
+        for msg in messages:
+            self.sent += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self.sent}"
+            msg = message_from_proto(message_to_proto(msg))
+            handler = client_train if msg.metadata.message_type == "train" else client_evaluate
+            reply: Message = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            replies.append(message_from_proto(message_to_proto(reply)))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def four_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("robust") / "sites"
+    synthesize(root, n_sites=len(SITES), seed=3)
+    return root
+
+
+def federate(root: Path, out: Path, strategy: str, fault: str | None = None) -> dict:
+    run = RunConfig(strategy=strategy, data_root=root, sites=len(SITES), rounds=3, local_epochs=3, image_size=32,
+                    base_channels=8, unet_depth=2, seed=2, output=out, cache_dir=root.parent / "cache",
+                    **({"fault_site": FAULTY, "fault_kind": fault} if fault else {}))
+    cfg = AppConfig(run=run, site_names=SITES)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    with pytest.MonkeyPatch.context() as mp:  # what a Flower process sets before it builds messages
+        for attr in ("_run_id", "_node_id", "_task_id"):
+            mp.setattr(TaskIdentity, attr, 1)
+        server_main(InProcessGrid(cfg), context)
+    return json.loads((out / "report.json").read_text())
+
+
+def mean_dice(rep: dict) -> float:
+    return rep["final"]["mean"]["dice"]
+
+
+@pytest.fixture(scope="module")
+def honest(four_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("honest")
+    return {s: federate(four_sites, out / s, s) for s in ("fedmedian", "fedtrimmedavg", "fedavg")}
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg"])
+def test_robust_strategies_keep_the_dice_of_the_honest_run(strategy: str, four_sites: Path, honest: dict,
+                                                           tmp_path: Path) -> None:
+    ref = mean_dice(honest[strategy])
+    assert ref > 0.3, ref  # the honest federation learned something
+    rep = federate(four_sites, tmp_path / "scaled", strategy, fault="scale")
+    got = mean_dice(rep)
+    assert abs(got - ref) <= 0.05 * ref, (strategy, ref, got)
+    assert all(not h["aggregation"]["rejected"] for h in rep["history"])  # finite: not rejected, outvoted
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])
+def test_nan_updates_are_always_rejected(strategy: str, four_sites: Path, honest: dict, tmp_path: Path) -> None:
+    rep = federate(four_sites, tmp_path / "nan", strategy, fault="nan")
+    for h in rep["history"]:
+        assert list(h["aggregation"]["rejected"]) == [FAULTY]
+        assert "NaN or infinite" in h["aggregation"]["rejected"][FAULTY]
+        assert h["aggregation"]["records_seen_by_strategy"] == len(SITES) - 1
+    assert mean_dice(rep) > 0.3  # the others went on training
+
+
+def test_fedavg_follows_a_scaled_site(four_sites: Path, honest: dict, tmp_path: Path) -> None:
+    """Documented behaviour: the mean has no defence against a finite but wild update."""
+    rep = federate(four_sites, tmp_path / "scaled", "fedavg", fault="scale")
+    assert mean_dice(rep) < 0.5 * mean_dice(honest["fedavg"]), (mean_dice(rep), mean_dice(honest["fedavg"]))

@@ -1,0 +1,261 @@
+"""Heterogeneous sites without Flower's runtime: FedBN's local layers, quality weighting, fault
+injection, the pooled baseline's data, the federated gain, and the heterogeneous scenario."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from fedscan.client.app import _injected_fault
+from fedscan.client.personal import LocalLayers
+from fedscan.client.training import open_site
+from fedscan.common.config import AppConfig, RunConfig
+from fedscan.common.data.layout import discover_sites
+from fedscan.common.data.quality import quality_factor
+from fedscan.common.data.synthetic import make_profiles
+from fedscan.common.errors import FedscanError
+from fedscan.common.weights import QUALITY_FACTOR, norm_keys
+from fedscan.server.baselines import federated_gain, pool_sites
+from fedscan.server.strategies import build_strategy, capped_shares
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class Nodes:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1), nn.InstanceNorm2d(1, affine=True))
+
+
+def _reply(msg: Message, i: int, arrays: dict[str, torch.Tensor], metrics: dict[str, float]) -> Message:
+    msg.metadata.__dict__["_message_id"] = f"m{i}"
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": f"site-{i}"})})
+    return Message(content, reply_to=msg)
+
+
+def test_norm_keys_are_every_normalization_layer() -> None:
+    keys = norm_keys(_net())
+    assert keys == {"1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked",
+                    "3.weight", "3.bias"}
+
+
+def test_fedbn_averages_the_shared_layers_and_keeps_the_global_norm_layers() -> None:
+    net = _net()
+    local = norm_keys(net)
+    strategy = build_strategy(RunConfig(strategy="fedbn"), 3, local)
+    start = ArrayRecord(net.state_dict())
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), Nodes()))
+    shared = [k for k in start if k not in local]
+    replies = []
+    for i, msg in enumerate(msgs):
+        arrays = {k: torch.full(tuple(start[k].shape), float(i + 1)) for k in shared}
+        if i == 2:  # a secure aggregate carries every array (its norm layers unchanged): they are ignored
+            arrays.update({k: torch.full(tuple(start[k].shape), 99.0) for k in local if "num_batches" not in k})
+            arrays.update({k: torch.zeros((), dtype=torch.long) for k in local if "num_batches" in k})
+        replies.append(_reply(msg, i, arrays, {"num-examples": 10 * (i + 1)}))
+    out, _ = strategy.aggregate_train(1, replies)
+    assert out is not None and list(out.keys()) == list(start.keys())  # full model, model order
+    expect = (1 * 10 + 2 * 20 + 3 * 30) / 60
+    for k in shared:
+        assert np.allclose(out[k].numpy(), expect), k
+    for k in local:  # the global model's own, not the 99s
+        assert np.array_equal(out[k].numpy(), start[k].numpy()), k
+    assert strategy.rejected == {}
+
+
+def test_a_site_keeps_its_local_layers_per_round(tmp_path) -> None:  # noqa: ANN001
+    cfg = RunConfig(strategy="fedbn")
+    store = LocalLayers(tmp_path, cfg, "site-a")
+    net = _net()
+    assert store.apply(net, 1) is None  # nothing stored yet: the global layers stay
+    with torch.no_grad():
+        net[1].running_mean.fill_(3.0)
+        net[3].weight.fill_(2.0)
+    store.save(1, net)
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)
+    store.save(2, net)
+    fresh = _net()
+    conv = fresh[0].weight.detach().clone()
+    assert store.apply(fresh, 1) == 1 and float(fresh[1].running_mean[0]) == 3.0 and float(fresh[3].weight[0].detach()) == 2.0
+    assert store.apply(fresh, 7) == 2 and float(fresh[1].running_mean[0]) == 5.0
+    assert torch.equal(fresh[0].weight, conv)  # shared layers untouched
+    # another run (other settings) has its own store
+    assert LocalLayers(tmp_path, cfg.model_copy(update={"seed": 1}), "site-a").apply(_net(), 7) is None
+    # the run's length is not part of its identity (a resumed or extended run finds its layers)
+    assert LocalLayers(tmp_path, cfg.model_copy(update={"rounds": 9}), "site-a").apply(_net(), 7) == 2
+
+
+def test_capped_shares() -> None:
+    assert capped_shares({"a": 1.0, "b": 1.0}, 0.5) == {"a": 0.5, "b": 0.5}
+    s = capped_shares({"a": 90.0, "b": 5.0, "c": 5.0}, 0.5)
+    assert s["a"] == pytest.approx(0.5) and s["b"] == pytest.approx(0.25) and sum(s.values()) == pytest.approx(1.0)
+    s = capped_shares({"a": 50.0, "b": 40.0, "c": 5.0, "d": 5.0}, 0.4)  # two sites over the cap
+    assert s["a"] == pytest.approx(0.4) and s["b"] == pytest.approx(0.4) and s["c"] == pytest.approx(0.1)
+    assert capped_shares({"a": 3.0}, 0.5) == {"a": 1.0}  # one site: the cap cannot hold
+    s = capped_shares({"a": 1.0, "b": 2.0, "c": 3.0}, 0.9)  # below the cap: plain proportions
+    assert s == pytest.approx({"a": 1 / 6, "b": 2 / 6, "c": 3 / 6})
+
+
+def test_quality_factor_is_bounded() -> None:
+    assert quality_factor(60.0, 30.0, 0.25) == 1.0
+    assert quality_factor(15.0, 30.0, 0.25) == 0.5
+    assert quality_factor(1.0, 30.0, 0.25) == 0.25
+    assert quality_factor(None, 30.0, 0.25) == 1.0 and quality_factor(float("nan"), 30.0, 0.25) == 1.0
+
+
+def test_quality_weighting_weights_by_count_times_quality_with_a_cap() -> None:
+    strategy = build_strategy(RunConfig(strategy="fedavg", quality_weighting=True, quality_max_share=0.5), 3)
+    start = ArrayRecord({"w": torch.zeros(2)})
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), Nodes()))
+    counts, quality = [100, 100, 100], [1.0, 0.25, 1.0]
+    replies = [_reply(m, i, {"w": torch.full((2,), float(i))}, {"num-examples": n, QUALITY_FACTOR: q})
+               for i, (m, n, q) in enumerate(zip(msgs, counts, quality, strict=True))]
+    out, _ = strategy.aggregate_train(1, replies)
+    shares = strategy.weight_shares[1]
+    assert shares == pytest.approx({"site-0": 1 / 2.25, "site-1": 0.25 / 2.25, "site-2": 1 / 2.25})
+    assert float(out["w"].numpy()[0]) == pytest.approx(shares["site-1"] * 1 + shares["site-2"] * 2)
+    # one big site is held at the cap
+    strategy = build_strategy(RunConfig(strategy="fedavg", quality_weighting=True, quality_max_share=0.5), 3)
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), Nodes()))
+    replies = [_reply(m, i, {"w": torch.full((2,), float(i))}, {"num-examples": n, QUALITY_FACTOR: 1.0})
+               for i, (m, n) in enumerate(zip(msgs, [1000, 10, 10], strict=True))]
+    strategy.aggregate_train(1, replies)
+    assert strategy.weight_shares[1]["site-0"] == pytest.approx(0.5)
+
+
+def _ctx(simulated: bool) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 0} if simulated else {}, state=RecordDict(),
+                   run_config={})
+
+
+def test_fault_injection_only_in_simulation_and_only_at_the_named_site() -> None:
+    glob = ArrayRecord({"w": torch.ones(3), "n": torch.zeros((), dtype=torch.long)})
+    mine = ArrayRecord({"w": torch.full((3,), 1.5), "n": torch.zeros((), dtype=torch.long)})
+    scale = AppConfig(run=RunConfig(fault_site="site-b", fault_kind="scale", fault_scale=100))
+    got = _injected_fault(mine, glob, _ctx(True), scale, "site-b").to_torch_state_dict()
+    assert torch.allclose(got["w"], torch.full((3,), 1 + 100 * 0.5)) and int(got["n"]) == 0
+    nan = AppConfig(run=RunConfig(fault_site="site-b", fault_kind="nan"))
+    assert torch.isnan(_injected_fault(mine, glob, _ctx(True), nan, "site-b").to_torch_state_dict()["w"]).all()
+    for ctx, site in ((_ctx(False), "site-b"), (_ctx(True), "site-a")):  # a deployed site, another site
+        assert _injected_fault(mine, glob, ctx, nan, site) is mine
+    with pytest.raises(ValueError, match="go together"):
+        RunConfig(fault_site="site-b")
+
+
+def test_pooled_site_keeps_indices_distinct_and_the_splits(synth_root) -> None:  # noqa: ANN001
+    cfg = RunConfig(image_size=64)
+    sites = [open_site(s, cfg, None) for s in discover_sites(synth_root)]
+    pooled = pool_sites(sites)
+    assert len(pooled.data) == sum(len(s.data) for s in sites)
+    assert pooled.data.n_patients == sum(s.data.n_patients for s in sites)
+    assert pooled.train_idx.size == sum(s.train_idx.size for s in sites)
+    assert pooled.val_idx.size == sum(s.val_idx.size for s in sites)
+    second = len(sites[0].data)
+    j = int(sites[1].train_idx[0])
+    assert np.array_equal(pooled.data.images[second + j], sites[1].data.images[j])
+    assert np.array_equal(pooled.data.masks[second + j], sites[1].data.masks[j])
+    # no patient in both splits
+    assert not set(pooled.data.patient[pooled.train_idx]) & set(pooled.data.patient[pooled.val_idx])
+
+
+def test_pooled_exam_sites_offset_their_samples(exam_root) -> None:  # noqa: ANN001
+    cfg = RunConfig(model="mil")
+    sites = [open_site(s, cfg, None) for s in discover_sites(exam_root)]
+    pooled = pool_sites(sites)
+    assert pooled.data.n_samples == sum(s.data.n_samples for s in sites)
+    first = sites[0].data.n_samples
+    assert np.array_equal(pooled.data.target[first:], sites[1].data.target)
+    assert len(pooled.data.slices_of()) == pooled.data.n_samples
+
+
+def test_federated_gain_uses_the_personalized_model_under_fedbn() -> None:
+    matrix = {
+        "global": {"a": {"dice": 0.7}, "b": {"dice": 0.5}},
+        "personalized:a": {"a": {"dice": 0.8}, "b": {"dice": 0.4}},
+        "personalized:b": {"a": {"dice": 0.6}, "b": {"dice": 0.55}},
+        "local:a": {"a": {"dice": 0.75}, "b": {"dice": 0.1}},
+        "local:b": {"a": {"dice": 0.2}, "b": {"dice": 0.6}},
+    }
+    gain, used = federated_gain(matrix, ["a", "b"], "dice", fedbn=False)
+    assert gain == pytest.approx({"a": -0.05, "b": -0.1}) and used == {"a": "global", "b": "global"}
+    gain, used = federated_gain(matrix, ["a", "b"], "dice", fedbn=True)
+    assert gain == pytest.approx({"a": 0.05, "b": -0.05}) and used["b"] == "personalized:b"
+
+
+def test_heterogeneous_scenario() -> None:
+    p = make_profiles(4, 0, scenario="heterogeneous")
+    assert p[1].noise_hu >= 5 * p[0].noise_hu  # heavy noise
+    assert (p[2].hu_scale, p[2].hu_offset) != (1.0, 0.0)  # another calibration
+    assert p[3].n_patients < p[0].n_patients / 3  # small
+    assert all(q.label_noise == 0 for q in p)
+    with pytest.raises(FedscanError, match="at least 4 sites"):
+        make_profiles(3, 0, scenario="heterogeneous")
+    with pytest.raises(FedscanError, match="unknown scenario"):
+        make_profiles(4, 0, scenario="chaos")
+
+
+def test_the_site_snr_ranks_a_noisy_site_lower(tmp_path) -> None:  # noqa: ANN001
+    from fedscan.common.data.synthetic import write_site
+
+    profiles = make_profiles(4, 0, scenario="heterogeneous")
+    cfg = RunConfig(image_size=64)
+    snr = {}
+    for i in (0, 1):
+        prof = profiles[i].model_copy(update={"n_patients": 2})
+        write_site(tmp_path, prof, 0, i)
+        local = open_site(next(s for s in discover_sites(tmp_path) if s.name == prof.name), cfg, None)
+        snr[i] = local.snr()
+    assert snr[0] is not None and snr[1] is not None
+    assert snr[1] < snr[0] / 3, snr
+    assert quality_factor(snr[1], 30.0, 0.25) < quality_factor(snr[0], 30.0, 0.25)
+
+
+def test_a_fedbn_site_never_sends_its_norm_layers_and_evaluates_its_own(synth_root, tmp_path) -> None:  # noqa: ANN001
+    from fedscan.client.app import evaluate as client_evaluate
+    from fedscan.client.app import train as client_train
+    from fedscan.common.models.registry import build_model
+    from fedscan.common.weights import to_record
+
+    run = RunConfig(strategy="fedbn", quality_weighting=True, data_root=synth_root, sites=2, rounds=2,
+                    local_epochs=1, image_size=32, base_channels=4, unet_depth=2, output=tmp_path / "out",
+                    cache_dir=tmp_path / "cache")
+    cfg = AppConfig(run=run, site_names=["hospital-a", "hospital-b"])
+    model = build_model(run)
+    local = norm_keys(model)
+    assert local  # the U-Net's instance norms
+    arrays = to_record(model)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=cfg.to_run_config())
+    conf = {"server-round": 1, "local-epochs": 1, "lr": 1e-3, "batch-size": 4}
+    reply = client_train(Message(RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}), dst_node_id=1,
+                                 message_type="train"), ctx)
+    sent = reply.content["arrays"]
+    assert set(sent.keys()) == set(arrays.keys()) - local
+    assert 0.25 <= reply.content["metrics"][QUALITY_FACTOR] <= 1.0
+    store = LocalLayers(tmp_path / "cache", run, "hospital-a")
+    assert store.path(1).is_file()
+    kept = torch.load(store.path(1), weights_only=True)
+    assert set(kept) == local
+    # evaluation of round 1 uses the site's own layers: the same as evaluating that model by hand
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                  message_type="evaluate")
+    got = client_evaluate(msg, ctx).content["metrics"]
+    from fedscan.client.training import evaluate_local
+
+    own = build_model(run)
+    own.load_state_dict({**arrays.to_torch_state_dict(), **kept})
+    site = open_site(discover_sites(synth_root)[0], run, tmp_path / "cache")
+    assert got["loss"] == pytest.approx(evaluate_local(own, site, run)["loss"], rel=1e-5)
