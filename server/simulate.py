@@ -42,12 +42,20 @@ from fedscan.common.flower_runtime import (
     write_app_dir,
 )
 from fedscan.server.app import PROGRESS_TAG
-from fedscan.server.checkpoint import RUN_CONFIG, atomic_write_bytes, latest_checkpoint, load_resume
-from fedscan.server.report import PER_SITE_CSV, REPORT_JSON, REPORT_MD, report_markdown
+from fedscan.server.checkpoint import RUN_CONFIG, latest_checkpoint, load_resume
+from fedscan.server.report import (
+    FIGURES_DIR,
+    PER_SITE_CSV,
+    REPORT_HTML,
+    REPORT_JSON,
+    REPORT_MD,
+    write_report_files,
+)
 
 log = logging.getLogger("fedscan.simulate")
 
-OUTPUT_NAMES = (REPORT_JSON, PER_SITE_CSV, REPORT_MD, "global_model.pt", "run_config.toml", "checkpoints")
+OUTPUT_NAMES = (REPORT_JSON, PER_SITE_CSV, REPORT_MD, REPORT_HTML, FIGURES_DIR, "global_model.pt", "run_config.toml",
+                "checkpoints")
 CONNECTION = "fedscan-sim"
 class LocalSuperLink:
     """A private simulation SuperLink for one run; a context manager that always cleans up."""
@@ -353,5 +361,4 @@ def _mark_unfinished(out: Path, status: str) -> None:
         return
     if report.get("status") == "running":
         report["status"] = status
-        atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
-        atomic_write_bytes(out / REPORT_MD, report_markdown(report).encode())
+        write_report_files(out, report)

@@ -1,11 +1,12 @@
-"""A faulty site: one site sends updates scaled by 100, or all NaN.
+"""A faulty site: one site of five sends updates scaled by 100, or all NaN, every round.
 
 The whole federation runs in this process: fedscan's ServerApp ``main`` and ClientApp handlers,
 Flower's strategies, every message through protobuf as on the wire; only Flower's transport and
 Ray are left out (the simulate tests cover them), so that several whole runs fit in the suite.
 
 - fedmedian and fedtrimmedavg keep the global model's validation Dice within 5% of the honest run;
-- NaN updates are always rejected, with the reason in report.json, whatever the strategy;
+- NaN updates are always rejected, with the reason in report.json (for every strategy, on
+  hand-made replies: ``tests/unit/test_strategies.py``), and the others train on;
 - fedavg follows a scaled site (documented in the README's Strategies section): its Dice collapses.
 """
 
@@ -22,10 +23,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedscan.client.app import evaluate as client_evaluate
 from fedscan.client.app import train as client_train
 from fedscan.common.config import AppConfig, RunConfig
-from fedscan.common.data.synthetic import synthesize
+from fedscan.common.data.synthetic import make_profiles, write_site
 from fedscan.server.app import main as server_main
 
-SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e"]
 FAULTY = "hospital-c"
 
 
@@ -56,15 +57,20 @@ class InProcessGrid:
 
 
 @pytest.fixture(scope="module")
-def four_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five small synthetic hospitals (4 patients each), as `fedscan synth` draws them."""
     root = tmp_path_factory.mktemp("robust") / "sites"
-    synthesize(root, n_sites=len(SITES), seed=3)
+    for i, profile in enumerate(make_profiles(len(SITES), 3)):
+        write_site(root, profile.model_copy(update={"n_patients": 4}), 3, i)
     return root
 
 
 def federate(root: Path, out: Path, strategy: str, fault: str | None = None) -> dict:
-    run = RunConfig(strategy=strategy, data_root=root, sites=len(SITES), rounds=3, local_epochs=3, image_size=32,
-                    base_channels=8, unet_depth=2, seed=2, output=out, cache_dir=root.parent / "cache",
+    # small and fast, but trained to near its plateau: earlier, any difference in the aggregate
+    # (even among honest sites) moves the Dice by more than 5% while it still climbs
+    run = RunConfig(strategy=strategy, data_root=root, sites=len(SITES), rounds=10, local_epochs=4, image_size=32,
+                    base_channels=8, unet_depth=2, learning_rate=3e-3, seed=2, output=out,
+                    cache_dir=root.parent / "cache",
                     **({"fault_site": FAULTY, "fault_kind": fault} if fault else {}))
     cfg = AppConfig(run=run, site_names=SITES)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
@@ -80,33 +86,32 @@ def mean_dice(rep: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def honest(four_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def honest(sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("honest")
-    return {s: federate(four_sites, out / s, s) for s in ("fedmedian", "fedtrimmedavg", "fedavg")}
+    return {s: federate(sites, out / s, s) for s in ("fedmedian", "fedtrimmedavg")}
 
 
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg"])
-def test_robust_strategies_keep_the_dice_of_the_honest_run(strategy: str, four_sites: Path, honest: dict,
+def test_robust_strategies_keep_the_dice_of_the_honest_run(strategy: str, sites: Path, honest: dict,
                                                            tmp_path: Path) -> None:
     ref = mean_dice(honest[strategy])
-    assert ref > 0.3, ref  # the honest federation learned something
-    rep = federate(four_sites, tmp_path / "scaled", strategy, fault="scale")
+    assert ref > 0.5, ref  # the honest federation learned
+    rep = federate(sites, tmp_path / "scaled", strategy, fault="scale")
     got = mean_dice(rep)
     assert abs(got - ref) <= 0.05 * ref, (strategy, ref, got)
     assert all(not h["aggregation"]["rejected"] for h in rep["history"])  # finite: not rejected, outvoted
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])
-def test_nan_updates_are_always_rejected(strategy: str, four_sites: Path, honest: dict, tmp_path: Path) -> None:
-    rep = federate(four_sites, tmp_path / "nan", strategy, fault="nan")
+def test_nan_updates_are_always_rejected(sites: Path, honest: dict, tmp_path: Path) -> None:
+    rep = federate(sites, tmp_path / "nan", "fedavg", fault="nan")
     for h in rep["history"]:
         assert list(h["aggregation"]["rejected"]) == [FAULTY]
         assert "NaN or infinite" in h["aggregation"]["rejected"][FAULTY]
         assert h["aggregation"]["records_seen_by_strategy"] == len(SITES) - 1
-    assert mean_dice(rep) > 0.3  # the others went on training
+    assert mean_dice(rep) > 0.5  # the others trained on
 
 
-def test_fedavg_follows_a_scaled_site(four_sites: Path, honest: dict, tmp_path: Path) -> None:
+def test_fedavg_follows_a_scaled_site(sites: Path, honest: dict, tmp_path: Path) -> None:
     """Documented behaviour: the mean has no defence against a finite but wild update."""
-    rep = federate(four_sites, tmp_path / "scaled", "fedavg", fault="scale")
-    assert mean_dice(rep) < 0.5 * mean_dice(honest["fedavg"]), (mean_dice(rep), mean_dice(honest["fedavg"]))
+    rep = federate(sites, tmp_path / "scaled", "fedavg", fault="scale")
+    assert mean_dice(rep) < 0.5 * mean_dice(honest["fedmedian"]), (mean_dice(rep), mean_dice(honest["fedmedian"]))

@@ -39,7 +39,7 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = run_cli(
         "simulate", "--data-root", str(synth_root), "--rounds", "2", "--out", str(out),
-        "--image-size", "32", "--local-epochs", "1", "--seed", "3", "--device", "cpu",
+        "--image-size", "32", "--local-epochs", "1", "--seed", "3", "--device", "cpu", "--baselines",
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "round 1/2 done" in res.stderr and "round 2/2 done" in res.stderr
@@ -71,6 +71,22 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     assert "| hospital-a |" in md and "**mean**" in md and "Worst site" in md
     assert (out / "global_model.pt").is_file() and (out / "run_config.toml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
+
+    # --baselines: every model at every site; the global row is the federated evaluation's
+    sites = ["hospital-a", "hospital-b"]
+    cross = report["cross_site"]
+    assert set(cross) == {"global", "pooled", "local:hospital-a", "local:hospital-b"}
+    assert all(set(row) == set(sites) for row in cross.values())
+    for s in sites:
+        assert cross["global"][s]["dice"] == pytest.approx(final["per_site"][s]["dice"], abs=1e-6)
+        assert report["federated_gain"][s] == pytest.approx(
+            cross["global"][s]["dice"] - cross[f"local:{s}"][s]["dice"], abs=1e-6)
+    base = report["baselines"]
+    assert base["pooled_steps"] >= sum(base["steps_per_site"].values()) - 2 * 2  # up to a batch per epoch
+    assert set(report["quality"]) == set(sites) and all(q["snr"] > 0 for q in report["quality"].values())
+    assert "Cross-site evaluation" in md
+    html = (out / "report.html").read_text()
+    assert 'id="cross-site-heatmap"' in html and (out / "figures" / "cross_site.png").is_file()
 
     from fedscan.common.config import RunConfig
     from fedscan.common.models.registry import build_model
@@ -174,6 +190,45 @@ def test_segnet_runs_from_a_config_file(synth_root: Path, tmp_path: Path) -> Non
         assert 0.0 <= row["dice"] <= 1.0
         assert row["lesion_fp_per_image"] is not None and row["lesion_fp_per_image"] >= 0.0
     assert "lesion sensitivity" in (out / "report.md").read_text()
+
+
+def test_fedbn_under_secagg_keeps_the_norm_layers_at_the_sites(synth_root: Path, tmp_path: Path) -> None:
+    """FedBN with SegNet (BatchNorm) under SecAgg+: the global model's normalization layers never
+    move (their masked updates are zero), each site keeps its own per round, and the cross-site
+    matrix holds each site's personalized model."""
+    config = tmp_path / "fedbn.toml"
+    config.write_text('model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 2\n'
+                      'strategy = "fedbn"\nsecagg = true\n')
+    out = tmp_path / "out"
+    res = run_cli("simulate", "--config", str(config), "--data-root", str(synth_root), "--out", str(out),
+                  "--device", "cpu", "--baselines")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["strategy"] == "fedbn" and report["secagg"] is True and report["status"] == "complete"
+    assert [h["aggregation"]["sites_aggregated"] for h in report["history"]] == [2, 2]
+
+    from fedscan.common.config import RunConfig
+    from fedscan.common.models.registry import build_model
+    from fedscan.common.weights import norm_keys
+
+    saved = torch.load(out / "global_model.pt", weights_only=True)
+    run = RunConfig.model_validate(saved["config"])
+    assert run.strategy == "fedbn" and run.secagg
+    torch.manual_seed(run.seed)  # the ServerApp's initial model
+    initial = build_model(run).state_dict()
+    final = saved["state_dict"]
+    local = norm_keys(build_model(run))
+    assert local and all(torch.equal(final[k], initial[k]) for k in local)  # never sent, never averaged
+    assert any(not torch.equal(final[k], initial[k]) for k in final if k not in local)  # the rest trained
+    for site in ("hospital-a", "hospital-b"):
+        rounds = sorted(p.name for p in (out / "cache" / "fedbn").glob(f"*/{site}/round-*.pt"))
+        assert rounds == ["round-001.pt", "round-002.pt"], rounds
+    cross = report["cross_site"]
+    assert {"personalized:hospital-a", "personalized:hospital-b", "global", "pooled"} <= set(cross)
+    for site in ("hospital-a", "hospital-b"):  # each site's own evaluation was of its personalized model
+        assert cross[f"personalized:{site}"][site]["dice"] == pytest.approx(
+            report["final"]["per_site"][site]["dice"], abs=1e-6)
+        assert report["federated_gain_model"][site] == f"personalized:{site}"
 
 
 def test_synth_classification_cli(tmp_path: Path) -> None:
