@@ -28,12 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402  run 
 from fedscan.server.report import write_report_files  # noqa: E402
 
 STRATEGIES = ("fedbn", "fedavg", "fedprox")  # the first one also trains the baselines
+# a strategy name with "+quality" runs that strategy with quality weighting
 
 
-def simulate(data: Path, out: Path, strategy: str, args: argparse.Namespace, baselines: bool) -> dict:
-    config = out.parent / f"{strategy}.toml"
+def simulate(data: Path, out: Path, variant: str, args: argparse.Namespace, baselines: bool) -> dict:
+    strategy, _, extra = variant.partition("+")
+    config = out.parent / f"{variant}.toml"
     config.write_text(
-        f'strategy = "{strategy}"\nrounds = {args.rounds}\nlocal_epochs = {args.local_epochs}\n'
+        ("quality_weighting = true\n" if extra == "quality" else "")
+        + f'strategy = "{strategy}"\nrounds = {args.rounds}\nlocal_epochs = {args.local_epochs}\n'
         f"image_size = {args.image_size}\nseed = {args.seed}\nproximal_mu = {args.mu}\n"
         f'cache_dir = "{out.parent / "cache"}"\n'
     )
@@ -42,8 +45,8 @@ def simulate(data: Path, out: Path, strategy: str, args: argparse.Namespace, bas
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{strategy} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    print(f"{strategy}: {time.monotonic() - t0:.0f} s", flush=True)
+        sys.exit(f"{variant} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    print(f"{variant}: {time.monotonic() - t0:.0f} s", flush=True)
     return json.loads((out / "report.json").read_text())
 
 
@@ -60,7 +63,10 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--mu", type=float, default=0.01, help="FedProx's µ")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
+                    help="strategies to compare (the first also trains the baselines); NAME+quality adds quality weighting")
     args = ap.parse_args()
+    strategies = tuple(args.strategies)
     out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -69,8 +75,8 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "fedscan.common.cli", "synth", "--sites", str(args.sites), "--scenario",
                     "heterogeneous", "--seed", str(args.seed), "--out", str(data)], check=True)
 
-    reports = {s: simulate(data, out / s, s, args, baselines=(i == 0)) for i, s in enumerate(STRATEGIES)}
-    base = reports[STRATEGIES[0]]
+    reports = {s: simulate(data, out / s, s, args, baselines=(i == 0)) for i, s in enumerate(strategies)}
+    base = reports[strategies[0]]
     main_metric = base["metrics"]["main"]
     sites = list(base["sites"])
     baseline_rows = {k: v for k, v in base["cross_site"].items() if k == "pooled" or k.startswith("local:")}
@@ -100,7 +106,7 @@ def main() -> None:
         rep["strategy_comparison"] = comparison
         write_report_files(out / name, rep)
 
-    best = max(STRATEGIES, key=lambda n: mean(comparison[n]))
+    best = max(strategies, key=lambda n: mean(comparison[n]))
     pooled_mean = mean(comparison["pooled"])
     summary = {
         "command": " ".join(sys.argv),
@@ -123,7 +129,7 @@ def main() -> None:
           f"{'met' if summary['target_098_of_pooled'] else 'missed'}); gains "
           + ", ".join(f"{s} {g:+.3f}" for s, g in summary["best_gain"].items() if g is not None)
           + f" (every site >= 0: {'met' if summary['target_gain_every_site'] else 'missed'})")
-    print(f"reports: {', '.join(str(out / n / 'report.html') for n in STRATEGIES)}")
+    print(f"reports: {', '.join(str(out / n / 'report.html') for n in strategies)}")
 
 
 if __name__ == "__main__":

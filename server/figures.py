@@ -63,8 +63,10 @@ def curves_png(rep: dict[str, Any]) -> bytes | None:
     ax.plot(rounds, mean, linestyle="--", color="black", linewidth=2, label="mean")
     ax.set_xlabel("round")
     ax.set_ylabel(metric_title(main))
-    ax.set_title(f"{metric_title(main)} of the global model at each site")
-    ax.set_xticks(rounds)
+    ax.set_title(f"{metric_title(main)} at each site" + (" (personalized models)" if rep.get("strategy") == "fedbn"
+                                                          else " (global model)"))
+    step = max(1, -(-len(rounds) // 12))  # at most about 12 labelled rounds
+    ax.set_xticks(rounds[::step])
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _png(fig)

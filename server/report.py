@@ -496,6 +496,13 @@ def _optional_sections(rep: dict[str, Any]) -> list[str]:
     return lines
 
 
+def evaluated_model(rep: dict[str, Any]) -> str:
+    """What the sites evaluated each round: the global model, or under FedBN each site's own."""
+    if rep.get("strategy") == "fedbn":
+        return "personalized models (FedBN: the global model with each site's own normalization layers)"
+    return "global model"
+
+
 def report_markdown(rep: dict[str, Any]) -> str:
     final = rep["final"]
     task = rep["task"]
@@ -511,7 +518,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
         f"- sites: {', '.join(rep['sites'])}",
         *_secagg_lines(rep),
         "",
-        "## Final global model, evaluated at each site",
+        f"## Final {evaluated_model(rep)}, evaluated at each site",
         "",
         "| site | " + " | ".join(_TITLES.get(m, m) for m in names) + f" | {unit} |",
         "| --- | " + " | ".join("---:" for _ in names) + " | ---: |",

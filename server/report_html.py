@@ -17,6 +17,7 @@ from fedscan.common.tasks.registry import task_metrics
 from fedscan.server.report import (
     baselines_text,
     cross_site_table,
+    evaluated_model,
     federated_gains,
     gain_warning,
     mean_of,
@@ -114,7 +115,7 @@ def _final(rep: dict[str, Any]) -> str:
             for site, row in final["per_site"].items()]
     mean = final["mean"]
     rows.append((["mean", *(_fmt(mean.get(m), digits.get(m, 3)) for m in names), ""], "mean"))
-    parts = ["<h2>Final global model, evaluated at each site</h2>", _table(head, rows)]
+    parts = [f"<h2>Final {_e(evaluated_model(rep))}, evaluated at each site</h2>", _table(head, rows)]
     if any(row.get(m) is None for row in final["per_site"].values() for m in names):
         parts.append('<p class="note">n/a: undefined at that site (for example AUROC on a validation set '
                      "holding one class, or Dice without any lesion); left out of the mean.</p>")
@@ -140,7 +141,7 @@ def _rounds(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
     return "\n".join([
         f"<h2>{_e(title)} per round</h2>",
         _img(figures, "curves.png", f"{title} at each site per round",
-             f"{title} of the global model at each site after each round; dashed: the mean over sites."),
+             f"{title} of the {_e(evaluated_model(rep))} at each site after each round; dashed: the mean over sites."),
         _table(["round", *(_e(s) for s in sites), "mean"], rows),
     ])
 

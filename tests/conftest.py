@@ -38,3 +38,22 @@ def write_small_exam_sites(root: Path, exams: tuple[int, ...], label_level: str,
     manifest = Manifest(seed=seed, task="classification", label_level=label_level, sites=profiles, counts=counts)
     (root / "manifest.json").write_text(manifest.model_dump_json(indent=2))
     return root
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a Flower process sets before it builds messages: tests that build them use this."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class FixedNodes:
+    """A Grid stand-in that only lists its node IDs, for a strategy's configure_train."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FixedNodes
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedscan.client.app import _injected_fault
@@ -22,16 +22,9 @@ from fedscan.common.weights import QUALITY_FACTOR, norm_keys
 from fedscan.server.baselines import federated_gain, pool_sites
 from fedscan.server.strategies import build_strategy, capped_shares
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-class Nodes:
-    def get_node_ids(self) -> list[int]:
-        return [1, 2, 3]
 
 
 def _net() -> nn.Module:
@@ -56,7 +49,7 @@ def test_fedbn_averages_the_shared_layers_and_keeps_the_global_norm_layers() -> 
     local = norm_keys(net)
     strategy = build_strategy(RunConfig(strategy="fedbn"), 3, local)
     start = ArrayRecord(net.state_dict())
-    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), Nodes()))
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), FixedNodes([1, 2, 3])))
     shared = [k for k in start if k not in local]
     replies = []
     for i, msg in enumerate(msgs):
@@ -119,7 +112,7 @@ def test_quality_factor_is_bounded() -> None:
 def test_quality_weighting_weights_by_count_times_quality_with_a_cap() -> None:
     strategy = build_strategy(RunConfig(strategy="fedavg", quality_weighting=True, quality_max_share=0.5), 3)
     start = ArrayRecord({"w": torch.zeros(2)})
-    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), Nodes()))
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), FixedNodes([1, 2, 3])))
     counts, quality = [100, 100, 100], [1.0, 0.25, 1.0]
     replies = [_reply(m, i, {"w": torch.full((2,), float(i))}, {"num-examples": n, QUALITY_FACTOR: q})
                for i, (m, n, q) in enumerate(zip(msgs, counts, quality, strict=True))]
@@ -129,7 +122,7 @@ def test_quality_weighting_weights_by_count_times_quality_with_a_cap() -> None:
     assert float(out["w"].numpy()[0]) == pytest.approx(shares["site-1"] * 1 + shares["site-2"] * 2)
     # one big site is held at the cap
     strategy = build_strategy(RunConfig(strategy="fedavg", quality_weighting=True, quality_max_share=0.5), 3)
-    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), Nodes()))
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), FixedNodes([1, 2, 3])))
     replies = [_reply(m, i, {"w": torch.full((2,), float(i))}, {"num-examples": n, QUALITY_FACTOR: 1.0})
                for i, (m, n) in enumerate(zip(msgs, [1000, 10, 10], strict=True))]
     strategy.aggregate_train(1, replies)

@@ -96,7 +96,7 @@ def test_html_is_self_contained_and_embeds_each_figure(tmp_path: Path) -> None:
         (tmp_path / "figures" / n).read_bytes() for n in ("curves.png", "cross_site.png", "quality.png"))
     heatmap = re.search(r'<img id="cross-site-heatmap" src="data:image/png;base64,([^"]+)"', page)
     assert heatmap and base64.b64decode(heatmap.group(1)) == (tmp_path / "figures/cross_site.png").read_bytes()
-    for heading in ("Final global model", "Cross-site evaluation", "Federated gain per site", "Site quality",
+    for heading in ("Final personalized models (FedBN", "Cross-site evaluation", "Federated gain per site", "Site quality",
                     "Baselines", "Strategy comparison"):
         assert heading in page
 

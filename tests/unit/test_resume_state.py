@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FixedNodes
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
 from fedscan.common.cli import app as cli
@@ -20,15 +20,9 @@ from fedscan.server.strategies import PerSiteEvaluation, build_strategy
 NODES = [1, 2, 3]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-class Nodes:
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
 
 
 def _initial() -> ArrayRecord:
@@ -42,7 +36,7 @@ def _rounds(strategy: PerSiteEvaluation, arrays: ArrayRecord, n: int) -> tuple[A
     rounds the sites were told."""
     told = []
     for flower_round in range(1, n + 1):
-        msgs = list(strategy.configure_train(flower_round, arrays, ConfigRecord({}), Nodes()))
+        msgs = list(strategy.configure_train(flower_round, arrays, ConfigRecord({}), FixedNodes(NODES)))
         replies = []
         for i, msg in enumerate(msgs):
             msg.metadata.__dict__["_message_id"] = f"m{flower_round}-{i}"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FixedNodes
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedscan.common.config import STRATEGIES, RunConfig
 from fedscan.common.tasks.loops import fit
@@ -18,15 +18,9 @@ NODES = [1, 2, 3, 4, 5]
 COUNTS = [10, 20, 30, 40, 50]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-class Nodes:
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
 
 
 GLOBAL = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
@@ -34,7 +28,7 @@ GLOBAL = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
 
 def _round(strategy_name: str, site_weights: list[dict[str, torch.Tensor]], **cfg: object):
     strategy = build_strategy(RunConfig(strategy=strategy_name, **cfg), len(NODES))
-    msgs = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord({}), Nodes()))
+    msgs = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord({}), FixedNodes(NODES)))
     replies = []
     for i, (m, weights, n) in enumerate(zip(msgs[:len(site_weights)], site_weights, COUNTS, strict=False)):
         m.metadata.__dict__["_message_id"] = f"m{i}"
