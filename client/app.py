@@ -104,7 +104,8 @@ def _injected_fault(record: ArrayRecord, global_arrays: ArrayRecord, context: Co
     how a strategy copes. ``scale``: the update (local minus global) times ``fault_scale``;
     ``nan``: every floating-point value NaN. A deployed site never does this."""
     run = cfg.run
-    if run.fault_site != site or "partition-id" not in context.node_config:
+    simulated = "partition-id" in context.node_config and "data-dir" not in context.node_config
+    if run.fault_site != site or not simulated:
         return record
     log.warning("site %s: sending a faulty update on purpose (%s), as the simulation asks", site, run.fault_kind)
     out = {}
@@ -132,6 +133,7 @@ def _train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig,
     server_round = int(conf["server-round"])
     local_layers = _local_layers(context, cfg, site.name)
     if local_layers is not None:  # FedBN: this site's own normalization layers, from its last round
+        local_layers.forget_from(server_round)  # left by an earlier run, or by this round interrupted
         local_layers.apply(model, server_round - 1)
     metrics = training.train_local(
         model, site, cfg.run,

@@ -51,6 +51,13 @@ class LocalLayers:
         torch.save(state, tmp)
         tmp.replace(self.path(server_round))
 
+    def forget_from(self, server_round: int) -> None:
+        """Remove the layers stored for ``server_round`` and later: before training that round they
+        can only be an earlier run's, or this round's from before an interruption."""
+        for path in self.folder.glob("round-*.pt") if self.folder.is_dir() else []:
+            if int(path.stem.split("-")[1]) >= server_round:
+                path.unlink(missing_ok=True)
+
     def latest(self, up_to: int) -> int | None:
         """The last round, at most ``up_to``, whose local layers are stored."""
         rounds = [int(p.stem.split("-")[1]) for p in self.folder.glob("round-*.pt")] if self.folder.is_dir() else []

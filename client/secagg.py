@@ -54,6 +54,9 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         arrays = ArrayRecord({k: torch.from_numpy(np.array(a)) for k, a in zip(model_keys, global_np, strict=True)})
         model, metrics, _site = train(arrays, dict(fitins.config), ctxt)
         local = model.state_dict()
+        for k, a in zip(model_keys, global_np, strict=True):  # the arrays pair with the names by position
+            if tuple(local[k].shape) != tuple(np.shape(a)):
+                raise ValueError(f"the server's array for {k} has shape {np.shape(a)}, the model's {tuple(local[k].shape)}")
         params = ctxt.state.config_records[RECORD_KEY_STATE]  # saved by the mod at setup
         clip, max_weight = float(params["clipping_range"]), float(params["max_weight"])
         n = int(metrics["num-examples"])

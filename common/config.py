@@ -289,6 +289,11 @@ class RunConfig(BaseModel):
             )
         if (self.fault_site is None) != (self.fault_kind is None):
             raise ValueError("fault_site and fault_kind go together: set both to make a site's updates faulty, or neither")
+        if self.fault_site is not None and self.secagg:
+            raise ValueError("fault injection works on plaintext updates: turn secure aggregation off (--no-secagg)")
+        if self.quality_weighting and self.strategy in ROBUST_STRATEGIES:
+            raise ValueError(f"strategy {self.strategy} does not weight the sites: quality_weighting has no effect "
+                             "with it; turn it off or choose an averaging strategy")
         if self.secagg:  # the explicit SecAgg+ settings must fit the run's (minimum) number of sites
             self.secagg_plan(self.sites, strict=True)
             if self.strategy in ROBUST_STRATEGIES:

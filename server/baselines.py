@@ -7,7 +7,8 @@ the same sites, split and seed, ``fedscan simulate --baselines`` also trains:
   i.e. the same local optimizer steps per site as it took in the federation (its own optimizer
   state restarting each round, as in the federation; no averaging);
 - **pooled**: all sites' training data in one place, for the same rounds and epochs, so its
-  steps are the sum of the sites' steps (up to one batch per epoch).
+  steps are at least the sum of the sites' steps (a batch per site and epoch more at most,
+  since each epoch drops one incomplete batch instead of one per site).
 
 Every model starts from the federation's initial weights (the run seed). Then every model is
 evaluated on every site's validation split: the cross-site matrix (as NVIDIA FLARE's

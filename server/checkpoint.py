@@ -46,7 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _to_tensors(value: Any) -> Any:
     """numpy arrays (at any depth of dicts and lists) as tensors, for a weights-only file."""
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.ndarray, np.generic)):  # Flower's arithmetic on 0-d arrays gives numpy scalars
         return torch.from_numpy(np.array(value, copy=True))  # copied: the strategy's may be read-only
     if isinstance(value, dict):
         return {k: _to_tensors(v) for k, v in value.items()}
@@ -122,14 +122,18 @@ def load_resume(path: Path) -> Resume:
             f"{path} is not a checkpoint fedscan can resume from (it holds no strategy state)",
             hint="it was written by an earlier fedscan or is not a round checkpoint; start the run anew",
         )
-    return Resume(
-        server_round=int(ckpt["round"]),
-        arrays=ArrayRecord(ckpt["state_dict"]),
-        strategy_state=_to_arrays(ckpt["strategy_state"]),
-        history=list(ckpt.get("history", [])),
-        strategy=str(ckpt.get("strategy", ckpt["config"].get("strategy", ""))),
-        config=dict(ckpt["config"]),
-    )
+    try:
+        return Resume(
+            server_round=int(ckpt["round"]),
+            arrays=ArrayRecord(ckpt["state_dict"]),
+            strategy_state=_to_arrays(ckpt["strategy_state"]),
+            history=list(ckpt.get("history", [])),
+            strategy=str(ckpt.get("strategy", ckpt["config"].get("strategy", ""))),
+            config=dict(ckpt["config"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FedscanError(f"{path} is not a complete fedscan checkpoint (missing or wrong {exc})",
+                           hint="remove it to resume from the round before, or start the run anew") from None
 
 
 def save_run_config(out: Path, cfg: RunConfig) -> Path:

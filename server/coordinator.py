@@ -264,6 +264,9 @@ def run_deployment(
     ``cfg.output``; return report.json's content. Raises FedscanError when the run fails."""
     from fedscan.server.simulate import check_output, clear_output
 
+    if cfg.fault_site is not None:
+        raise FedscanError("fault_site and fault_kind are for simulation only; a deployed site never sends a faulty "
+                           "update on purpose", hint="remove them from the run config")
     ca = Path(ca).expanduser().resolve()
     if not ca.is_file():
         raise FedscanError(f"CA certificate {ca} does not exist", hint="use the ca.crt from `fedscan server init`")

@@ -141,7 +141,7 @@ def _rounds(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
     return "\n".join([
         f"<h2>{_e(title)} per round</h2>",
         _img(figures, "curves.png", f"{title} at each site per round",
-             f"{title} of the {_e(evaluated_model(rep))} at each site after each round; dashed: the mean over sites."),
+             f"{title} of the {evaluated_model(rep)} at each site after each round; dashed: the mean over sites."),
         _table(["round", *(_e(s) for s in sites), "mean"], rows),
     ])
 

@@ -211,6 +211,8 @@ def run_simulation(
     out = Path(cfg.output).expanduser().resolve()
     earlier = [] if resume_from is not None else check_output(out, overwrite)  # a resumed run keeps its folder
     data_root, sites = resolve_sites(cfg, out, say)
+    if cfg.fault_site is not None and cfg.fault_site not in {s.name for s in sites}:
+        raise FedscanError(f"fault_site '{cfg.fault_site}' is none of the sites: {', '.join(s.name for s in sites)}")
     cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
     run = cfg.model_copy(update={"data_root": data_root, "output": out, "cache_dir": cache_dir})
 

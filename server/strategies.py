@@ -11,6 +11,7 @@ shapes, is rejected with a logged reason (and counted in the report), whatever t
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -116,8 +117,10 @@ class PerSiteEvaluation(Strategy):
         # training updates rejected before aggregation, per round: {site: reason}
         self.rejected: dict[int, dict[str, str]] = {}
         self._global_shapes: dict[str, tuple[int, ...]] | None = None  # of the round's global model
-        # quality weighting (plaintext): the largest share of the aggregate a site may hold, or None
+        # quality weighting (plaintext): the largest share of the aggregate a site may hold, or None;
+        # and the lowest factor a site's reported quality counts with
         self.quality_max_share: float | None = None
+        self.quality_floor = 0.0
         # each site's share of the aggregate, per round, under quality weighting
         self.weight_shares: dict[int, dict[str, float]] = {}
 
@@ -140,11 +143,22 @@ class PerSiteEvaluation(Strategy):
             else:
                 kept.append(msg)
         replies = kept
-        if self.quality_max_share is not None and replies:
-            self.weight_shares[server_round] = _quality_weights(replies, self.quality_max_share)
         self.train_records[server_round] = len(replies)
         self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
-        return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
+        self.before_aggregation(replies)
+        if self.quality_max_share is None or not replies:
+            return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
+        # quality weighting: the training replies are weighted by the weights written here (the
+        # evaluation replies, which carry none, keep Flower's weighting by example count)
+        self.weight_shares[server_round] = _quality_weights(replies, self.quality_max_share, self.quality_floor)
+        by_count, self.weighted_by_key = self.weighted_by_key, QUALITY_WEIGHT  # type: ignore[attr-defined]
+        try:
+            return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
+        finally:
+            self.weighted_by_key = by_count
+
+    def before_aggregation(self, replies: list[Message]) -> None:
+        """A hook for a strategy that adapts to the round's kept replies (nothing by default)."""
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[safe-super]
@@ -177,14 +191,18 @@ def capped_shares(weights: dict[str, float], max_share: float) -> dict[str, floa
         capped.update(dict.fromkeys(over, cap))
 
 
-def _quality_weights(replies: list[Message], max_share: float) -> dict[str, float]:
+def _quality_weights(replies: list[Message], max_share: float, floor: float) -> dict[str, float]:
     """Quality weighting: each reply's weight is example count x the quality factor the site
-    sent, with no site above ``max_share`` of the total. Written into the reply as
-    ``QUALITY_WEIGHT`` (the strategy aggregates by it); returns each site's share."""
+    sent (held within [``floor``, 1]; a missing or non-finite one counts as 1), with no site
+    above ``max_share`` of the total. Written into the reply as ``QUALITY_WEIGHT`` (the strategy
+    aggregates by it); returns each site's share."""
     raw = {}
     for msg in replies:
         rec = next(iter(msg.content.metric_records.values()))
-        raw[site_name(msg)] = float(rec["num-examples"]) * float(rec.get(QUALITY_FACTOR, 1.0))
+        q = float(rec.get(QUALITY_FACTOR, 1.0))
+        q = min(1.0, max(floor, q)) if math.isfinite(q) else 1.0
+        n = float(rec["num-examples"])
+        raw[site_name(msg)] = n * q if math.isfinite(n) and n > 0 else 0.0
     shares = capped_shares(raw, max_share)
     for msg in replies:
         next(iter(msg.content.metric_records.values()))[QUALITY_WEIGHT] = shares[site_name(msg)]
@@ -237,7 +255,16 @@ class PerSiteFedMedian(PerSiteEvaluation, FedMedian):
 
 class PerSiteFedTrimmedAvg(PerSiteEvaluation, FedTrimmedAvg):
     """FedTrimmedAvg (Yin et al., ICML 2018): the coordinate-wise mean without the lowest and
-    highest ``trimmed_fraction`` of the sites' values."""
+    highest ``trimmed_fraction`` of the sites' values. Without a fraction set (``auto_trim``),
+    one site's values at each end of the round's kept replies, however many sites answered."""
+
+    auto_trim = False
+
+    def before_aggregation(self, replies: list[Message]) -> None:
+        if self.auto_trim and replies:
+            self.beta = min(1.0001 / len(replies), 0.4999)
+            if len(replies) < 3:
+                log.warning("fedtrimmedavg: only %d update(s) this round: nothing to cut, a plain mean", len(replies))
 
 
 class PerSiteFedBN(PerSiteFedAvg):
@@ -300,8 +327,6 @@ def build_strategy(cfg: RunConfig, n_sites: int, local_keys: frozenset[str] = fr
     # quality weighting in plaintext: by the weights the strategy writes; under SecAgg+ each site
     # masks its count x quality factor, and the secure aggregate carries their total as its count
     quality = cfg.quality_weighting and not cfg.secagg
-    if quality:
-        options["weighted_by_key"] = QUALITY_WEIGHT
     strategy = cls(
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -312,4 +337,7 @@ def build_strategy(cfg: RunConfig, n_sites: int, local_keys: frozenset[str] = fr
     )
     if quality:
         strategy.quality_max_share = cfg.quality_max_share
+        strategy.quality_floor = cfg.quality_floor
+    if isinstance(strategy, PerSiteFedTrimmedAvg):
+        strategy.auto_trim = cfg.trimmed_fraction is None
     return strategy

@@ -82,7 +82,8 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
         assert report["federated_gain"][s] == pytest.approx(
             cross["global"][s]["dice"] - cross[f"local:{s}"][s]["dice"], abs=1e-6)
     base = report["baselines"]
-    assert base["pooled_steps"] >= sum(base["steps_per_site"].values()) - 2 * 2  # up to a batch per epoch
+    steps = sum(base["steps_per_site"].values())
+    assert steps <= base["pooled_steps"] <= steps + 2 * 2  # 2 rounds x 1 epoch, a batch per site and epoch
     assert set(report["quality"]) == set(sites) and all(q["snr"] > 0 for q in report["quality"].values())
     assert "Cross-site evaluation" in md
     html = (out / "report.html").read_text()

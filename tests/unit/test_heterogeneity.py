@@ -252,3 +252,78 @@ def test_a_fedbn_site_never_sends_its_norm_layers_and_evaluates_its_own(synth_ro
     own.load_state_dict({**arrays.to_torch_state_dict(), **kept})
     site = open_site(discover_sites(synth_root)[0], run, tmp_path / "cache")
     assert got["loss"] == pytest.approx(evaluate_local(own, site, run)["loss"], rel=1e-5)
+
+
+def test_quality_weighting_leaves_the_evaluation_weighted_by_count() -> None:
+    """Evaluation replies carry no quality weight: a whole round (train then evaluate) works, and a
+    factor outside [floor, 1] or not finite is held to the bounds."""
+    strategy = build_strategy(RunConfig(strategy="fedprox", quality_weighting=True, quality_floor=0.25), 3)
+    start = ArrayRecord({"w": torch.zeros(2)})
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), FixedNodes([1, 2, 3])))
+    factors = [float("inf"), -3.0, 0.5]
+    replies = [_reply(m, i, {"w": torch.full((2,), float(i))}, {"num-examples": 100, QUALITY_FACTOR: q})
+               for i, (m, q) in enumerate(zip(msgs, factors, strict=True))]
+    out, _ = strategy.aggregate_train(1, replies)
+    # factors held to 1, 0.25 and 0.5; site-0's 1/1.75 then held at the cap of 0.5
+    assert strategy.weight_shares[1] == pytest.approx({"site-0": 0.5, "site-1": 0.5 / 3, "site-2": 1 / 3})
+    assert np.isfinite(out["w"].numpy()).all()
+    evals = list(strategy.configure_evaluate(1, out, ConfigRecord({}), FixedNodes([1, 2, 3])))
+    answers = []
+    for i, m in enumerate(evals):
+        m.metadata.__dict__["_message_id"] = f"e{i}"
+        answers.append(Message(RecordDict({"metrics": MetricRecord({"num-examples": 10 * (i + 1), "dice": 0.1 * i}),
+                                           "site": ConfigRecord({"name": f"site-{i}"})}), reply_to=m))
+    metrics = strategy.aggregate_evaluate(1, answers)
+    assert metrics["dice"] == pytest.approx((0 * 10 + 0.1 * 20 + 0.2 * 30) / 60)
+
+
+def test_trimmed_mean_still_cuts_a_site_when_one_was_rejected() -> None:
+    strategy = build_strategy(RunConfig(strategy="fedtrimmedavg", sites=5), 5)
+    start = ArrayRecord({"w": torch.zeros(2)})
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), FixedNodes([1, 2, 3, 4, 5])))
+    values = [1.0, 2.0, 3.0, 1000.0, float("nan")]  # one NaN (rejected), one wild
+    replies = [_reply(m, i, {"w": torch.full((2,), v)}, {"num-examples": 10}) for i, (m, v) in
+               enumerate(zip(msgs, values, strict=True))]
+    out, _ = strategy.aggregate_train(1, replies)
+    assert list(strategy.rejected[1]) == ["site-4"]
+    assert float(out["w"].numpy()[0]) == pytest.approx(2.5)  # 1 and 1000 cut: the mean of 2 and 3
+
+
+def test_config_refuses_combinations_that_would_do_nothing() -> None:
+    with pytest.raises(ValueError, match="turn secure aggregation off"):
+        RunConfig(fault_site="hospital-a", fault_kind="nan", secagg=True)
+    with pytest.raises(ValueError, match="does not weight the sites"):
+        RunConfig(strategy="fedmedian", quality_weighting=True)
+    with pytest.raises(ValueError, match="at least 3 sites"):
+        RunConfig(strategy="fedtrimmedavg", sites=2)
+
+
+def test_fedbn_forgets_layers_of_rounds_not_yet_trained(tmp_path) -> None:  # noqa: ANN001
+    store = LocalLayers(tmp_path, RunConfig(strategy="fedbn"), "site-a")
+    for r in (1, 2, 3):
+        store.save(r, _net())
+    store.forget_from(2)  # training round 2 again (a rerun, or a resumed run)
+    assert store.latest(10) == 1
+
+
+def test_under_secagg_a_fedbn_site_masks_zero_for_its_norm_layers(synth_root, tmp_path) -> None:  # noqa: ANN001
+    """What the secure path encodes: the trained shared layers, and the global values (a zero
+    update) for every normalization layer; the site's own are stored locally first."""
+    from fedscan.client.app import _train
+    from fedscan.common.models.registry import build_model
+    from fedscan.common.weights import to_record
+
+    run = RunConfig(model="segnet", segnet_width=0.125, strategy="fedbn", data_root=synth_root, sites=2,
+                    local_epochs=1, image_size=32, output=tmp_path / "out", cache_dir=tmp_path / "cache")
+    cfg = AppConfig(run=run, site_names=["hospital-a", "hospital-b"])
+    arrays = to_record(build_model(run))
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=cfg.to_run_config())
+    conf = {"server-round": 1, "local-epochs": 1, "lr": 1e-3, "batch-size": 4}
+    model, _, _ = _train(arrays, conf, ctx, cfg, secure=True)
+    state, glob = model.state_dict(), arrays.to_torch_state_dict()
+    local = norm_keys(model)
+    assert all(torch.equal(state[k], glob[k]) for k in local)
+    assert any(not torch.equal(state[k], glob[k]) for k in state if k not in local)
+    kept = torch.load(LocalLayers(tmp_path / "cache", run, "hospital-a").path(1), weights_only=True)
+    assert any(not torch.equal(kept[k], glob[k]) for k in kept if k.endswith("running_mean"))  # trained, kept here

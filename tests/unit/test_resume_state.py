@@ -27,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 def _initial() -> ArrayRecord:
     gen = torch.Generator().manual_seed(0)
-    return ArrayRecord({"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)})
+    # "s" is 0-d, as BatchNorm's buffers can be: Flower's optimizer state then holds numpy scalars
+    return ArrayRecord({"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen),
+                        "s": torch.tensor(0.5)})
 
 
 def _rounds(strategy: PerSiteEvaluation, arrays: ArrayRecord, n: int) -> tuple[ArrayRecord, list[int]]:
