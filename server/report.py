@@ -441,7 +441,9 @@ def strategy_comparison(rep: dict[str, Any]) -> tuple[list[str], list[tuple[str,
 
 
 def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|")
+    """Text for a Markdown table cell: no cell break, no line break, no raw HTML."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|").replace("\n", " ").replace("\r", " "))
 
 
 def _optional_sections(rep: dict[str, Any]) -> list[str]:

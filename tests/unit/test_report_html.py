@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import logging
 import re
@@ -130,14 +131,14 @@ def test_md_cross_site_table_holds_the_heatmap_values(tmp_path: Path) -> None:
     section = md.split("## Cross-site evaluation", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     header, body = rows[0], rows[1:]
-    assert header == "| model | site-a | site-b | site-c | <b>bold</b> | mean |"
-    order = [r.split(" | ")[0][2:] for r in body]
+    assert header == "| model | site-a | site-b | site-c | &lt;b&gt;bold&lt;/b&gt; | mean |"  # no raw HTML in report.md
+    order = [html.unescape(r.split(" | ")[0][2:]) for r in body]
     assert order == ["global", *(f"personalized:{s}" for s in sorted(SITES)), "pooled",
                      *(f"local:{s}" for s in sorted(SITES))]
     # the values the heatmap writes in its cells, as the table shows them
     models, sites, values = cross_site_table(rep)
     for model, row in zip(models, values):
-        line = next(r for r in body if r.startswith(f"| {model} |"))
+        line = next(r for r in body if html.unescape(r).startswith(f"| {model} |"))
         cells = line.strip("| ").split(" | ")[1:-1]
         assert cells == ["n/a" if v is None else f"{v:.3f}" for v in row]
     assert "| global | 0.700 | 0.720 | 0.740 | 0.760 | 0.730 |" in md
