@@ -170,33 +170,11 @@ def test_exam_classification_with_attention_mil(exam_root: Path, tmp_path: Path)
 
 
 @pytest.mark.integration
-def test_segnet_runs_from_a_config_file(synth_root: Path, tmp_path: Path) -> None:
-    """SegNet (BatchNorm, so float running statistics and an integer step counter) from a config
-    file, trained with FedProx under SecAgg+."""
-    config = tmp_path / "segnet.toml"
-    config.write_text('model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 1\n'
-                      'strategy = "fedprox"\nproximal-mu = 0.1\nsecagg = true\n')
-    out = tmp_path / "out"
-    res = run_cli("simulate", "--config", str(config), "--data-root", str(synth_root), "--out", str(out),
-                  "--device", "cpu")
-    assert res.returncode == 0, res.stdout + res.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["model"] == "segnet" and report["status"] == "complete"
-    assert report["strategy"] == "fedprox" and report["secagg"] is True
-    assert report["history"][0]["aggregation"]["records_seen_by_strategy"] == 1
-    final = torch.load(out / "global_model.pt", weights_only=True)["state_dict"]
-    counters = [k for k in final if k.endswith("num_batches_tracked")]
-    assert counters and all(int(final[k]) == 0 for k in counters)  # step counters never left the sites
-    for row in report["final"]["per_site"].values():
-        assert 0.0 <= row["dice"] <= 1.0
-        assert row["lesion_fp_per_image"] is not None and row["lesion_fp_per_image"] >= 0.0
-    assert "lesion sensitivity" in (out / "report.md").read_text()
-
-
-def test_fedbn_under_secagg_keeps_the_norm_layers_at_the_sites(synth_root: Path, tmp_path: Path) -> None:
-    """FedBN with SegNet (BatchNorm) under SecAgg+: the global model's normalization layers never
-    move (their masked updates are zero), each site keeps its own per round, and the cross-site
-    matrix holds each site's personalized model."""
+def test_segnet_with_fedbn_under_secagg_from_a_config_file(synth_root: Path, tmp_path: Path) -> None:
+    """SegNet (BatchNorm: float running statistics and an integer step counter) from a config file,
+    trained with FedBN under SecAgg+: the global model's normalization layers never move (their
+    masked updates are zero), each site keeps its own per round, and the cross-site matrix holds
+    each site's personalized model."""
     config = tmp_path / "fedbn.toml"
     config.write_text('model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 2\n'
                       'strategy = "fedbn"\nsecagg = true\n')
@@ -207,6 +185,11 @@ def test_fedbn_under_secagg_keeps_the_norm_layers_at_the_sites(synth_root: Path,
     report = json.loads((out / "report.json").read_text())
     assert report["strategy"] == "fedbn" and report["secagg"] is True and report["status"] == "complete"
     assert [h["aggregation"]["sites_aggregated"] for h in report["history"]] == [2, 2]
+    assert [h["aggregation"]["records_seen_by_strategy"] for h in report["history"]] == [1, 1]
+    for row in report["final"]["per_site"].values():
+        assert 0.0 <= row["dice"] <= 1.0
+        assert row["lesion_fp_per_image"] is not None and row["lesion_fp_per_image"] >= 0.0
+    assert "lesion sensitivity" in (out / "report.md").read_text()
 
     from fedscan.common.config import RunConfig
     from fedscan.common.models.registry import build_model
@@ -220,6 +203,8 @@ def test_fedbn_under_secagg_keeps_the_norm_layers_at_the_sites(synth_root: Path,
     final = saved["state_dict"]
     local = norm_keys(build_model(run))
     assert local and all(torch.equal(final[k], initial[k]) for k in local)  # never sent, never averaged
+    counters = [k for k in final if k.endswith("num_batches_tracked")]
+    assert counters and all(int(final[k]) == 0 for k in counters)  # step counters never left the sites
     assert any(not torch.equal(final[k], initial[k]) for k in final if k not in local)  # the rest trained
     for site in ("hospital-a", "hospital-b"):
         rounds = sorted(p.name for p in (out / "cache" / "fedbn").glob(f"*/{site}/round-*.pt"))
