@@ -38,7 +38,7 @@ def simulate(data: Path, out: Path, variant: str, args: argparse.Namespace, base
         ("quality_weighting = true\n" if extra == "quality" else "")
         + f'strategy = "{strategy}"\nrounds = {args.rounds}\nlocal_epochs = {args.local_epochs}\n'
         f"image_size = {args.image_size}\nseed = {args.seed}\nproximal_mu = {args.mu}\n"
-        f'cache_dir = "{out.parent / "cache"}"\n'
+        f'cache_dir = "{out.parent / "cache"}"\nmodel = "{args.model}"\nsegnet_width = {args.segnet_width}\n'
     )
     cmd = [sys.executable, "-m", "fedscan.common.cli", "simulate", "--config", str(config), "--data-root", str(data),
            "--out", str(out), "--overwrite", *(["--baselines"] if baselines else [])]
@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--mu", type=float, default=0.01, help="FedProx's µ")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="unet", help="unet or segnet (BatchNorm: FedBN keeps its running statistics local)")
+    ap.add_argument("--segnet-width", type=float, default=1.0)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                     help="strategies to compare (the first also trains the baselines); NAME+quality adds quality weighting")
     args = ap.parse_args()
