@@ -109,7 +109,7 @@ def scan_site_dir(site: SiteDir) -> SiteScan:
     return scan
 
 
-def _decoded(site: SiteDir, hdr: SeriesHeader) -> tuple[SeriesHeader, np.ndarray] | None:
+def decode_series(site: SiteDir, hdr: SeriesHeader) -> tuple[SeriesHeader, np.ndarray] | None:
     """The series' rescaled pixels; slices that fail to decode are dropped and logged."""
     pixels, ok, failed = read_series(hdr)
     for f in failed:
@@ -121,7 +121,7 @@ def _decoded(site: SiteDir, hdr: SeriesHeader) -> tuple[SeriesHeader, np.ndarray
     return hdr, pixels
 
 
-def _model_input(hdr: SeriesHeader, pixels: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, tuple[float, float]]:
+def model_input(hdr: SeriesHeader, pixels: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, tuple[float, float]]:
     """The series normalized for its modality and put on the model grid, and its spacing there."""
     norm = normalize(pixels, hdr.modality, cfg.ct_window, cfg.intensity_percentiles)
     return fit_images(norm, hdr.spacing, cfg.image_size, cfg.pixel_spacing)
@@ -166,7 +166,7 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
         if hdr.series_uid not in masks_of.sources:
             unlabelled += 1
             continue
-        decoded = _decoded(site, hdr)
+        decoded = decode_series(site, hdr)
         if decoded is None:
             continue
         hdr, pixels = decoded
@@ -187,7 +187,7 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
                 f"(classes 0..{cfg.num_classes - 1})",
                 hint="set num_classes in the run config to the number of mask classes, background included",
             )
-        pix, model_spacing = _model_input(hdr, pixels, cfg)
+        pix, model_spacing = model_input(hdr, pixels, cfg)
         images.append(pix)
         masks.append(fit_labels(mask, hdr.spacing, cfg.image_size, cfg.pixel_spacing))
         _add_slices(index, pix.shape[0], patients.index(hdr.patient_id), si, hdr, model_spacing, series_snr(pixels))
@@ -225,7 +225,7 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
         if not keep.any():
             unlabelled_series += 1
             continue
-        decoded = _decoded(site, hdr.subset(keep))
+        decoded = decode_series(site, hdr.subset(keep))
         if decoded is None:
             continue
         hdr, pixels = decoded
@@ -233,7 +233,7 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
             keys = list(hdr.sop_uids)
         else:
             keys = [hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid] * len(hdr)
-        pix, model_spacing = _model_input(hdr, pixels, cfg)
+        pix, model_spacing = model_input(hdr, pixels, cfg)
         images.append(pix)
         for k in keys:
             matched.add(k)

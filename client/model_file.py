@@ -1,0 +1,88 @@
+"""A run's model file at a site: the weights of ``global_model.pt`` (or of a round checkpoint) and
+the run settings they were trained with, for ``fedscan site explain`` and ``fedscan site predict``.
+
+The file is read with ``torch.load(weights_only=True)``: it can hold tensors and plain values only,
+never code. Under FedBN the site's personalized model is the global model with the normalization
+layers the site kept in its cache (``fedscan.client.personal``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from pydantic import ValidationError
+from torch import nn
+
+from fedscan.common.config import RunConfig
+from fedscan.common.errors import FedscanError
+from fedscan.common.models.registry import build_model
+from fedscan.common.weights import load_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteModel:
+    """A model ready to run at a site, and what it is."""
+
+    model: nn.Module
+    cfg: RunConfig
+    server_round: int
+    kind: str  # "global", or "personalized" (FedBN: the site's own normalization layers)
+
+
+def load_model_file(path: Path, *, device: str = "auto") -> SiteModel:
+    """The model and run settings of ``path``; a FedscanError names what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedscanError(f"model file not found: {path}",
+                           hint="give the global_model.pt of a run (in the run's output folder)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, damaged, or holding more than tensors and plain values
+        raise FedscanError(f"cannot read the model file {path}: it is truncated, damaged or not a fedscan "
+                           f"model ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
+        raise FedscanError(f"{path} is not a fedscan model file (it holds no weights and run settings)",
+                           hint="give the global_model.pt or a checkpoints/round-NNN.pt of a fedscan run")
+    settings = {k: v for k, v in dict(payload["config"]).items() if k not in ("data_root", "cache_dir")}
+    settings["device"] = device
+    try:
+        cfg = RunConfig.model_validate(settings)
+    except ValidationError as exc:
+        raise FedscanError(f"{path}: its run settings are not valid for this fedscan version "
+                           f"({exc.error_count()} problem(s))") from None
+    model = build_model(cfg)
+    try:
+        load_record(model, ArrayRecord(dict(payload["state_dict"])))
+    except ValueError as exc:
+        raise FedscanError(f"{path}: the weights do not fit the '{cfg.model}' model of its settings: {exc}") from None
+    model.eval()
+    return SiteModel(model, cfg, int(payload.get("round", 0)), "global")
+
+
+def personalize(site_model: SiteModel, site: str, cache_root: Path) -> SiteModel:
+    """Under FedBN, put this site's own normalization layers (from its cache) into the model.
+
+    Other strategies have no personalized model: the global one is returned unchanged. A FedBN
+    run whose layers this site does not hold is an error: the global normalization layers were
+    never trained (FedBN keeps them at the sites).
+    """
+    if site_model.cfg.strategy != "fedbn":
+        return site_model
+    from fedscan.client.personal import LocalLayers
+
+    layers = LocalLayers(cache_root, site_model.cfg, site)
+    used = layers.apply(site_model.model, site_model.server_round)
+    if used is None:
+        raise FedscanError(
+            f"the model is from a FedBN run, but site '{site}' holds no normalization layers of it under "
+            f"{layers.folder}",
+            hint="give --cache the cache folder the site trained with, or pass --global to use the global layers",
+        )
+    log.info("site %s: using its own normalization layers of round %d (FedBN)", site, used)
+    return SiteModel(site_model.model, site_model.cfg, site_model.server_round, "personalized")
