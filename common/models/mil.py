@@ -8,10 +8,21 @@ Memory stays bounded for exams of any length: the encoder sees at most ``chunk_s
 a time, and when gradients are recorded each chunk is checkpointed, so only one chunk's
 activations are alive at once (the others are recomputed, one chunk at a time, in backward).
 
-Normalization is batch norm over the images of one exam, in training and in evaluation alike
-(no running statistics): an exam's features depend on that exam only, and there are no
-running statistics for federated averaging to mix across hospitals. An exam longer than
-``chunk_size`` is split into equal chunks, each normalized over its own images.
+Normalization is plain batch norm, as in the image classifiers: in training over the images
+the encoder sees at once (all exams of a training batch, in chunks of at most ``chunk_size``),
+in evaluation with the running statistics, so an evaluated exam's output depends on that exam
+only. Its running statistics are averaged with the weights (or kept at each site, with FedBN).
+
+An earlier design normalized over each exam's own images, in training and evaluation alike.
+That left the classifier blind to absolute evidence: after standardizing an exam, the most
+lesion-like image of a negative exam looks like a lesion. On 100 synthetic exams (96 px, 10
+epochs, 5 seeds) it reached a validation AUROC of 0.38 to 0.59 with little attention on the
+lesion images; plain batch norm reached 0.80 to 1.00, with 2 to 70 times more attention per
+lesion image than per other image.
+
+With gradients recorded and more than one chunk, each chunk is checkpointed; its forward pass
+runs again in backward, which updates the running statistics a second time with the same
+chunk's statistics (an effective momentum of 0.19 rather than 0.1).
 """
 
 from __future__ import annotations
@@ -33,12 +44,11 @@ class InstanceEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 1, base_channels: int = 16, feature_dim: int = 128) -> None:
         super().__init__()
-        # Batch norm over the exam's images, without running statistics: averaged running
-        # statistics from hospitals with different scanners were unstable under FedAvg. Per-image
-        # norms failed to learn on our synthetic exams: instance norm removes each channel's
-        # per-image mean (after pooling, every image looked alike), and without normalization,
-        # or with layer norm, training had not started to separate the classes after 12 epochs.
-        norm = ("batch", {"track_running_stats": False})
+        # Plain batch norm (see the module docstring). Per-image norms failed to learn on our
+        # synthetic exams: instance norm removes each channel's per-image mean (after pooling,
+        # every image looked alike), and without normalization, or with layer or group norm,
+        # training had not started to separate the classes after 10 to 12 epochs.
+        norm = "batch"
         layers: list[nn.Module] = []
         previous = in_channels
         for c in (base_channels, 2 * base_channels, 4 * base_channels, 8 * base_channels):
@@ -113,14 +123,16 @@ class AttentionMIL(nn.Module):
     def forward_bags(self, bags: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Several exams of any lengths: stacked logits ``(B, num_classes)`` and each exam's attention.
 
-        Each exam is encoded and pooled on its own, so the result is the same as calling
-        ``forward`` on each exam.
+        The images of all exams are encoded together (batch norm in training sees them all, in
+        chunks of at most ``chunk_size``), then each exam is pooled on its own. In evaluation the
+        result is the same as calling ``forward`` on each exam.
         """
         if not bags:
             raise ValueError("forward_bags needs at least one bag")
         for bag in bags:
             _check_bag(bag)
-        pooled = [self.attend(self.embed(bag)) for bag in bags]
+        features = self.embed(torch.cat(bags)).split([bag.shape[0] for bag in bags])
+        pooled = [self.attend(f) for f in features]
         return torch.stack([logits for logits, _ in pooled]), [attention for _, attention in pooled]
 
 

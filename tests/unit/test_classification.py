@@ -6,6 +6,7 @@ import csv
 import logging
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +133,18 @@ def test_balanced_class_weights() -> None:
         RunConfig(task="classification", class_weights=[1.0, 1.0, 1.0])
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One CPU thread for this test only (later tests keep the machine's)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("model", ["mil", "resnet18"])
 def test_train_and_evaluate_are_deterministic(model: str, exam_root: Path, image_root: Path,
-                                              tmp_path: Path) -> None:
-    torch.set_num_threads(1)
+                                              tmp_path: Path, one_thread: None) -> None:
     root = exam_root if model == "mil" else image_root
     cfg = RunConfig(task="classification", model=model, image_size=32, batch_size=4, class_weights="balanced")
     site = open_site(discover_sites(root)[1], cfg, tmp_path)

@@ -143,20 +143,25 @@ def test_mil_bags_of_any_length() -> None:
             assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_mil_exam_features_do_not_depend_on_mode_or_chunking_within_chunk_size() -> None:
-    # batch norm over the exam's own images, no running statistics: the same exam gives the
-    # same output in training and evaluation mode, whatever chunk_size above its length
+def test_mil_batch_norm_sees_the_batch_in_training_and_running_statistics_in_evaluation() -> None:
+    # training: the exams of a batch are normalized together, so one exam's output depends on the
+    # others; evaluation: running statistics, so it depends on that exam only, whatever the chunking
     model = _mil(16)
     torch.manual_seed(2)
-    bag = torch.randn(16, 1, 32, 32)
+    bag, other, third = torch.randn(6, 1, 32, 32), torch.randn(5, 1, 32, 32), 3 + torch.randn(5, 1, 32, 32)
     with torch.no_grad():
-        logits_eval, _ = model.eval()(bag)
-        logits_train, _ = model.train()(bag)
-        model.chunk_size = 1000
-        logits_big, _ = model.eval()(bag)
-    torch.testing.assert_close(logits_eval, logits_train, atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits_eval, logits_big, atol=1e-5, rtol=0)
-    assert not any(b.numel() for b in model.buffers())  # nothing for FedAvg to average but weights
+        model.train()
+        with_other, _ = model.forward_bags([bag, other])
+        with_third, _ = model.forward_bags([bag, third])
+        model.eval()
+        alone, _ = model(bag)
+        in_batch, _ = model.forward_bags([bag, third])
+        model.chunk_size = 2
+        chunked, _ = model(bag)
+    assert not torch.allclose(with_other[0], with_third[0], atol=1e-4)
+    torch.testing.assert_close(in_batch[0], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, alone, atol=1e-5, rtol=0)
+    assert any(name.endswith("running_mean") for name, _ in model.named_buffers())
 
 
 def test_mil_long_exam_is_split_into_equal_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
