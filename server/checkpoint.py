@@ -11,9 +11,7 @@ are stored as tensors, everything else as plain dicts, lists, strings and number
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +20,7 @@ import tomli_w
 import torch
 from flwr.app import ArrayRecord
 
+from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import RunConfig
 from fedscan.common.errors import FedscanError
 
@@ -29,19 +28,6 @@ GLOBAL_MODEL = "global_model.pt"
 RUN_CONFIG = "run_config.toml"
 CHECKPOINTS = "checkpoints"
 _ROUND_FILE = re.compile(r"round-(\d{3,})\.pt")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so a reader never sees half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _to_tensors(value: Any) -> Any:

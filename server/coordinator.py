@@ -36,6 +36,7 @@ from typing import Any
 import tomli_w
 
 from fedscan.common import pki
+from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import AppConfig, RunConfig, tomllib
 from fedscan.common.errors import FedscanError
 from fedscan.common.flower_runtime import (
@@ -46,7 +47,6 @@ from fedscan.common.flower_runtime import (
     write_app_dir,
 )
 from fedscan.server.app import PROGRESS_TAG, REPORT_TAG
-from fedscan.server.checkpoint import atomic_write_bytes
 from fedscan.server.report import write_report_files
 
 log = logging.getLogger("fedscan.coordinator")

@@ -9,15 +9,14 @@ round, from any thread, without leaking figures or needing a display.
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedscan.common.html_page import png_bytes
 from fedscan.server.report import cross_site_table, metric_title, number, report_sites
 
 DPI = 100
@@ -38,11 +37,7 @@ def _array(rows: list[list[float | None]]) -> np.ndarray:
 
 
 def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    fig.clear()
-    return buf.getvalue()
+    return png_bytes(fig, DPI)
 
 
 def curves_png(rep: dict[str, Any]) -> bytes | None:

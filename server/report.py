@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from fedscan.common import __version__
+from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import EXAM_MODELS, AppConfig
 from fedscan.common.errors import FedscanError
-from fedscan.common.tasks.registry import task_metrics
-from fedscan.server.checkpoint import atomic_write_bytes
+from fedscan.common.tasks.registry import SCORE_TITLES, task_metrics, task_scores
 
 REPORT_JSON = "report.json"
 PER_SITE_CSV = "per_site.csv"
@@ -94,6 +94,13 @@ def summarize(per_site: dict[str, dict[str, Any]], task: str = "segmentation") -
     return {"per_site": per_site, "mean": mean, "worst": worst}
 
 
+def explanation_scores(per_site: dict[str, dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
+    """The shareable explanation scores each site sent with its final evaluation (single numbers)."""
+    names = task_scores(task)
+    return {site: {k: row[k] for k in names if k in row} for site, row in per_site.items()
+            if any(k in row for k in names)}
+
+
 class RunRecorder:
     """Collects per-round, per-site results and writes the report files."""
 
@@ -145,6 +152,7 @@ class RunRecorder:
                         **({"hd95_unit": "mm"} if run.task == "segmentation" else {})},
             "history": self.history,
             "final": final,
+            **({"explanation_scores": scores} if (scores := explanation_scores(final["per_site"], run.task)) else {}),
         }
 
     def write(self, status: str = "running") -> dict[str, Any]:
@@ -430,6 +438,23 @@ def baselines_text(rep: dict[str, Any]) -> str:
     return text
 
 
+EXPLANATION_NOTE = (
+    "Computed by each site on its own validation data with the final model; only these numbers left the "
+    "site. Uncertainty AUROC: how well the test-time-augmentation uncertainty separates wrong voxels from "
+    "right ones (0.5 is chance). Expected calibration error: the gap between confidence and accuracy (0 is "
+    "calibrated). Grad-CAM energy in lesion: the share of the map inside the lesion, against the lesion's "
+    "share of the image, what a map blind to the lesion would get (sites with lesion masks only)."
+)
+
+
+def explanation_table(rep: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
+    """Score titles, and per site its explanation scores in that order."""
+    scores = rep.get("explanation_scores") or {}
+    names = list(dict.fromkeys(k for row in scores.values() if isinstance(row, dict) for k in row))
+    rows = [(str(site), [number(row.get(k)) for k in names]) for site, row in scores.items() if isinstance(row, dict)]
+    return [SCORE_TITLES.get(k, k) for k in names], rows
+
+
 def strategy_comparison(rep: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
     """Sites and, per strategy, its main metric at each site."""
     comp = rep.get("strategy_comparison") or {}
@@ -482,6 +507,11 @@ def _optional_sections(rep: dict[str, Any]) -> list[str]:
                       "| site | " + " | ".join(t for _, t, _ in cols) + " |",
                       "| --- | " + " | ".join("---:" for _ in cols) + " |"]
             lines += [f"| {_md_cell(s)} | " + " | ".join(vals) + " |" for s, vals in rows]
+    if rep.get("explanation_scores"):
+        head, rows = explanation_table(rep)
+        lines += ["", "## Explanation scores", "", EXPLANATION_NOTE, "",
+                  "| site | " + " | ".join(head) + " |", "| --- | " + " | ".join("---:" for _ in head) + " |"]
+        lines += [f"| {_md_cell(site)} | " + " | ".join(_fmt(v) for v in vals) + " |" for site, vals in rows]
     text = baselines_text(rep)
     if text:
         lines += ["", "## Baselines", "", text]

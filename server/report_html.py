@@ -1,23 +1,21 @@
-"""report.html: the run report as one self-contained HTML page.
+"""report.html: the run report as one self-contained HTML page (``fedscan.common.html_page``).
 
-Everything is inside the file: the CSS inline, the figures embedded as base64 PNG data URLs,
-no script and no external address, so the page opens offline, from an e-mail attachment or a
-hospital's locked-down browser, and can be archived as it is. Every piece of text from the
-report (site names above all: they are user data) goes through :func:`html.escape`.
+Every piece of text from the report (site names above all: they are user data) is escaped.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 from typing import Any
 
 from fedscan.common.config import EXAM_MODELS
+from fedscan.common.html_page import escape, figure, page, table
 from fedscan.common.tasks.registry import task_metrics
 from fedscan.server.report import (
+    EXPLANATION_NOTE,
     baselines_text,
     cross_site_table,
     evaluated_model,
+    explanation_table,
     federated_gains,
     gain_warning,
     mean_of,
@@ -29,31 +27,7 @@ from fedscan.server.report import (
     summarize,
 )
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       color: #1f2328; background: #ffffff; max-width: 1100px; margin: 0 auto; padding: 1.5rem;
-       line-height: 1.45; }
-h1 { font-size: 1.6rem; margin: 0 0 0.6rem; }
-h2 { font-size: 1.2rem; margin-top: 2rem; padding-bottom: 0.3rem; border-bottom: 1px solid #d0d7de; }
-table { border-collapse: collapse; margin: 0.75rem 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.6rem; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-thead th { background: #f6f8fa; }
-tr.mean td { font-weight: 600; }
-dl.summary { display: grid; grid-template-columns: max-content auto; gap: 0.15rem 1rem; }
-dl.summary dt { color: #57606a; }
-dl.summary dd { margin: 0; }
-figure { margin: 1rem 0; }
-figure img { max-width: 100%; height: auto; }
-figcaption, .note { color: #57606a; font-size: 0.9rem; }
-.warn { color: #8a1c00; font-weight: 600; }
-tr.warn td { background: #fdecea; }
-footer { margin-top: 2.5rem; color: #57606a; font-size: 0.85rem; }
-"""
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+_e = escape
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -70,24 +44,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _table(head: list[str], rows: list[tuple[list[str], str]]) -> str:
-    """A table from already-escaped cells; each row carries its CSS class ('' for none)."""
-    out = ["<table>", "<thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>", "<tbody>"]
-    for cells, cls in rows:
-        attr = f' class="{cls}"' if cls else ""
-        out.append(f"<tr{attr}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out)
+_table = table
 
 
 def _img(figures: dict[str, bytes], name: str, alt: str, caption: str, img_id: str | None = None) -> str:
-    data = figures.get(name)
-    if not data:
-        return ""
-    src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    id_attr = f' id="{_e(img_id)}"' if img_id else ""
-    return (f'<figure><img{id_attr} src="{src}" alt="{_e(alt)}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return figure(figures.get(name), alt, caption, img_id)
 
 
 def _summary(rep: dict[str, Any]) -> str:
@@ -222,28 +183,21 @@ def _comparison(rep: dict[str, Any]) -> str:
     ])
 
 
+def _explanations(rep: dict[str, Any]) -> str:
+    if not rep.get("explanation_scores"):
+        return ""
+    head, rows = explanation_table(rep)
+    body = [([_e(site), *(_fmt(v) for v in vals)], "") for site, vals in rows]
+    return ("<h2>Explanation scores</h2>" + f'<p class="note">{_e(EXPLANATION_NOTE)}</p>'
+            + _table(["site", *(_e(h) for h in head)], body))
+
+
 def report_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
     """The report as a self-contained HTML5 page; ``figures`` maps file names to PNG bytes."""
     sections = [
         _summary(rep), _final(rep), _rounds(rep, figures), _cross_site(rep, figures), _gain(rep),
-        _quality(rep, figures), _baselines(rep), _comparison(rep),
+        _quality(rep, figures), _explanations(rep), _baselines(rep), _comparison(rep),
     ]
     version = rep.get("fedscan_version")
     footer = f"Written by fedscan {_e(version)} from report.json." if version else "Written from report.json."
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>fedscan run report: {_e(rep['task'])}, {_e(rep['strategy'])}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        "<h1>fedscan run report</h1>",
-        *(s for s in sections if s),
-        f"<footer>{footer}</footer>",
-        "</body>",
-        "</html>",
-        "",
-    ])
+    return page(f"fedscan run report: {rep['task']}, {rep['strategy']}", "fedscan run report", sections, footer)
