@@ -181,10 +181,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         site = _open(context, cfg)
         model = build_model(cfg.run)
         load_record(model, msg.content["arrays"])
+        server_round = int(msg.content["config"].get("server-round", 10**9))
         local_layers = _local_layers(context, cfg, site.name)
         if local_layers is not None:  # FedBN: the site's personalized model is what it evaluates
-            local_layers.apply(model, int(msg.content["config"].get("server-round", 10**9)))
-        metrics = training.evaluate_local(model, site, cfg.run)
+            local_layers.apply(model, server_round)
+        # the final round also scores the explanations: single numbers, no image content
+        metrics = training.evaluate_local(model, site, cfg.run,
+                                          scores=cfg.run.explain_scores and server_round >= cfg.run.rounds)
         metrics["num-examples"] = secagg.round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
         metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})

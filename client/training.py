@@ -95,7 +95,9 @@ def train_local(
     return metrics
 
 
-def evaluate_local(model: nn.Module, site: LocalSite, cfg: RunConfig) -> dict[str, float]:
-    metrics = get_task(cfg.task).evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg))
+def evaluate_local(model: nn.Module, site: LocalSite, cfg: RunConfig, *, scores: bool = False) -> dict[str, float]:
+    """The site's validation metrics; with ``scores`` also its shareable explanation scores."""
+    metrics = get_task(cfg.task).evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg),
+                                          scores=scores)
     model.to("cpu", memory_format=torch.contiguous_format)
     return metrics

@@ -543,6 +543,95 @@ def site_check(
             raise typer.Exit(1)
 
 
+_SITE_DATA = typer.Option(..., "--data", help="The site folder (holding images/ and labels/).")
+_MODEL_FILE = typer.Option(..., "--model", help="The run's model file: global_model.pt from its output folder.")
+_SITE_CACHE = typer.Option(
+    None, "--cache",
+    help="The site's cache folder: preprocessed data, and FedBN's local layers (default ~/.cache/fedscan; "
+         "a site made with `fedscan site init --dir D` uses D/cache).",
+)
+_USE_GLOBAL = typer.Option(False, "--global", help="FedBN runs: use the global normalization layers, not the site's own.")
+_SITE_DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+
+
+def _site_cache(cache: Path | None) -> Path:
+    from fedscan.client.app import DEFAULT_CACHE
+
+    return cache if cache is not None else DEFAULT_CACHE
+
+
+def _case_progress(what: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+@site_app.command("explain")
+def site_explain(
+    data: Path = _SITE_DATA,
+    model: Path = _MODEL_FILE,
+    out: Path = typer.Option(..., "--out", help="Folder to write the explanations into (index.html, explain.json)."),
+    n: int = typer.Option(20, "--n", min=1, help="Cases to explain, the most wrong or uncertain first."),
+    cache: Path | None = _SITE_CACHE,
+    use_global: bool = _USE_GLOBAL,
+    device: str = _SITE_DEVICE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
+) -> None:
+    """Explain the model's predictions on this site's validation data; nothing is sent anywhere.
+
+    Segmentation: predicted masks, an uncertainty map (test-time augmentation) and a confidence per
+    lesion. Classification: Grad-CAM and integrated gradients; for exam models, each image's
+    attention. Writes OUT/index.html (one self-contained page, the most wrong or uncertain cases
+    first), OUT/explain.json and OUT/cases/*.png. They name series by UID: keep them in the hospital.
+    """
+    with user_errors():
+        from fedscan.client.explain import INDEX_HTML, explain_site
+
+        with _case_progress("explaining cases") as progress:
+            task_id = progress.add_task("cases", total=None)
+            result = explain_site(data, model, out, n=n, cache_root=_site_cache(cache), use_global=use_global,
+                                  device=device, overwrite=overwrite,
+                                  on_case=lambda k, total: progress.update(task_id, completed=k, total=total))
+        scores = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in result.scores.items())
+        out_console.print(f"site {result.site}: explained {result.shown} of {result.validation_cases} validation "
+                          f"cases with the {result.weights} {result.model} of round {result.round}", highlight=False)
+        out_console.print(f"  scores: {scores or 'none'}", highlight=False)
+        out_console.print(f"wrote {out / INDEX_HTML}", highlight=False)
+
+
+@site_app.command("predict")
+def site_predict(
+    data: Path = _SITE_DATA,
+    model: Path = _MODEL_FILE,
+    out: Path = typer.Option(..., "--out", help="Folder to write the predictions into."),
+    cache: Path | None = _SITE_CACHE,
+    use_global: bool = _USE_GLOBAL,
+    device: str = _SITE_DEVICE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
+) -> None:
+    """Run the model on every series of this site and write the results for its PACS; nothing is sent.
+
+    Segmentation: one DICOM SEG per series (OUT/seg/<SeriesInstanceUID>.dcm), referencing the source
+    images. Classification: OUT/predictions.csv keyed by UIDs. OUT/predict.json summarizes the run.
+    """
+    with user_errors():
+        from fedscan.client.predict import predict_site
+
+        with _case_progress("predicting series") as progress:
+            task_id = progress.add_task("series", total=None)
+            summary = predict_site(data, model, out, cache_root=_site_cache(cache), use_global=use_global,
+                                   device=device, overwrite=overwrite,
+                                   on_series=lambda k, total: progress.update(task_id, completed=k, total=total))
+        out_console.print(f"site {summary.site}: predicted {summary.series_predicted} of {summary.series_found} series "
+                          f"({summary.images_predicted} images) with the {summary.kind} {summary.model} of round "
+                          f"{summary.server_round} in {summary.seconds:.0f} s", highlight=False)
+        for skipped in summary.skipped_series:
+            out_console.print(f"  [yellow]not predicted[/]: series {skipped.series_uid} ({skipped.images} images): "
+                              f"{skipped.reason}", highlight=False)
+        for bad in summary.skipped_files:
+            out_console.print(f"  [yellow]file not used[/]: {bad.path}: {bad.reason}", highlight=False)
+        out_console.print(f"wrote {len(summary.files_written)} file(s) to {out}", highlight=False)
+
+
 def _check_writable(path: Path) -> None:
     path = Path(path)
     if path.is_dir():

@@ -116,6 +116,10 @@ class RunConfig(BaseModel):
         None, description="classification loss weights per class, or 'balanced' (per site)"
     )
     mil_chunk_size: int = Field(32, ge=1, le=4096, description="images encoded at once per exam")
+    explain_scores: bool = Field(
+        True, description="final round: each site also computes the shareable explanation scores "
+                          "(uncertainty AUROC; Grad-CAM energy in the lesion)",
+    )
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")
     channels_last: bool = Field(True, description="channels_last memory layout on CUDA")
     seed: int = Field(0, ge=0, le=2**31 - 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 2  # 2: the series' SNR per slice
+CACHE_VERSION = 3  # 2: the series' SNR per slice; 3: classification lesion masks
 
 
 def cache_key(root: Path, files: list[Path], params: dict[str, object]) -> str:

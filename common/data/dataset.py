@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from fedscan.common.config import RunConfig
 from fedscan.common.data import cache
 from fedscan.common.data.dicom import SeriesHeader, SiteScan, list_files, read_series, scan_site
-from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, index_masks, read_class_labels
+from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, MaskIndex, index_masks, read_class_labels
 from fedscan.common.data.layout import SiteDir, check_site
 from fedscan.common.data.preprocess import PREPROCESS_VERSION, fit_images, fit_labels, normalize
 from fedscan.common.data.quality import series_snr
@@ -45,6 +45,9 @@ class SiteData:
     sample: np.ndarray | None = None  # classification: int32 (n,), the sample of each slice
     target: np.ndarray | None = None  # classification: int64 (n_samples,), class per sample
     snr: np.ndarray | None = None  # float32 (n,), the SNR of each slice's series (NaN: unknown)
+    # classification: uint8 (n, size, size) lesion masks where the site has them (1: lesion), for
+    # scoring explanations; NO_MASK on the slices of a series without a mask
+    lesion: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -81,8 +84,11 @@ class SiteData:
         return float(np.median(values)) if values.size else None
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        names = ("images", "patient", "series", "spacing", "masks", "sample", "target", "snr")
+        names = ("images", "patient", "series", "spacing", "masks", "sample", "target", "snr", "lesion")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+NO_MASK = 255  # SiteData.lesion on slices whose series has no mask
 
 
 def preprocess_params(cfg: RunConfig) -> dict[str, object]:
@@ -206,8 +212,11 @@ def _build_segmentation(site: SiteDir, cfg: RunConfig) -> SiteData:
 
 def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
     """Images with class labels from labels.csv, grouped into samples (images or exams)."""
-    all_series = scan_site_dir(site).series
+    scan = scan_site_dir(site)
+    all_series = scan.series
     table = read_class_labels(site.labels / LABELS_CSV, cfg.num_classes)
+    masks_of = index_masks(site.labels, scan)  # optional lesion masks, for explanations only
+    lesions: list[np.ndarray] = []
     patients = sorted({s.patient_id for s in all_series})
     sample_ids: dict[str, int] = {}  # the labelled UID of each sample -> sample index
     images, sample, target = [], [], []
@@ -235,6 +244,7 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
             keys = [hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid] * len(hdr)
         pix, model_spacing = model_input(hdr, pixels, cfg)
         images.append(pix)
+        lesions.append(_lesion_mask(site, masks_of, hdr, cfg, pix.shape))
         for k in keys:
             matched.add(k)
             if k not in sample_ids:
@@ -263,8 +273,22 @@ def _build_classification(site: SiteDir, cfg: RunConfig) -> SiteData:
             f"more than one PatientID",
             hint="every image of an exam must carry the same PatientID",
         )
+    lesion = np.concatenate(lesions)
     return SiteData(images=np.concatenate(images), **arrays, sample=sample_arr,
-                    target=np.asarray(target, dtype=np.int64))
+                    target=np.asarray(target, dtype=np.int64),
+                    lesion=None if (lesion == NO_MASK).all() else lesion)
+
+
+def _lesion_mask(site: SiteDir, masks_of: MaskIndex, hdr: SeriesHeader, cfg: RunConfig,
+                 shape: tuple[int, ...]) -> np.ndarray:
+    """A classification series' lesion mask on the model grid (any class > 0 is lesion), or NO_MASK."""
+    if hdr.series_uid in masks_of.sources:
+        try:
+            mask = (masks_of.load(hdr) > 0).astype(np.uint8)
+            return fit_labels(mask, hdr.spacing, cfg.image_size, cfg.pixel_spacing)
+        except FedscanError as exc:  # the labels still train; only this series' explanation scores are lost
+            log.warning("site %s: lesion mask not used: %s", site.name, exc.message)
+    return np.full(shape, NO_MASK, dtype=np.uint8)
 
 
 def prepare_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> SiteData:

@@ -118,3 +118,27 @@ def fit_labels(stack: np.ndarray, spacing: tuple[float, float], size: int,
     if target_spacing is not None:
         return crop_or_pad(resize_labels(stack, hw), size, size, 0)
     return resize_labels(pad_to_square(stack, 0), size)
+
+
+def unfit_probabilities(probs: np.ndarray, shape: tuple[int, int], spacing: tuple[float, float], size: int,
+                        target_spacing: float | None) -> np.ndarray:
+    """The inverse of ``fit_images`` for per-class probabilities: (n, C, size, size) on the model
+    grid back to (n, C, rows, cols) on the source grid of ``shape`` and ``spacing``.
+
+    Each class map is resized with ``resize_images`` and the crop or pad undone; source pixels the
+    model never saw (cropped away by ``fit_images``) get background: class 0 with probability 1.
+    Take the argmax over axis 1 for a label map.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 4 or probs.shape[2:] != (size, size):
+        raise ValueError(f"probabilities of shape {probs.shape} are not (n, C, {size}, {size})")
+    rows, cols = shape
+    hw, _ = grid_plan((rows, cols), spacing, size, target_spacing)
+    out = np.empty((*probs.shape[:2], rows, cols), dtype=np.float32)
+    for c in range(probs.shape[1]):
+        fill = 1.0 if c == 0 else 0.0  # what the model would say outside its view: background
+        if target_spacing is not None:
+            out[:, c] = resize_images(crop_or_pad(probs[:, c], *hw, fill=fill), (rows, cols))
+        else:
+            out[:, c] = crop_or_pad(resize_images(probs[:, c], max(rows, cols)), rows, cols, fill)
+    return out

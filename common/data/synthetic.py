@@ -14,7 +14,8 @@ Two tasks:
   consecutive slices of it; the share of positive exams
   (``lesion_prevalence``) differs between sites. ``labels/labels.csv`` labels exams by
   SeriesInstanceUID (``label_level="exam"``) or single images by SOPInstanceUID
-  (``label_level="image"``: 1 where the slice shows the lesion).
+  (``label_level="image"``: 1 where the slice shows the lesion). Every exam also gets a NIfTI
+  lesion mask (all zero without a lesion), for scoring explanations; training does not read it.
 """
 
 from __future__ import annotations
@@ -442,16 +443,21 @@ def write_site(
                 ipp=[float(coords[0]), float(coords[0]), z], series_dir=series_dir,
             )
             counts["slices"] += 1
-        # voxel (c, r, k) -> LPS = ipp0 + c*dx*[1,0,0] + r*dx*[0,1,0] + k*dz*[0,0,1]; RAS flips x, y
-        lps = np.array(
-            [[dx, 0, 0, coords[0]], [0, dx, 0, coords[0]], [0, 0, dz, z0], [0, 0, 0, 1.0]]
-        )
-        ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-        img = nib.Nifti1Image(mask_vol, ras)
-        img.set_qform(ras, code=1)
-        img.set_sform(ras, code=1)
-        nib.save(img, labels / f"{uids['series']}.nii.gz")
+        _save_mask(labels / f"{uids['series']}.nii.gz", mask_vol, coords, dx, dz, z0)
     return counts
+
+
+def _save_mask(path: Path, mask_vol: np.ndarray, coords: np.ndarray, dx: float, dz: float, z0: float) -> None:
+    """Write a (column, row, slice) mask as NIfTI in the series' patient geometry."""
+    # voxel (c, r, k) -> LPS = ipp0 + c*dx*[1,0,0] + r*dx*[0,1,0] + k*dz*[0,0,1]; RAS flips x, y
+    lps = np.array(
+        [[dx, 0, 0, coords[0]], [0, dx, 0, coords[0]], [0, 0, dz, z0], [0, 0, 0, 1.0]]
+    )
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    img = nib.Nifti1Image(mask_vol, ras)
+    img.set_qform(ras, code=1)
+    img.set_sform(ras, code=1)
+    nib.save(img, path)
 
 
 def _write_exam_site(
@@ -472,6 +478,7 @@ def _write_exam_site(
         uids, rng_vals, series_dir = _patient_identity(rng, seed, profile, p, images)
         z0 = float(rng.uniform(-200, -150))
         nz = int(rng.integers(lo, profile.slices_per_patient + 1))
+        mask_vol = np.zeros((profile.matrix, profile.matrix, nz), dtype=np.uint8)  # (column, row, slice)
         positive = bool(rng.random() < profile.lesion_prevalence)
         missed = bool(rng.random() < profile.label_noise)  # the reader overlooked the lesion
         span = range(0)
@@ -493,7 +500,9 @@ def _write_exam_site(
                 lx, ly, lax, lay = liver
                 cx = lx + np.cos(ang) * rad * max(lax - r, 1.0)
                 cy = ly + np.sin(ang) * rad * max(lay - r, 1.0)
-                hu[_ellipse(x, y, cx, cy, r, r * aspect)] = 60.0 + contrast
+                lesion = _ellipse(x, y, cx, cy, r, r * aspect)
+                hu[lesion] = 60.0 + contrast
+                mask_vol[:, :, k] = lesion.T
                 counts["lesion_slices"] += 1
             sop = _acquire_and_save(
                 hu, profile, rng, seed=seed, patient_idx=p, k=k, uids=uids, rng_vals=rng_vals,
@@ -502,6 +511,9 @@ def _write_exam_site(
             if label_level == "image":
                 rows.append((sop, int(k in span and not missed)))
             counts["slices"] += 1
+        # where the lesion is (the truth, not the reader's label): for explanations, not for training
+        _save_mask(labels / f"{uids['series']}.nii.gz", mask_vol, coords, profile.pixel_spacing_mm,
+                   profile.slice_thickness_mm, z0)
         counts["positive_exams"] += int(positive)
         counts["labelled_positive"] += int(positive and not missed)
         if label_level == "exam":

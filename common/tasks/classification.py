@@ -11,10 +11,17 @@ Labels come from ``labels/labels.csv`` (see ``fedscan.common.data.labels``): per
   ``sensitivity``, ``specificity``, ``f1`` and ``accuracy`` over the site's validation
   samples, plus the unweighted cross-entropy ``loss``. An AUROC on a validation set with a
   single class is undefined and stays NaN (null in reports), never 0 or 0.5.
+- ``ece``: expected calibration error of the validation predictions.
+- Explanation scores (when asked for, in the final round), where the site has lesion masks:
+  ``gradcam_lesion_energy``, the share of Grad-CAM energy inside the lesion on the validation
+  images that show one, and ``lesion_area_share``, the lesion's share of those images' area (the
+  energy share a map blind to the lesion would have).
 - ``num-examples`` counts samples (images or exams), not slices.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -22,14 +29,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedscan.common.config import EXAM_MODELS, RunConfig
-from fedscan.common.data.dataset import ExamDataset, ImageDataset, SiteData
+from fedscan.common.data.dataset import NO_MASK, ExamDataset, ImageDataset, SiteData
 from fedscan.common.errors import FedscanError
+from fedscan.common.tasks.attribution import gradcam, lesion_energy
 from fedscan.common.tasks.loops import fit, seeded_loader
-from fedscan.common.tasks.metrics import CLASSIFICATION_METRICS, classification_metrics
+from fedscan.common.tasks.metrics import (
+    CLASSIFICATION_METRICS,
+    classification_metrics,
+    expected_calibration_error,
+)
 from fedscan.common.tasks.precision import Precision
 
-METRICS = CLASSIFICATION_METRICS
+METRICS = (*CLASSIFICATION_METRICS, "ece")
 MAIN_METRIC = "balanced_accuracy"
+# explanation scores a site may share; the Grad-CAM ones are computed when evaluation is asked for
+# them (the final round), and only where the site has lesion masks (NaN elsewhere)
+SCORES = ("ece", "gradcam_lesion_energy", "lesion_area_share")
 
 
 def _collate_exams(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -127,14 +142,62 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision
+    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision,
+    scores: bool = False,
 ) -> dict[str, float]:
-    """Per-site validation metrics over the samples of the given slices."""
+    """Per-site validation metrics over the samples of the given slices, with the calibration error
+    ``ece``; with ``scores`` also the Grad-CAM lesion-energy scores (see ``SCORES``)."""
     samples = data.samples_of(indices)
     targets = np.asarray(data.target)[samples].astype(np.int64)
     probs = predict(model, data, samples, cfg, precision=precision)
     out = classification_metrics(probs, targets, cfg.num_classes)
+    out["ece"] = expected_calibration_error(probs, targets, cfg.num_classes)
     picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
     out["loss"] = float(-np.log(picked).mean()) if len(targets) else float("nan")
+    if scores:
+        energy = gradcam_lesion_energy(model, data, samples, cfg, precision=precision)
+        out["gradcam_lesion_energy"], out["lesion_area_share"] = energy or (math.nan, math.nan)
     out["num-examples"] = float(samples.size)
     return out
+
+
+def lesion_images(data: SiteData, sample: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slices of ``sample`` (geometric order) and their lesion masks, where the site has masks
+    (an empty selection otherwise)."""
+    idx = data.slices_of()[sample]
+    if data.lesion is None:
+        return idx[:0], np.zeros((0, *data.images.shape[1:]), np.uint8)
+    masks = np.asarray(data.lesion[idx])
+    known = masks.reshape(len(idx), -1).max(1) != NO_MASK
+    return idx[known], masks[known]
+
+
+def gradcam_lesion_energy(model: nn.Module, data: SiteData, samples: np.ndarray, cfg: RunConfig, *,
+                          precision: Precision) -> tuple[float, float] | None:
+    """Over the images of ``samples`` that show a lesion: the share of Grad-CAM energy (for the
+    sample's true class) inside the lesion, and the lesion's share of the image area. None when the
+    site has no lesion masks or none of these images shows a lesion."""
+    if data.lesion is None:
+        return None
+    model = precision.place_model(model).eval()
+    maps, masks = [], []
+    targets = np.asarray(data.target)
+    for k in np.asarray(samples):
+        idx, les = lesion_images(data, int(k))
+        if not (les == 1).any():
+            continue
+        if cfg.model in EXAM_MODELS:  # the exam's images together; the score is the exam's
+            full = data.slices_of()[int(k)]
+            cam = gradcam(model, cfg.model, precision.place(_images(data, full)), int(targets[k]))
+            cam = cam[np.isin(full, idx)]
+        else:
+            cam = gradcam(model, cfg.model, precision.place(_images(data, idx)), int(targets[k]))
+        maps.append(cam)
+        masks.append(les)
+    if not maps:
+        return None
+    return lesion_energy(np.concatenate(maps), np.concatenate(masks))
+
+
+def _images(data: SiteData, idx: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(data.images[idx], dtype=np.float32))[:, None]

@@ -60,6 +60,11 @@ Counts add up, so a site pools its volumes by summing each count, then calls
 - ``lesion_fp_per_image`` = false_positive_lesions / images; NaN when there are no images.
   Pooled over volumes, it is the rate per image, not the mean of the volumes' rates.
 
+Calibration
+-----------
+``expected_calibration_error(probs, targets, num_classes)``: how far the model's confidence is
+from its accuracy (see the function), reported per site as ``ece``.
+
 The confusion-matrix ratios and the ROC AUC come from MONAI (``get_confusion_matrix``,
 ``compute_confusion_matrix_metric``, ``compute_roc_auc``); the undefined cases are decided
 here, before MONAI is called (its ``compute_roc_auc`` warns on a single-class input, and its
@@ -122,14 +127,14 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, num_classes: 
     if num_classes == 2:
         positive = 1
         per_class = {
-            "auroc": _auroc(probs[:, positive], targets == positive),
+            "auroc": roc_auc(probs[:, positive], targets == positive),
             "sensitivity": float(recall[positive]),
             "specificity": float(specificity[positive]),
             "f1": float(f1[positive]),
         }
     else:
         per_class = {
-            "auroc": _mean_defined(_auroc(probs[:, k], targets == k) for k in range(num_classes)),
+            "auroc": _mean_defined(roc_auc(probs[:, k], targets == k) for k in range(num_classes)),
             "sensitivity": _mean_defined(recall),
             "specificity": _mean_defined(specificity),
             "f1": _mean_defined(f1),
@@ -161,7 +166,26 @@ def _ratio(name: str, counts: torch.Tensor) -> np.ndarray:
     return compute_confusion_matrix_metric(name, counts).numpy()
 
 
-def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, num_classes: int, bins: int = 10) -> float:
+    """Expected calibration error (Guo, Pleiss, Sun and Weinberger, "On Calibration of Modern Neural
+    Networks", ICML 2017): cases are binned by their confidence (the top class probability) into
+    ``bins`` equal-width bins of [0, 1]; ECE = sum over bins of (cases in bin / n) x |accuracy of
+    the bin - mean confidence of the bin|. 0 is perfectly calibrated; NaN when n = 0."""
+    probs = _probabilities(probs, num_classes)
+    targets = _labels(targets, "targets", num_classes)
+    if targets.size == 0:
+        return math.nan
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == targets
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)  # a confidence of 1 is in the last bin
+    total = 0.0
+    for b in np.unique(which):
+        sel = which == b
+        total += sel.sum() / targets.size * abs(float(correct[sel].mean()) - float(confidence[sel].mean()))
+    return float(total)
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC (Mann-Whitney, ties 1/2) of ``scores`` for the ``positive`` cases; NaN without both kinds."""
     n_pos = int(positive.sum())
     if n_pos == 0 or n_pos == positive.size:

@@ -16,6 +16,9 @@ and scored with MONAI metrics:
 - ``lesion_sensitivity`` and ``lesion_fp_per_image``: lesion-level detection, from connected
   components per image (see ``fedscan.common.tasks.metrics``), pooled over the site.
 - ``loss``: the mean Dice+CE loss over validation slices.
+- ``uncertainty_auroc`` (when asked for, in the final round): how well the test-time-augmentation
+  uncertainty separates the wrong voxels of the prediction from the right ones
+  (``fedscan.common.tasks.uncertainty``).
 
 A metric with no defined value on a site (say, no lesion in its validation series) is NaN.
 """
@@ -37,9 +40,12 @@ from fedscan.common.data.dataset import SiteData, SliceDataset
 from fedscan.common.tasks import metrics as lesion
 from fedscan.common.tasks.loops import fit, seeded_loader
 from fedscan.common.tasks.precision import Precision
+from fedscan.common.tasks.uncertainty import predictive_entropy, tta_predict, uncertainty_auroc
 
 METRICS = ("dice", "iou", "hd95", *lesion.LESION_METRICS)
 MAIN_METRIC = "dice"
+# explanation scores a site may share, computed when evaluation is asked for them (the final round)
+SCORES = ("uncertainty_auroc",)
 
 
 def check_data(data: SiteData, cfg: RunConfig) -> None:
@@ -77,22 +83,29 @@ def train(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: SiteData, indices: np.ndarray, *, batch_size: int, precision: Precision
-) -> tuple[np.ndarray, float]:
-    """Predicted label maps (n, H, W) for the given slices, and the mean loss on them."""
+    model: nn.Module, data: SiteData, indices: np.ndarray, *, batch_size: int, precision: Precision,
+    uncertainty: bool = False,
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Predicted label maps (n, H, W) for the given slices, the mean loss on them, and with
+    ``uncertainty`` the voxel-wise TTA uncertainty (n, H, W) (``fedscan.common.tasks.uncertainty``)."""
     model = precision.place_model(model).eval()
     loss_fn = make_loss()
     loader = DataLoader(SliceDataset(data, indices), batch_size=batch_size, shuffle=False,
                         pin_memory=precision.pin_memory)
-    preds, total = [], 0.0
+    preds, maps, total = [], [], 0.0
     for x, y in loader:
         x, y = precision.place(x), precision.place(y)
-        with precision.autocast():
-            logits = model(x)
-        logits = logits.float()
+        if uncertainty:
+            logits, mean_probs = tta_predict(model, x, precision)
+            maps.append(predictive_entropy(mean_probs))
+            logits = logits.to(y.device)
+        else:
+            with precision.autocast():
+                logits = model(x)
+            logits = logits.float()
         total += float(loss_fn(logits, y)) * x.shape[0]
         preds.append(logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
-    return np.concatenate(preds), total / max(len(indices), 1)
+    return np.concatenate(preds), total / max(len(indices), 1), np.concatenate(maps) if maps else None
 
 
 def _onehot_volume(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -139,11 +152,14 @@ def volume_metrics(
 
 
 def evaluate(
-    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision
+    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision,
+    scores: bool = False,
 ) -> dict[str, float]:
-    """Per-site validation metrics: series-level means, lesion detection, loss, example count."""
+    """Per-site validation metrics: series-level means, lesion detection, loss, example count; with
+    ``scores`` also the shareable explanation score ``uncertainty_auroc`` (see ``SCORES``)."""
     indices = np.asarray(indices)
-    preds, loss = predict(model, data, indices, batch_size=max(cfg.batch_size, 16), precision=precision)
+    preds, loss, entropy = predict(model, data, indices, batch_size=max(cfg.batch_size, 16), precision=precision,
+                                   uncertainty=scores)
     per_series: dict[str, list[float]] = {}
     counts = dict.fromkeys(lesion.LESION_COUNTS, 0)
     series_ids = np.asarray(data.series)[indices]
@@ -160,5 +176,7 @@ def evaluate(
     out = {m: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for m, v in per_series.items()}
     out.update(lesion.lesion_metrics(counts))
     out["loss"] = loss
+    if entropy is not None:
+        out["uncertainty_auroc"] = uncertainty_auroc(entropy, preds, masks[indices])
     out["num-examples"] = float(len(indices))
     return out

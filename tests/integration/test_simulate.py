@@ -60,7 +60,15 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     for row in final["per_site"].values():
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= 1.0
         assert set(row) == {"dice", "iou", "hd95", "lesion_sensitivity", "lesion_fp_per_image", "loss",
-                            "num_examples"}
+                            "num_examples", "uncertainty_auroc"}  # the final round adds its explanation score
+    assert "uncertainty_auroc" not in report["history"][0]["per_site"]["hospital-a"]
+    # what the sites' explanations share: one number each, nothing of their images or files
+    assert report["explanation_scores"] == {
+        s: {"uncertainty_auroc": row["uncertainty_auroc"]} for s, row in final["per_site"].items()}
+    assert all(0.0 <= row["uncertainty_auroc"] <= 1.0 for row in final["per_site"].values())
+    text = (out / "report.json").read_text()
+    uids = [p.name.removesuffix(".nii.gz") for p in synth_root.glob("*/labels/*.nii.gz")]
+    assert uids and not [u for u in uids if u in text]
     dices = [r["dice"] for r in final["per_site"].values()]
     assert final["mean"]["dice"] == pytest.approx(sum(dices) / 2)
     assert final["worst"]["dice"] == pytest.approx(min(dices))
@@ -85,7 +93,7 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     steps = sum(base["steps_per_site"].values())
     assert steps <= base["pooled_steps"] <= steps + 2 * 2  # 2 rounds x 1 epoch, a batch per site and epoch
     assert set(report["quality"]) == set(sites) and all(q["snr"] > 0 for q in report["quality"].values())
-    assert "Cross-site evaluation" in md
+    assert "Cross-site evaluation" in md and "## Explanation scores" in md
     html = (out / "report.html").read_text()
     assert 'id="cross-site-heatmap"' in html and (out / "figures" / "cross_site.png").is_file()
 
@@ -164,8 +172,16 @@ def test_exam_classification_with_attention_mil(exam_root: Path, tmp_path: Path)
         # examples are exams: about a quarter of the site's exams are held out
         exams = manifest["counts"][site]["exams"]
         assert 0 < row["num_examples"] < exams / 2
+    # the shareable explanation scores: calibration, and Grad-CAM energy where the sites have lesion masks
+    for site, scores in report["explanation_scores"].items():
+        assert set(scores) == {"ece", "gradcam_lesion_energy", "lesion_area_share"}
+        assert all(v is None or isinstance(v, float) for v in scores.values())
+        assert 0.0 <= scores["ece"] <= 1.0
+        # undefined (null) when no validation image of the site shows a lesion, or the map is empty
+        assert scores["lesion_area_share"] is None or 0.0 < scores["lesion_area_share"] < 0.1
     md = (out / "report.md").read_text()
     assert "| site | AUROC | balanced accuracy |" in md and "validation exams" in md
+    assert "Grad-CAM energy in lesion" in md
     assert flower_processes() - before == set()
 
 

@@ -99,11 +99,11 @@ def test_summary_of_no_sites() -> None:
 def test_classification_report_keeps_undefined_auroc_undefined(tmp_path: Path) -> None:
     cfg = AppConfig(run=RunConfig(task="classification", rounds=1, output=tmp_path), site_names=["a", "b"])
     rec = RunRecorder(tmp_path, cfg)
-    common = {"sensitivity": 1.0, "specificity": float("nan"), "f1": 1.0, "accuracy": 1.0, "loss": 0.2}
+    common = {"sensitivity": 1.0, "specificity": float("nan"), "f1": 1.0, "accuracy": 1.0, "ece": 0.1, "loss": 0.2}
     rec.record_round(1, {
         "a": {"auroc": float("nan"), "balanced_accuracy": 1.0, **common, "num-examples": 3},  # one class
         "b": {"auroc": 0.75, "balanced_accuracy": 0.625, "sensitivity": 0.5, "specificity": 0.75,
-              "f1": 0.4, "accuracy": 0.7, "loss": 0.6, "num-examples": 10},
+              "f1": 0.4, "accuracy": 0.7, "ece": 0.25, "loss": 0.6, "num-examples": 10},
     })
     rep = rec.write("complete")
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -113,9 +113,9 @@ def test_classification_report_keeps_undefined_auroc_undefined(tmp_path: Path) -
     assert rep["final"]["mean"]["balanced_accuracy"] == pytest.approx(0.8125)
     assert rep["final"]["worst"]["site"] == "b"
     header = next(csv.reader((tmp_path / "per_site.csv").open()))
-    assert header[:9] == ["round", "site", "auroc", "balanced_accuracy", "sensitivity", "specificity",
-                          "f1", "accuracy", "loss"]
+    assert header[:10] == ["round", "site", "auroc", "balanced_accuracy", "sensitivity", "specificity",
+                           "f1", "accuracy", "ece", "loss"]
     md = (tmp_path / "report.md").read_text()
-    assert "| a | n/a | 1.000 | 1.000 | n/a | 1.000 | 1.000 | 3 |" in md
+    assert "| a | n/a | 1.000 | 1.000 | n/a | 1.000 | 1.000 | 0.100 | 3 |" in md
     assert "n/a: undefined at that site" in md and "validation exams" in md
     assert "Worst site: **b** (balanced accuracy 0.625)" in md
