@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from fedscan.client import training
-from fedscan.client.model_file import load_model_file, personalize
+from fedscan.client.model_file import check_out, load_model_file, personalize
 from fedscan.common import __version__
 from fedscan.common.config import EXAM_MODELS, RunConfig
 from fedscan.common.data.dataset import SiteData, scan_site_dir
@@ -49,6 +49,7 @@ from fedscan.common.tasks.uncertainty import lesion_confidences, tta_predict, un
 
 log = logging.getLogger(__name__)
 
+DEVICES = ("auto", "cpu", "cuda")
 EXPLAIN_JSON = "explain.json"
 INDEX_HTML = "index.html"
 CASES_DIR = "cases"
@@ -68,9 +69,9 @@ class Case(BaseModel):
     id: str
     kind: Literal["series", "image", "exam"]
     series_uid: str
-    slice: int | None = None  # image classifiers: the image's place in its series (0-based)
+    slice: int | None = None  # image classifiers: the image's place among its series' labelled images (0-based)
     slices: int
-    figure: str  # cases/<id>.png
+    figure: str | None  # cases/<id>.png, for the cases shown
     # classification
     true_class: int | None = None
     predicted_class: int | None = None
@@ -102,7 +103,7 @@ class Explanation(BaseModel):
     shown: int
     scores: dict[str, float | None]  # the site's shareable explanation scores on all its validation cases
     metrics: dict[str, float | None]  # the usual validation metrics, for context
-    cases: list[Case]
+    cases: list[Case]  # every validation case, the most wrong or uncertain first; the first `shown` have figures
 
 
 # cases, the site's shareable scores, its validation metrics, and each shown case's figure
@@ -126,33 +127,39 @@ def _series_uids(site: SiteDir) -> list[str]:
 def explain_site(
     data: Path, model_file: Path, out: Path, *, n: int = 20, cache_root: Path, use_global: bool = False,
     device: str = "auto", overwrite: bool = False, on_case: Callable[[int, int], None] | None = None,
+    site_name: str | None = None,
 ) -> Explanation:
     """Explain the model on the site's validation data and write OUT; see the module docstring."""
     data, out = Path(data), Path(out)
     if n < 1:
         raise FedscanError(f"--n must be at least 1, got {n}")
+    if device not in DEVICES:
+        raise FedscanError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
     if not data.is_dir():
         raise FedscanError(f"site data folder not found: {data}", hint="give the folder holding images/ and labels/")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FedscanError(f"{out} already exists and is not empty", hint="choose another --out or pass --overwrite")
-    site = SiteDir(data.name, data)
-    site_model = load_model_file(model_file, device=device)
-    if not use_global:
-        site_model = personalize(site_model, site.name, cache_root)
+    if out.exists() and not out.is_dir():
+        raise FedscanError(f"{out} exists and is not a folder", hint="choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FedscanError(f"{out} already exists and is not empty",
+                           hint="choose another --out, or pass --overwrite to replace the explanations in it")
+    site = SiteDir(site_name or data.resolve().name, data)
+    check_out(out, site)
+    site_model = personalize(load_model_file(model_file, device=device), site.name, cache_root, use_global=use_global)
     cfg = site_model.cfg
+    try:
+        precision = training.run_precision(cfg)
+    except RuntimeError as exc:  # cuda asked for on a machine without one
+        raise FedscanError(str(exc), hint="pass --device cpu, or auto to use a GPU only when there is one") from None
     local = training.open_site(site, cfg, cache_root)
-    precision = training.run_precision(cfg)
     model = precision.place_model(site_model.model).eval()
     uids = _series_uids(site)
     if cfg.task == "segmentation":
         cases, scores, metrics, figures = _segmentation(model, local, cfg, precision, uids, n, on_case)
     else:
         cases, scores, metrics, figures = _classification(model, local, cfg, precision, uids, n, on_case)
-    total = len(cases)
-    cases = cases[:n]
     result = Explanation(
         fedscan_version=__version__, site=site.name, task=cfg.task, model=cfg.model, strategy=cfg.strategy,
-        round=site_model.server_round, weights=site_model.kind, validation_cases=total, shown=len(cases),
+        round=site_model.server_round, weights=site_model.kind, validation_cases=len(cases), shown=min(n, len(cases)),
         scores={k: _clean(v) for k, v in scores.items()}, metrics={k: _clean(v) for k, v in metrics.items()},
         cases=cases,
     )
@@ -161,7 +168,8 @@ def explain_site(
 
 
 def _write(out: Path, result: Explanation, figures: dict[str, bytes]) -> None:
-    """Write OUT whole or not at all: into a temporary folder beside it, then moved into place."""
+    """Write OUT whole or not at all: into a temporary folder beside it, then moved into place. An
+    existing OUT (``--overwrite``) loses only an earlier explanation's files; others stay."""
     from fedscan.client.explain_page import explain_html
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,12 +177,19 @@ def _write(out: Path, result: Explanation, figures: dict[str, bytes]) -> None:
     try:
         (tmp / CASES_DIR).mkdir()
         for case in result.cases:
-            (tmp / case.figure).write_bytes(figures[case.id])
+            if case.figure is not None:
+                (tmp / case.figure).write_bytes(figures[case.id])
         (tmp / EXPLAIN_JSON).write_text(result.model_dump_json(indent=2) + "\n")
-        (tmp / INDEX_HTML).write_text(explain_html(result, {c.id: figures[c.id] for c in result.cases}))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        (tmp / INDEX_HTML).write_text(explain_html(result, figures))
+        if not out.is_dir():
+            tmp.rename(out)
+            return
+        for name in (EXPLAIN_JSON, INDEX_HTML, CASES_DIR):  # the explanation file last in, first out
+            old = out / name
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        for name in (CASES_DIR, INDEX_HTML, EXPLAIN_JSON):
+            (tmp / name).rename(out / name)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -209,12 +224,12 @@ def _segmentation(model: nn.Module, local: training.LocalSite, cfg: RunConfig, p
     for k, (error, mean_unc, s, sel, dice) in enumerate(ranked):
         case_id = f"c{k + 1:03d}"
         pred, truth, unc = preds[sel], masks[sel], entropy[sel]
-        case = Case(id=case_id, kind="series", series_uid=uids[s], slices=len(sel), figure=f"{CASES_DIR}/{case_id}.png",
+        case = Case(id=case_id, kind="series", series_uid=uids[s], slices=len(sel),
+                    figure=f"{CASES_DIR}/{case_id}.png" if k < n else None,
                     dice=_clean(dice), wrong_voxels=float((pred != truth).mean()), mean_uncertainty=mean_unc,
                     uncertainty_auroc=_clean(uncertainty_auroc(unc, pred, truth)), uncertainty=mean_unc)
         if k < n:  # the lesions' confidences and the figure only for the cases shown
-            x = torch.from_numpy(np.array(data.images[idx[sel]], dtype=np.float32))[:, None]
-            _, probs = tta_predict(model, x, precision)
+            probs = _tta_probabilities(model, np.asarray(data.images[idx[sel]]), precision, max(cfg.batch_size, 16))
             case.lesions = [Lesion(slice=j, label=c, pixels=px, confidence=conf)
                             for j in range(len(sel)) for c, px, conf in lesion_confidences(pred[j], probs[j].numpy())]
             figures[case_id] = _segmentation_figure(np.asarray(data.images[idx[sel]]), truth, pred, unc, case)
@@ -222,6 +237,15 @@ def _segmentation(model: nn.Module, local: training.LocalSite, cfg: RunConfig, p
                 on_case(min(k + 1, n), min(len(ranked), n))
         cases.append(case)
     return cases, scores, metrics, figures
+
+
+def _tta_probabilities(model: nn.Module, images: np.ndarray, precision: Precision, batch_size: int) -> torch.Tensor:
+    """TTA mean probabilities (n, C, H, W) of a series' slices, in batches."""
+    parts = []
+    for lo in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[lo:lo + batch_size], dtype=np.float32))[:, None]
+        parts.append(tta_predict(model, x, precision)[1])
+    return torch.cat(parts)
 
 
 def _overlay(image: np.ndarray, heat: np.ndarray, cmap: str) -> np.ndarray:
@@ -300,7 +324,8 @@ def _classification(model: nn.Module, local: training.LocalSite, cfg: RunConfig,
         p = probs[i]
         case = Case(id=case_id, kind="exam" if exam else "image", series_uid=uids[series],
                     slice=None if exam else int(np.searchsorted(in_series, idx[0])), slices=len(idx),
-                    figure=f"{CASES_DIR}/{case_id}.png", true_class=int(targets[i]), predicted_class=int(p.argmax()),
+                    figure=f"{CASES_DIR}/{case_id}.png" if k < n else None, true_class=int(targets[i]),
+                    predicted_class=int(p.argmax()),
                     probabilities=[float(v) for v in p], correct=bool(p.argmax() == targets[i]), uncertainty=_entropy(p))
         if k < n:
             figures[case_id] = _classification_case(model, data, cfg, precision, sample, case)

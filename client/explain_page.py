@@ -43,7 +43,7 @@ def _scores(ex: Explanation) -> str:
 def _case_facts(case: Case) -> list[tuple[str, str]]:
     facts = [("series", case.series_uid)]
     if case.slice is not None:
-        facts.append(("image", f"{case.slice + 1} of the series"))
+        facts.append(("image", f"{case.slice + 1} of the series' labelled images"))
     if case.kind == "series":
         facts += [("Dice", _num(case.dice)), ("wrong voxels", f"{100 * (case.wrong_voxels or 0):.2f}%"),
                   ("mean uncertainty", _num(case.mean_uncertainty)),
@@ -81,6 +81,6 @@ def _caption(case: Case) -> str:
 
 def explain_html(ex: Explanation, figures: dict[str, bytes]) -> str:
     """The page; ``figures`` maps each case id to its PNG."""
-    sections = [_summary(ex), _scores(ex), *(_case(c, figures.get(c.id)) for c in ex.cases)]
+    sections = [_summary(ex), _scores(ex), *(_case(c, figures.get(c.id)) for c in ex.cases[:ex.shown])]
     footer = f"Written by fedscan {escape(ex.fedscan_version)} with `fedscan site explain`."
     return page(f"fedscan explanations: {ex.site}", f"Explanations at {ex.site}", sections, footer)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from fedscan.common.config import RunConfig
+from fedscan.common.data.layout import SiteDir
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
 from fedscan.common.weights import load_record
@@ -65,14 +66,18 @@ def load_model_file(path: Path, *, device: str = "auto") -> SiteModel:
     return SiteModel(model, cfg, int(payload.get("round", 0)), "global")
 
 
-def personalize(site_model: SiteModel, site: str, cache_root: Path) -> SiteModel:
+def personalize(site_model: SiteModel, site: str, cache_root: Path, *, use_global: bool = False) -> SiteModel:
     """Under FedBN, put this site's own normalization layers (from its cache) into the model.
 
     Other strategies have no personalized model: the global one is returned unchanged. A FedBN
     run whose layers this site does not hold is an error: the global normalization layers were
-    never trained (FedBN keeps them at the sites).
+    never trained (FedBN keeps them at the sites). ``use_global`` keeps them anyway, with a warning.
     """
     if site_model.cfg.strategy != "fedbn":
+        return site_model
+    if use_global:
+        log.warning("the model is from a FedBN run: its global normalization layers were never trained (each "
+                    "site kept its own), so its predictions and scores are not those of the federation's models")
         return site_model
     from fedscan.client.personal import LocalLayers
 
@@ -82,7 +87,22 @@ def personalize(site_model: SiteModel, site: str, cache_root: Path) -> SiteModel
         raise FedscanError(
             f"the model is from a FedBN run, but site '{site}' holds no normalization layers of it under "
             f"{layers.folder}",
-            hint="give --cache the cache folder the site trained with, or pass --global to use the global layers",
+            hint="give --cache the cache folder the site trained with and --site the name it trained under "
+                 "(a deployed site's name is in its site.toml)",
         )
     log.info("site %s: using its own normalization layers of round %d (FedBN)", site, used)
     return SiteModel(site_model.model, site_model.cfg, site_model.server_round, "personalized")
+
+
+def check_out(out: Path, site: SiteDir) -> None:
+    """Refuse an output folder among the site's data: inside images/ or labels/ (the outputs would be
+    read back as images or labels), or the site folder itself or a folder above it (``--overwrite``
+    would then touch the site's data)."""
+    resolved, data = Path(out).resolve(), site.path.resolve()
+    for inside in (site.images, site.labels):
+        if resolved == inside.resolve() or inside.resolve() in resolved.parents:
+            raise FedscanError(f"output folder {out} is inside the site's {inside.name}/ folder",
+                               hint="choose an --out folder outside images/ and labels/")
+    if resolved == data or resolved in data.parents:
+        raise FedscanError(f"output folder {out} holds the site's data folder {site.path}",
+                           hint="choose an --out folder of its own, outside the site's data")

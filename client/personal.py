@@ -28,9 +28,14 @@ from fedscan.common.weights import norm_keys
 log = logging.getLogger("fedscan.client")
 
 
+# settings that do not change what a site trains: where files are, which device, reporting
+_NOT_IN_KEY = frozenset({"rounds", "data_root", "cache_dir", "output", "device", "explain_scores"})
+
+
 def run_key(cfg: RunConfig) -> str:
-    """A key for the run's local layers: the same run config (rounds aside) gives the same key."""
-    settings = {k: v for k, v in cfg.to_toml_dict().items() if k != "rounds"}
+    """A key for the run's local layers: the same training settings give the same key, wherever the
+    files are (so `fedscan site explain` finds them from the run's model file)."""
+    settings = {k: v for k, v in cfg.to_toml_dict().items() if k not in _NOT_IN_KEY}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from fedscan.client.model_file import load_model_file, personalize
+from fedscan.client.model_file import check_out, load_model_file, personalize
 from fedscan.client.training import run_precision
 from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import EXAM_MODELS, RunConfig
@@ -98,6 +98,7 @@ def predict_site(
     device: str = "auto",
     overwrite: bool = False,
     on_series: Callable[[int, int], None] | None = None,
+    site_name: str | None = None,
 ) -> PredictSummary:
     """Predict every series of the site folder ``data`` with the model of ``model_file`` into ``out``.
 
@@ -112,12 +113,11 @@ def predict_site(
     data, out = Path(data), Path(out)
     if device not in DEVICES:
         raise FedscanError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
-    site = _site_dir(data)
+    site = _site_dir(data, site_name)
     check_images(site)
     _check_out(out, site, overwrite)
-    site_model = load_model_file(Path(model_file), device=device)
-    if not use_global:
-        site_model = personalize(site_model, site.name, Path(cache_root))
+    site_model = personalize(load_model_file(Path(model_file), device=device), site.name, Path(cache_root),
+                             use_global=use_global)
     cfg = site_model.cfg
     if cfg.task not in ("segmentation", "classification"):
         raise FedscanError(f"{model_file}: fedscan cannot predict for the task '{cfg.task}'")
@@ -163,15 +163,15 @@ def predict_site(
     return summary
 
 
-def _site_dir(data: Path) -> SiteDir:
-    """The site folder ``data``, named as the folder is (the name the site trained under)."""
+def _site_dir(data: Path, name: str | None) -> SiteDir:
+    """The site folder ``data``, named ``name`` or as the folder is (the name the site trained under)."""
     if not data.exists():
         raise FedscanError(f"data folder not found: {data}",
                            hint="give the site folder that holds images/, the one the site trains with")
     if not data.is_dir():
         raise FedscanError(f"data folder {data} is not a folder",
                            hint="give the site folder that holds images/, the one the site trains with")
-    return SiteDir(data.resolve().name, data)
+    return SiteDir(name or data.resolve().name, data)
 
 
 def _check_out(out: Path, site: SiteDir, overwrite: bool) -> None:
@@ -179,11 +179,7 @@ def _check_out(out: Path, site: SiteDir, overwrite: bool) -> None:
     would be read back as images or training labels), or holds files, unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise FedscanError(f"output {out} exists and is not a folder", hint="choose a new --out folder")
-    resolved = out.resolve()
-    for inside in (site.images, site.labels):
-        if resolved == inside.resolve() or inside.resolve() in resolved.parents:
-            raise FedscanError(f"output folder {out} is inside the site's {inside.name}/ folder",
-                               hint="choose an --out folder outside images/ and labels/")
+    check_out(out, site)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FedscanError(f"output folder {out} already exists and is not empty",
                            hint="choose a new --out, or pass --overwrite to replace the predictions in it")

@@ -550,8 +550,12 @@ _SITE_CACHE = typer.Option(
     help="The site's cache folder: preprocessed data, and FedBN's local layers (default ~/.cache/fedscan; "
          "a site made with `fedscan site init --dir D` uses D/cache).",
 )
-_USE_GLOBAL = typer.Option(False, "--global", help="FedBN runs: use the global normalization layers, not the site's own.")
+_USE_GLOBAL = typer.Option(False, "--global",
+                           help="FedBN runs: use the global normalization layers (never trained), not the site's own.")
 _SITE_DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+_SITE_NAME = typer.Option(None, "--site",
+                          help="The site's name in the federation (default: the data folder's name; a deployed "
+                               "site's is in its site.toml): FedBN finds the site's own layers by it.")
 
 
 def _site_cache(cache: Path | None) -> Path:
@@ -574,7 +578,9 @@ def site_explain(
     cache: Path | None = _SITE_CACHE,
     use_global: bool = _USE_GLOBAL,
     device: str = _SITE_DEVICE,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the explanations in an existing --out (other files stay)."),
+    site: str | None = _SITE_NAME,
 ) -> None:
     """Explain the model's predictions on this site's validation data; nothing is sent anywhere.
 
@@ -589,7 +595,7 @@ def site_explain(
         with _case_progress("explaining cases") as progress:
             task_id = progress.add_task("cases", total=None)
             result = explain_site(data, model, out, n=n, cache_root=_site_cache(cache), use_global=use_global,
-                                  device=device, overwrite=overwrite,
+                                  device=device, overwrite=overwrite, site_name=site,
                                   on_case=lambda k, total: progress.update(task_id, completed=k, total=total))
         scores = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in result.scores.items())
         out_console.print(f"site {result.site}: explained {result.shown} of {result.validation_cases} validation "
@@ -606,7 +612,9 @@ def site_predict(
     cache: Path | None = _SITE_CACHE,
     use_global: bool = _USE_GLOBAL,
     device: str = _SITE_DEVICE,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the predictions in an existing --out (other files stay)."),
+    site: str | None = _SITE_NAME,
 ) -> None:
     """Run the model on every series of this site and write the results for its PACS; nothing is sent.
 
@@ -619,7 +627,7 @@ def site_predict(
         with _case_progress("predicting series") as progress:
             task_id = progress.add_task("series", total=None)
             summary = predict_site(data, model, out, cache_root=_site_cache(cache), use_global=use_global,
-                                   device=device, overwrite=overwrite,
+                                   device=device, overwrite=overwrite, site_name=site,
                                    on_series=lambda k, total: progress.update(task_id, completed=k, total=total))
         out_console.print(f"site {summary.site}: predicted {summary.series_predicted} of {summary.series_found} series "
                           f"({summary.images_predicted} images) with the {summary.kind} {summary.model} of round "

@@ -152,7 +152,9 @@ class RunRecorder:
                         **({"hd95_unit": "mm"} if run.task == "segmentation" else {})},
             "history": self.history,
             "final": final,
-            **({"explanation_scores": scores} if (scores := explanation_scores(final["per_site"], run.task)) else {}),
+            # the sites' explanation scores, once the final round is in
+            **({"explanation_scores": scores} if self.history and self.history[-1]["round"] >= run.rounds
+               and (scores := explanation_scores(final["per_site"], run.task)) else {}),
         }
 
     def write(self, status: str = "running") -> dict[str, Any]:

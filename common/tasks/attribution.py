@@ -104,16 +104,15 @@ def exam_attention(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, 
 
 def lesion_energy(maps: np.ndarray, masks: np.ndarray) -> tuple[float, float] | None:
     """The share of the maps' energy inside the lesion masks, and the lesion's share of the image
-    area, over the images that show a lesion (maps and masks (n, H, W); maps >= 0). None when no
-    image shows one or no map has energy."""
+    area, each averaged over the images that show a lesion (maps and masks (n, H, W); maps >= 0). An
+    image whose map is empty counts 0 inside. None when no image shows a lesion."""
     lesion = np.asarray(masks) > 0
     keep = lesion.reshape(len(lesion), -1).any(1)
+    if not keep.any():
+        return None
     maps = np.clip(np.asarray(maps, np.float64)[keep], 0, None)
     lesion = lesion[keep]
     totals = maps.reshape(len(maps), -1).sum(1)
-    valid = totals > 0
-    if not valid.any():
-        return None
-    inside = (maps * lesion).reshape(len(maps), -1).sum(1)[valid] / totals[valid]
-    area = lesion.reshape(len(lesion), -1).mean(1)[valid]
-    return float(inside.mean()), float(area.mean())
+    inside = (maps * lesion).reshape(len(maps), -1).sum(1)
+    share = np.divide(inside, totals, out=np.zeros_like(inside), where=totals > 0)
+    return float(share.mean()), float(lesion.reshape(len(lesion), -1).mean(1).mean())

@@ -21,6 +21,7 @@ Labels come from ``labels/labels.csv`` (see ``fedscan.common.data.labels``): per
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -39,6 +40,8 @@ from fedscan.common.tasks.metrics import (
     expected_calibration_error,
 )
 from fedscan.common.tasks.precision import Precision
+
+log = logging.getLogger(__name__)
 
 METRICS = (*CLASSIFICATION_METRICS, "ece")
 MAIN_METRIC = "balanced_accuracy"
@@ -155,16 +158,21 @@ def evaluate(
     picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
     out["loss"] = float(-np.log(picked).mean()) if len(targets) else float("nan")
     if scores:
-        energy = gradcam_lesion_energy(model, data, samples, cfg, precision=precision)
+        try:
+            energy = gradcam_lesion_energy(model, data, samples, cfg, precision=precision)
+        except Exception:  # the optional score must not cost the site its evaluation
+            log.warning("the Grad-CAM score could not be computed; evaluating without it", exc_info=True)
+            energy = None
         out["gradcam_lesion_energy"], out["lesion_area_share"] = energy or (math.nan, math.nan)
     out["num-examples"] = float(samples.size)
     return out
 
 
-def lesion_images(data: SiteData, sample: int) -> tuple[np.ndarray, np.ndarray]:
+def lesion_images(data: SiteData, sample: int,
+                  slices_of: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The slices of ``sample`` (geometric order) and their lesion masks, where the site has masks
-    (an empty selection otherwise)."""
-    idx = data.slices_of()[sample]
+    (an empty selection otherwise). ``slices_of``: ``data.slices_of()``, when the caller has it."""
+    idx = (slices_of if slices_of is not None else data.slices_of())[sample]
     if data.lesion is None:
         return idx[:0], np.zeros((0, *data.images.shape[1:]), np.uint8)
     masks = np.asarray(data.lesion[idx])
@@ -174,20 +182,24 @@ def lesion_images(data: SiteData, sample: int) -> tuple[np.ndarray, np.ndarray]:
 
 def gradcam_lesion_energy(model: nn.Module, data: SiteData, samples: np.ndarray, cfg: RunConfig, *,
                           precision: Precision) -> tuple[float, float] | None:
-    """Over the images of ``samples`` that show a lesion: the share of Grad-CAM energy (for the
-    sample's true class) inside the lesion, and the lesion's share of the image area. None when the
-    site has no lesion masks or none of these images shows a lesion."""
+    """Over the images of positive ``samples`` (class > 0) that show a lesion: the share of Grad-CAM
+    energy (for the sample's class) inside the lesion, and the lesion's share of the image area. None
+    when the site has no lesion masks or no such image. A lesion image labelled negative (a missed
+    lesion) is left out: its class has no evidence to show."""
     if data.lesion is None:
         return None
     model = precision.place_model(model).eval()
     maps, masks = [], []
     targets = np.asarray(data.target)
+    slices_of = data.slices_of()
     for k in np.asarray(samples):
-        idx, les = lesion_images(data, int(k))
+        if targets[k] == 0:
+            continue
+        idx, les = lesion_images(data, int(k), slices_of)
         if not (les == 1).any():
             continue
         if cfg.model in EXAM_MODELS:  # the exam's images together; the score is the exam's
-            full = data.slices_of()[int(k)]
+            full = slices_of[int(k)]
             cam = gradcam(model, cfg.model, precision.place(_images(data, full)), int(targets[k]))
             cam = cam[np.isin(full, idx)]
         else:

@@ -25,6 +25,7 @@ A metric with no defined value on a site (say, no lesion in its validation serie
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -41,6 +42,8 @@ from fedscan.common.tasks import metrics as lesion
 from fedscan.common.tasks.loops import fit, seeded_loader
 from fedscan.common.tasks.precision import Precision
 from fedscan.common.tasks.uncertainty import predictive_entropy, tta_predict, uncertainty_auroc
+
+log = logging.getLogger(__name__)
 
 METRICS = ("dice", "iou", "hd95", *lesion.LESION_METRICS)
 MAIN_METRIC = "dice"
@@ -158,8 +161,16 @@ def evaluate(
     """Per-site validation metrics: series-level means, lesion detection, loss, example count; with
     ``scores`` also the shareable explanation score ``uncertainty_auroc`` (see ``SCORES``)."""
     indices = np.asarray(indices)
-    preds, loss, entropy = predict(model, data, indices, batch_size=max(cfg.batch_size, 16), precision=precision,
-                                   uncertainty=scores)
+    batch_size = max(cfg.batch_size, 16)
+    try:
+        preds, loss, entropy = predict(model, data, indices, batch_size=batch_size, precision=precision,
+                                       uncertainty=scores)
+    except Exception:  # the optional score must not cost the site its evaluation
+        if not scores:
+            raise
+        log.warning("the uncertainty score could not be computed; evaluating without it", exc_info=True)
+        preds, loss, _ = predict(model, data, indices, batch_size=batch_size, precision=precision)
+        entropy = np.full(preds.shape, np.nan, dtype=np.float32)
     per_series: dict[str, list[float]] = {}
     counts = dict.fromkeys(lesion.LESION_COUNTS, 0)
     series_ids = np.asarray(data.series)[indices]
@@ -177,6 +188,7 @@ def evaluate(
     out.update(lesion.lesion_metrics(counts))
     out["loss"] = loss
     if entropy is not None:
-        out["uncertainty_auroc"] = uncertainty_auroc(entropy, preds, masks[indices])
+        out["uncertainty_auroc"] = (uncertainty_auroc(entropy, preds, masks[indices]) if np.isfinite(entropy).all()
+                                    else math.nan)
     out["num-examples"] = float(len(indices))
     return out

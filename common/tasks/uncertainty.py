@@ -25,7 +25,6 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from fedscan.common.tasks.metrics import roc_auc
 from fedscan.common.tasks.precision import Precision
 
 # (dims flipped) for each TTA pass; () is the plain prediction
@@ -60,10 +59,27 @@ def predictive_entropy(probs: torch.Tensor | np.ndarray) -> np.ndarray:
     return (-(p * p.log()).sum(1) / math.log(n_classes)).clamp(0, 1).float().numpy()
 
 
+AUROC_BINS = 4096
+
+
 def uncertainty_auroc(uncertainty: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> float:
-    """How well the voxel-wise uncertainty separates wrong voxels (pred != truth) from right ones."""
-    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
-    return roc_auc(uncertainty, (np.asarray(pred) != np.asarray(truth)).ravel())
+    """How well the voxel-wise uncertainty (in [0, 1]) separates wrong voxels (pred != truth) from
+    right ones: the ROC AUC, NaN unless there are both.
+
+    A site has millions of voxels, so the uncertainties are counted in ``AUROC_BINS`` equal bins per
+    kind of voxel and the AUC is taken from the counts (two voxels in one bin count as a tie, 1/2):
+    linear time and memory, within 1/AUROC_BINS of the exact value.
+    """
+    wrong = (np.asarray(pred) != np.asarray(truth)).ravel()
+    which = np.minimum((np.asarray(uncertainty, dtype=np.float32).ravel() * AUROC_BINS).astype(np.int64),
+                       AUROC_BINS - 1).clip(0)
+    pos = np.bincount(which[wrong], minlength=AUROC_BINS).astype(np.float64)
+    neg = np.bincount(which[~wrong], minlength=AUROC_BINS).astype(np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    below = np.cumsum(neg) - neg  # right voxels in lower bins
+    return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
 _EIGHT = np.ones((3, 3), dtype=bool)

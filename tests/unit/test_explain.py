@@ -110,7 +110,7 @@ def test_gradcam_of_a_trained_classifier_falls_on_the_lesion(tmp_path: Path) -> 
                                  "--cache", str(tmp_path / "cache"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     ex = json.loads((out / "explain.json").read_text())
-    assert ex["validation_cases"] == len(samples) and ex["shown"] == 2
+    assert ex["validation_cases"] == len(samples) == len(ex["cases"]) and ex["shown"] == 2
     assert ex["scores"]["gradcam_lesion_energy"] == pytest.approx(ev["gradcam_lesion_energy"])
     p_true = [c["probabilities"][c["true_class"]] for c in ex["cases"]]
     assert p_true == sorted(p_true) and {c["kind"] for c in ex["cases"]} == {"image"}
@@ -227,7 +227,8 @@ def test_explain_segmentation_writes_a_page_with_the_worst_cases_first(seg: dict
     assert ex["scores"]["uncertainty_auroc"] == pytest.approx(ev["uncertainty_auroc"])
     assert ex["metrics"]["dice"] == pytest.approx(ev["dice"])
     shown = ex["cases"][:2]
-    assert all(c["lesions"] is not None for c in shown) and ex["cases"][2:] == []
+    assert all(c["lesions"] is not None and c["figure"] for c in shown)
+    assert all(c["lesions"] is None and c["figure"] is None for c in ex["cases"][2:])  # numbers only
     assert all(0.0 <= les["confidence"] <= 1.0 for c in shown for les in c["lesions"])
     assert sorted(p.name for p in (out / "cases").iterdir()) == ["c001.png", "c002.png"]
     page = (out / "index.html").read_text()
@@ -248,7 +249,8 @@ def test_explain_mil_shows_each_images_attention(exams: dict, tmp_path: Path) ->
     cases = ex["cases"]
     p_true = [c["probabilities"][c["true_class"]] for c in cases]
     assert p_true == sorted(p_true)  # the most wrong or uncertain first
-    for c in cases:
+    assert all(c["attention"] is None for c in cases[3:])  # the cases not shown have their numbers only
+    for c in cases[:3]:
         assert c["kind"] == "exam" and len(c["attention"]) == c["slices"]
         assert sum(c["attention"]) == pytest.approx(1.0, abs=1e-4)
         assert c["lesion_slices"] is not None  # the site has lesion masks
@@ -272,6 +274,16 @@ def test_explain_refuses_bad_input_and_keeps_out(seg: dict, tmp_path: Path) -> N
     assert busy.exit_code == 2 and "not empty" in busy.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    cuda = runner.invoke(app, ["site", "explain", "--cache", str(seg["cache"]), "--device", "gpu", "--data",
+                               str(seg["dir"]), "--model", str(seg["file"]), "--out", str(tmp_path / "o4")])
+    assert cuda.exit_code == 2 and "unknown device 'gpu'" in cuda.output
+    # --overwrite replaces an earlier explanation and keeps the folder's other files
+    for _ in range(2):
+        again = runner.invoke(app, [*base, "--data", str(seg["dir"]), "--model", str(seg["file"]), "--out", str(out),
+                                    "--n", "1", "--overwrite"])
+        assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == ["cases", "explain.json", "index.html", "keep.txt"]
+    assert [p.name for p in (out / "cases").iterdir()] == ["c001.png"]
 
 
 # --- privacy ------------------------------------------------------------------------------------

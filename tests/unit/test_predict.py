@@ -548,8 +548,18 @@ def test_fedbn_model_needs_the_sites_layers_or_global(synth_root: Path, tmp_path
     out = tmp_path / "out"
     with pytest.raises(FedscanError, match="normalization layers") as err:
         predict_site(synth_root / "hospital-a", model_file, out, cache_root=tmp_path / "cache", device="cpu")
-    assert "--global" in (err.value.hint or "")
+    assert "--site" in (err.value.hint or "") and "--cache" in (err.value.hint or "")
     assert not out.exists()
     summary = predict_site(synth_root / "hospital-a", model_file, out, cache_root=tmp_path / "cache",
                            device="cpu", use_global=True)
     assert summary.kind == "global" and summary.series_predicted == 3
+    # the layers the site stored while training, under the run's settings on its machine (its own data
+    # folder, cache and device: not part of the run's key), are found from the model file
+    from fedscan.client.personal import LocalLayers
+
+    trained = cfg.model_copy(update={"data_root": tmp_path / "elsewhere", "cache_dir": tmp_path / "cache",
+                                     "device": "auto", "rounds": 7})
+    LocalLayers(tmp_path / "cache", trained, "site-7").save(1, build_model(cfg))
+    personal = predict_site(synth_root / "hospital-a", model_file, tmp_path / "out2", cache_root=tmp_path / "cache",
+                            device="cpu", site_name="site-7")
+    assert personal.kind == "personalized" and personal.site == "site-7"

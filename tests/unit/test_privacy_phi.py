@@ -112,6 +112,7 @@ def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path
                 assert set(metrics.keys()) == {"train_loss", "num-examples", "compute_seconds"}
             else:
                 assert set(reply.content.keys()) == {"metrics", "site"}
+                assert "uncertainty_auroc" in metrics  # round 1 of 1 is the final round: the scores are in
             assert metrics["num-examples"] > 0 and metrics["num-examples"] % 7 == 0
             assert dict(reply.content["site"]) == {"name": f"hospital-{'ab'[k]}"}
     assert len(sent) > 10_000  # the weights were really in there
