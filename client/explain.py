@@ -35,7 +35,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from fedscan.client import training
-from fedscan.client.model_file import check_out, load_model_file, personalize
+from fedscan.client.model_file import load_model_file, personalize, site_precision
+from fedscan.client.site_output import check_out
 from fedscan.common import __version__
 from fedscan.common.config import EXAM_MODELS, RunConfig
 from fedscan.common.data.dataset import SiteData, scan_site_dir
@@ -49,7 +50,6 @@ from fedscan.common.tasks.uncertainty import lesion_confidences, tta_predict, un
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 EXPLAIN_JSON = "explain.json"
 INDEX_HTML = "index.html"
 CASES_DIR = "cases"
@@ -133,8 +133,6 @@ def explain_site(
     data, out = Path(data), Path(out)
     if n < 1:
         raise FedscanError(f"--n must be at least 1, got {n}")
-    if device not in DEVICES:
-        raise FedscanError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
     if not data.is_dir():
         raise FedscanError(f"site data folder not found: {data}", hint="give the folder holding images/ and labels/")
     if out.exists() and not out.is_dir():
@@ -146,10 +144,7 @@ def explain_site(
     check_out(out, site)
     site_model = personalize(load_model_file(model_file, device=device), site.name, cache_root, use_global=use_global)
     cfg = site_model.cfg
-    try:
-        precision = training.run_precision(cfg)
-    except RuntimeError as exc:  # cuda asked for on a machine without one
-        raise FedscanError(str(exc), hint="pass --device cpu, or auto to use a GPU only when there is one") from None
+    precision = site_precision(site_model)
     local = training.open_site(site, cfg, cache_root)
     model = precision.place_model(site_model.model).eval()
     uids = _series_uids(site)
@@ -202,13 +197,13 @@ def _segmentation(model: nn.Module, local: training.LocalSite, cfg: RunConfig, p
                   uids: list[str], n: int, on_case: Callable[[int, int], None] | None) -> _Results:
     data: SiteData = local.data
     idx = np.asarray(local.val_idx)
-    preds, _, entropy = segmentation.predict(model, data, idx, batch_size=max(cfg.batch_size, 16),
-                                             precision=precision, uncertainty=True)
+    preds, loss, entropy = segmentation.predict(model, data, idx, batch_size=max(cfg.batch_size, 16),
+                                                precision=precision, uncertainty=True)
     assert entropy is not None
     masks = np.asarray(data.masks)[idx]
-    metrics = segmentation.evaluate(model, data, idx, cfg, precision=precision)
+    metrics = segmentation.prediction_metrics(preds, loss, entropy, data, idx, cfg)
     metrics.pop("num-examples", None)
-    scores = {"uncertainty_auroc": uncertainty_auroc(entropy, preds, masks)}
+    scores = {k: metrics.pop(k) for k in segmentation.SCORES}
     series = np.asarray(data.series)[idx]
     ranked = []
     for s in np.unique(series):
@@ -248,21 +243,23 @@ def _tta_probabilities(model: nn.Module, images: np.ndarray, precision: Precisio
     return torch.cat(parts)
 
 
+def _blend(image: np.ndarray, label: np.ndarray, alpha: float | np.ndarray, cmap: str) -> np.ndarray:
+    """``label`` (H, W, in [0, 1]) over the grey image with MONAI's ``blend_images``: (H, W, 3)."""
+    rgb = blend_images(np.asarray(image, np.float32)[None], np.asarray(label, np.float32)[None], alpha=alpha,
+                       cmap=cmap, rescale_arrays=True, transparent_background=True)
+    return np.clip(np.moveaxis(np.asarray(rgb), 0, -1), 0, 1)
+
+
 def _overlay(image: np.ndarray, heat: np.ndarray, cmap: str) -> np.ndarray:
-    """``heat`` (H, W, >= 0) over the grey image with MONAI's ``blend_images``: (H, W, 3)."""
+    """A heat map (>= 0), scaled to its peak, over the image; the hotter, the more opaque."""
     heat = np.asarray(heat, np.float32)
     peak = float(heat.max())
     heat = heat / peak if peak > 0 else heat
-    rgb = blend_images(np.asarray(image, np.float32)[None], heat[None], alpha=0.6 * heat[None], cmap=cmap,
-                       rescale_arrays=True, transparent_background=True)
-    return np.clip(np.moveaxis(np.asarray(rgb), 0, -1), 0, 1)
+    return _blend(image, heat, 0.6 * heat[None], cmap)
 
 
 def _mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = (np.asarray(mask) > 0).astype(np.float32)
-    rgb = blend_images(np.asarray(image, np.float32)[None], m[None], alpha=0.45, cmap="autumn",
-                       rescale_arrays=True, transparent_background=True)
-    return np.clip(np.moveaxis(np.asarray(rgb), 0, -1), 0, 1)
+    return _blend(image, np.asarray(mask) > 0, 0.45, "autumn")
 
 
 def _axes_off(fig: Figure, n: int) -> list[Any]:
@@ -306,10 +303,11 @@ def _classification(model: nn.Module, local: training.LocalSite, cfg: RunConfig,
     data: SiteData = local.data
     samples = data.samples_of(local.val_idx)
     targets = np.asarray(data.target)[samples].astype(np.int64)
-    metrics = classification.evaluate(model, data, local.val_idx, cfg, precision=precision, scores=True)
-    scores = {k: metrics.pop(k) for k in classification.SCORES if k in metrics}
-    metrics.pop("num-examples", None)
     probs = classification.predict(model, data, samples, cfg, precision=precision)
+    metrics = classification.probability_metrics(probs, targets, cfg)
+    energy = classification.gradcam_lesion_energy(model, data, samples, cfg, precision=precision)
+    scores = {"ece": metrics.pop("ece")}
+    scores["gradcam_lesion_energy"], scores["lesion_area_share"] = energy or (math.nan, math.nan)
     # the most wrong or uncertain first: the lowest probability of the true class
     order = np.argsort(probs[np.arange(len(samples)), targets], kind="stable")
     slices_of = data.slices_of()

@@ -17,10 +17,11 @@ from flwr.app import ArrayRecord
 from pydantic import ValidationError
 from torch import nn
 
+from fedscan.client.training import run_precision
 from fedscan.common.config import RunConfig
-from fedscan.common.data.layout import SiteDir
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
+from fedscan.common.tasks.precision import Precision
 from fedscan.common.weights import load_record
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,13 @@ class SiteModel:
     kind: str  # "global", or "personalized" (FedBN: the site's own normalization layers)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def load_model_file(path: Path, *, device: str = "auto") -> SiteModel:
-    """The model and run settings of ``path``; a FedscanError names what is wrong with the file."""
+    """The model and run settings of ``path``, to run on ``device``; a FedscanError names what is wrong."""
+    if device not in DEVICES:
+        raise FedscanError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
     path = Path(path)
     if not path.is_file():
         raise FedscanError(f"model file not found: {path}",
@@ -66,6 +72,14 @@ def load_model_file(path: Path, *, device: str = "auto") -> SiteModel:
     return SiteModel(model, cfg, int(payload.get("round", 0)), "global")
 
 
+def site_precision(site_model: SiteModel) -> Precision:
+    """The device and precision to run the model with; asking for CUDA without a GPU is a FedscanError."""
+    try:
+        return run_precision(site_model.cfg)
+    except RuntimeError as exc:
+        raise FedscanError(str(exc), hint="pass --device cpu, or auto to use a GPU only when there is one") from None
+
+
 def personalize(site_model: SiteModel, site: str, cache_root: Path, *, use_global: bool = False) -> SiteModel:
     """Under FedBN, put this site's own normalization layers (from its cache) into the model.
 
@@ -92,17 +106,3 @@ def personalize(site_model: SiteModel, site: str, cache_root: Path, *, use_globa
         )
     log.info("site %s: using its own normalization layers of round %d (FedBN)", site, used)
     return SiteModel(site_model.model, site_model.cfg, site_model.server_round, "personalized")
-
-
-def check_out(out: Path, site: SiteDir) -> None:
-    """Refuse an output folder among the site's data: inside images/ or labels/ (the outputs would be
-    read back as images or labels), or the site folder itself or a folder above it (``--overwrite``
-    would then touch the site's data)."""
-    resolved, data = Path(out).resolve(), site.path.resolve()
-    for inside in (site.images, site.labels):
-        if resolved == inside.resolve() or inside.resolve() in resolved.parents:
-            raise FedscanError(f"output folder {out} is inside the site's {inside.name}/ folder",
-                               hint="choose an --out folder outside images/ and labels/")
-    if resolved == data or resolved in data.parents:
-        raise FedscanError(f"output folder {out} holds the site's data folder {site.path}",
-                           hint="choose an --out folder of its own, outside the site's data")

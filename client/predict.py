@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from fedscan.client.model_file import check_out, load_model_file, personalize
-from fedscan.client.training import run_precision
+from fedscan.client.model_file import load_model_file, personalize, site_precision
+from fedscan.client.site_output import check_out
 from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import EXAM_MODELS, RunConfig
 from fedscan.common.data.dataset import decode_series, model_input, scan_site_dir
@@ -47,7 +47,6 @@ SEG_DIR = "seg"
 PREDICTIONS_CSV = "predictions.csv"
 SUMMARY_JSON = "predict.json"
 BATCH_IMAGES = 16  # images through the model at once (inference keeps no activations for backward)
-DEVICES = ("auto", "cpu", "cuda")
 _SAFE_NAME = re.compile(r"[^0-9A-Za-z.\-]")
 
 
@@ -111,20 +110,13 @@ def predict_site(
     """
     start = time.monotonic()
     data, out = Path(data), Path(out)
-    if device not in DEVICES:
-        raise FedscanError(f"unknown device '{device}'; allowed: {', '.join(DEVICES)}")
     site = _site_dir(data, site_name)
     check_images(site)
     _check_out(out, site, overwrite)
     site_model = personalize(load_model_file(Path(model_file), device=device), site.name, Path(cache_root),
                              use_global=use_global)
     cfg = site_model.cfg
-    if cfg.task not in ("segmentation", "classification"):
-        raise FedscanError(f"{model_file}: fedscan cannot predict for the task '{cfg.task}'")
-    try:
-        precision = run_precision(cfg)
-    except RuntimeError as exc:
-        raise FedscanError(str(exc), hint="pass --device cpu, or auto to use a GPU only when there is one") from None
+    precision = site_precision(site_model)
     scan = scan_site_dir(site)
     summary = PredictSummary(site=site.name, task=cfg.task, model=cfg.model, server_round=site_model.server_round,
                              kind=site_model.kind, fedscan_version=fedscan_version(), series_found=len(scan.series))

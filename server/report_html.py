@@ -27,24 +27,19 @@ from fedscan.server.report import (
     summarize,
 )
 
-_e = escape
-
 
 def _fmt(value: Any, digits: int = 3) -> str:
     """A value for a table cell, escaped: numbers rounded, missing or undefined as n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, bool):
-        return _e(value)
+        return escape(value)
     if isinstance(value, int):
         return str(value)
     v = number(value)
     if v is None:
-        return _e(value) if not isinstance(value, float) else "n/a"
+        return escape(value) if not isinstance(value, float) else "n/a"
     return f"{v:.{digits}f}"
-
-
-_table = table
 
 
 def _img(figures: dict[str, bytes], name: str, alt: str, caption: str, img_id: str | None = None) -> str:
@@ -61,7 +56,7 @@ def _summary(rep: dict[str, Any]) -> str:
         ("secure aggregation", secagg),
     ]
     items += [(k, rep[k]) for k in ("started", "updated") if rep.get(k)]
-    return '<dl class="summary">\n' + "\n".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "\n</dl>"
+    return '<dl class="summary">\n' + "\n".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items) + "\n</dl>"
 
 
 def _final(rep: dict[str, Any]) -> str:
@@ -71,19 +66,19 @@ def _final(rep: dict[str, Any]) -> str:
     if rep["task"] == "classification":
         unit = "validation exams" if rep["model"] in EXAM_MODELS else "validation images"
     digits = {"hd95": 1}
-    head = ["site", *(_e(metric_title(m)) for m in names), _e(unit)]
-    rows = [([_e(site), *(_fmt(row.get(m), digits.get(m, 3)) for m in names), _fmt(row.get("num_examples"))], "")
+    head = ["site", *(escape(metric_title(m)) for m in names), escape(unit)]
+    rows = [([escape(site), *(_fmt(row.get(m), digits.get(m, 3)) for m in names), _fmt(row.get("num_examples"))], "")
             for site, row in final["per_site"].items()]
     mean = final["mean"]
     rows.append((["mean", *(_fmt(mean.get(m), digits.get(m, 3)) for m in names), ""], "mean"))
-    parts = [f"<h2>Final {_e(evaluated_model(rep))}, evaluated at each site</h2>", _table(head, rows)]
+    parts = [f"<h2>Final {escape(evaluated_model(rep))}, evaluated at each site</h2>", table(head, rows)]
     if any(row.get(m) is None for row in final["per_site"].values() for m in names):
         parts.append('<p class="note">n/a: undefined at that site (for example AUROC on a validation set '
                      "holding one class, or Dice without any lesion); left out of the mean.</p>")
     worst = final.get("worst") or {}
     if worst:
-        parts.append(f"<p>Worst site: <strong>{_e(worst['site'])}</strong> "
-                     f"({_e(metric_title(main))} {_fmt(worst.get(main))}).</p>")
+        parts.append(f"<p>Worst site: <strong>{escape(worst['site'])}</strong> "
+                     f"({escape(metric_title(main))} {_fmt(worst.get(main))}).</p>")
     return "\n".join(parts)
 
 
@@ -98,12 +93,12 @@ def _rounds(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
     for h in history:
         vals = [h["per_site"].get(s, {}).get(main) for s in sites]
         m = summarize(h["per_site"], rep["task"])["mean"][main]
-        rows.append(([_e(h["round"]), *(_fmt(v) for v in vals), _fmt(m)], ""))
+        rows.append(([escape(h["round"]), *(_fmt(v) for v in vals), _fmt(m)], ""))
     return "\n".join([
-        f"<h2>{_e(title)} per round</h2>",
+        f"<h2>{escape(title)} per round</h2>",
         _img(figures, "curves.png", f"{title} at each site per round",
              f"{title} of the {evaluated_model(rep)} at each site after each round; dashed: the mean over sites."),
-        _table(["round", *(_e(s) for s in sites), "mean"], rows),
+        table(["round", *(escape(s) for s in sites), "mean"], rows),
     ])
 
 
@@ -112,17 +107,17 @@ def _cross_site(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
         return ""
     title = metric_title(rep["metrics"]["main"])
     models, sites, values = cross_site_table(rep)
-    rows = [([_e(m), *(_fmt(v) for v in row), _fmt(mean_of(row))], "") for m, row in zip(models, values)]
-    kinds = "".join(f"<li><code>{_e(label)}</code>: {_e(text)}</li>" for label, text in model_kinds(models))
+    rows = [([escape(m), *(_fmt(v) for v in row), _fmt(mean_of(row))], "") for m, row in zip(models, values)]
+    kinds = "".join(f"<li><code>{escape(label)}</code>: {escape(text)}</li>" for label, text in model_kinds(models))
     return "\n".join([
         "<h2>Cross-site evaluation</h2>",
-        f"<p>{_e(title)} of each model (rows) on each site's validation data (columns); "
+        f"<p>{escape(title)} of each model (rows) on each site's validation data (columns); "
         "the mean is unweighted over sites.</p>",
         f"<ul>{kinds}</ul>",
         _img(figures, "cross_site.png", f"cross-site {title} heatmap",
              f"Cross-site {title}: models on rows, the sites they are evaluated at on columns.",
              img_id="cross-site-heatmap"),
-        _table(["model", *(_e(s) for s in sites), "mean"], rows),
+        table(["model", *(escape(s) for s in sites), "mean"], rows),
     ])
 
 
@@ -139,13 +134,13 @@ def _gain(rep: dict[str, Any]) -> str:
         if negative:
             val = f'<span class="warn" title="joining did not help this site">&#9888; {val}</span>'
             warnings.append(gain_warning(site, gain, model, main))
-        rows.append(([_e(site), val, _e(model)], "warn" if negative else ""))
+        rows.append(([escape(site), val, escape(model)], "warn" if negative else ""))
     return "\n".join([
         "<h2>Federated gain per site</h2>",
-        f"<p>{_e(metric_title(main))} of the federated model at each site minus that of the site's own "
+        f"<p>{escape(metric_title(main))} of the federated model at each site minus that of the site's own "
         "local model there: above 0, joining the federation helped the site.</p>",
-        _table(["site", "gain", "federated model"], rows),
-        *(f'<p class="warn">&#9888; {_e(w)}</p>' for w in warnings),
+        table(["site", "gain", "federated model"], rows),
+        *(f'<p class="warn">&#9888; {escape(w)}</p>' for w in warnings),
     ])
 
 
@@ -155,8 +150,8 @@ def _quality(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
     cols, rows = quality_table(rep)
     parts = ["<h2>Site quality</h2>"]
     if cols and rows:
-        parts.append(_table(["site", *(_e(t) for _, t, _ in cols)],
-                            [([_e(s), *(_e(v) for v in vals)], "") for s, vals in rows]))
+        parts.append(table(["site", *(escape(t) for _, t, _ in cols)],
+                            [([escape(s), *(escape(v) for v in vals)], "") for s, vals in rows]))
     parts.append(_img(figures, "quality.png", "site quality per site",
                       "Each site's image quality: the SNR estimate and the quality factor."))
     return "\n".join(parts)
@@ -164,7 +159,7 @@ def _quality(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
 
 def _baselines(rep: dict[str, Any]) -> str:
     text = baselines_text(rep)
-    return f"<h2>Baselines</h2>\n<p>{_e(text)}</p>" if text else ""
+    return f"<h2>Baselines</h2>\n<p>{escape(text)}</p>" if text else ""
 
 
 def _comparison(rep: dict[str, Any]) -> str:
@@ -174,12 +169,12 @@ def _comparison(rep: dict[str, Any]) -> str:
     body = []
     for name, vals in rows:
         defined = [v for v in vals if v is not None]
-        body.append(([_e(name), *(_fmt(v) for v in vals), _fmt(mean_of(vals)),
+        body.append(([escape(name), *(_fmt(v) for v in vals), _fmt(mean_of(vals)),
                       _fmt(min(defined) if defined else None)], ""))
     return "\n".join([
         "<h2>Strategy comparison</h2>",
-        f"<p>{_e(metric_title(rep['metrics']['main']))} of each strategy's federated model at each site.</p>",
-        _table(["strategy", *(_e(s) for s in sites), "mean", "worst"], body),
+        f"<p>{escape(metric_title(rep['metrics']['main']))} of each strategy's federated model at each site.</p>",
+        table(["strategy", *(escape(s) for s in sites), "mean", "worst"], body),
     ])
 
 
@@ -187,9 +182,9 @@ def _explanations(rep: dict[str, Any]) -> str:
     if not rep.get("explanation_scores"):
         return ""
     head, rows = explanation_table(rep)
-    body = [([_e(site), *(_fmt(v) for v in vals)], "") for site, vals in rows]
-    return ("<h2>Explanation scores</h2>" + f'<p class="note">{_e(EXPLANATION_NOTE)}</p>'
-            + _table(["site", *(_e(h) for h in head)], body))
+    body = [([escape(site), *(_fmt(v) for v in vals)], "") for site, vals in rows]
+    return ("<h2>Explanation scores</h2>" + f'<p class="note">{escape(EXPLANATION_NOTE)}</p>'
+            + table(["site", *(escape(h) for h in head)], body))
 
 
 def report_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
@@ -199,5 +194,5 @@ def report_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
         _quality(rep, figures), _explanations(rep), _baselines(rep), _comparison(rep),
     ]
     version = rep.get("fedscan_version")
-    footer = f"Written by fedscan {_e(version)} from report.json." if version else "Written from report.json."
+    footer = f"Written by fedscan {escape(version)} from report.json." if version else "Written from report.json."
     return page(f"fedscan run report: {rep['task']}, {rep['strategy']}", "fedscan run report", sections, footer)

@@ -152,11 +152,7 @@ def evaluate(
     ``ece``; with ``scores`` also the Grad-CAM lesion-energy scores (see ``SCORES``)."""
     samples = data.samples_of(indices)
     targets = np.asarray(data.target)[samples].astype(np.int64)
-    probs = predict(model, data, samples, cfg, precision=precision)
-    out = classification_metrics(probs, targets, cfg.num_classes)
-    out["ece"] = expected_calibration_error(probs, targets, cfg.num_classes)
-    picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
-    out["loss"] = float(-np.log(picked).mean()) if len(targets) else float("nan")
+    out = probability_metrics(predict(model, data, samples, cfg, precision=precision), targets, cfg)
     if scores:
         try:
             energy = gradcam_lesion_energy(model, data, samples, cfg, precision=precision)
@@ -165,6 +161,15 @@ def evaluate(
             energy = None
         out["gradcam_lesion_energy"], out["lesion_area_share"] = energy or (math.nan, math.nan)
     out["num-examples"] = float(samples.size)
+    return out
+
+
+def probability_metrics(probs: np.ndarray, targets: np.ndarray, cfg: RunConfig) -> dict[str, float]:
+    """The metrics, ``ece`` and cross-entropy ``loss`` of class probabilities (n, C) for ``targets``."""
+    out = classification_metrics(probs, targets, cfg.num_classes)
+    out["ece"] = expected_calibration_error(probs, targets, cfg.num_classes)
+    picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
+    out["loss"] = float(-np.log(picked).mean()) if len(targets) else float("nan")
     return out
 
 

@@ -127,14 +127,14 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, num_classes: 
     if num_classes == 2:
         positive = 1
         per_class = {
-            "auroc": roc_auc(probs[:, positive], targets == positive),
+            "auroc": _auroc(probs[:, positive], targets == positive),
             "sensitivity": float(recall[positive]),
             "specificity": float(specificity[positive]),
             "f1": float(f1[positive]),
         }
     else:
         per_class = {
-            "auroc": _mean_defined(roc_auc(probs[:, k], targets == k) for k in range(num_classes)),
+            "auroc": _mean_defined(_auroc(probs[:, k], targets == k) for k in range(num_classes)),
             "sensitivity": _mean_defined(recall),
             "specificity": _mean_defined(specificity),
             "f1": _mean_defined(f1),
@@ -185,7 +185,7 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, num_class
     return float(total)
 
 
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC (Mann-Whitney, ties 1/2) of ``scores`` for the ``positive`` cases; NaN without both kinds."""
     n_pos = int(positive.sum())
     if n_pos == 0 or n_pos == positive.size:

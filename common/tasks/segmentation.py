@@ -169,8 +169,17 @@ def evaluate(
         if not scores:
             raise
         log.warning("the uncertainty score could not be computed; evaluating without it", exc_info=True)
-        preds, loss, _ = predict(model, data, indices, batch_size=batch_size, precision=precision)
-        entropy = np.full(preds.shape, np.nan, dtype=np.float32)
+        preds, loss, entropy = predict(model, data, indices, batch_size=batch_size, precision=precision)
+    out = prediction_metrics(preds, loss, entropy, data, indices, cfg)
+    if scores and entropy is None:
+        out["uncertainty_auroc"] = math.nan
+    return out
+
+
+def prediction_metrics(preds: np.ndarray, loss: float, entropy: np.ndarray | None, data: SiteData,
+                       indices: np.ndarray, cfg: RunConfig) -> dict[str, float]:
+    """The metrics of :func:`evaluate` from ``predict``'s output for the slices ``indices``."""
+    indices = np.asarray(indices)
     per_series: dict[str, list[float]] = {}
     counts = dict.fromkeys(lesion.LESION_COUNTS, 0)
     series_ids = np.asarray(data.series)[indices]
@@ -188,7 +197,6 @@ def evaluate(
     out.update(lesion.lesion_metrics(counts))
     out["loss"] = loss
     if entropy is not None:
-        out["uncertainty_auroc"] = (uncertainty_auroc(entropy, preds, masks[indices]) if np.isfinite(entropy).all()
-                                    else math.nan)
+        out["uncertainty_auroc"] = uncertainty_auroc(entropy, preds, masks[indices])
     out["num-examples"] = float(len(indices))
     return out
