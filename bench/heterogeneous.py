@@ -11,6 +11,13 @@ comparison of all strategies; ``OUT/summary.json`` holds the figures and the two
 - it beats the local-only model at every site (every federated gain >= 0).
 
     python bench/heterogeneous.py --out het-bench [--rounds 5 --local-epochs 3 --image-size 64]
+        [--strategies fedprox fedavg fedbn fedavgm@server_momentum=0.5] [--set lr_schedule=cosine ...]
+
+The settings with which both targets were met (BENCHMARKS.md):
+
+    python bench/heterogeneous.py --out het-bench --rounds 90 --local-epochs 1 \
+        --strategies fedprox fedavg fedbn \
+        --set ct_normalization=foreground --set lr_schedule=cosine --set learning_rate=0.003
 """
 
 from __future__ import annotations
@@ -28,18 +35,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402  run 
 from fedscan.server.report import write_report_files  # noqa: E402
 
 STRATEGIES = ("fedbn", "fedavg", "fedprox")  # the first one also trains the baselines
-# a strategy name with "+quality" runs that strategy with quality weighting
+# a strategy name with "+quality" runs that strategy with quality weighting; "@KEY=VALUE"
+# (repeatable) sets a run-config value for that strategy alone, e.g. fedavgm@server_momentum=0.5
+
+
+def toml_value(text: str) -> str:
+    """A command-line value as TOML: numbers and booleans as they are, anything else quoted."""
+    if text in ("true", "false"):
+        return text
+    try:
+        float(text)
+        return text
+    except ValueError:
+        return json.dumps(text)
+
+
+def settings(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE pairs as TOML values by key."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            sys.exit(f"not KEY=VALUE: {pair!r}")
+        out[key.strip()] = toml_value(value.strip())
+    return out
 
 
 def simulate(data: Path, out: Path, variant: str, args: argparse.Namespace, baselines: bool) -> dict:
-    strategy, _, extra = variant.partition("+")
+    name, *own = variant.split("@")
+    strategy, _, extra = name.partition("+")
     config = out.parent / f"{variant}.toml"
-    config.write_text(
-        ("quality_weighting = true\n" if extra == "quality" else "")
-        + f'strategy = "{strategy}"\nrounds = {args.rounds}\nlocal_epochs = {args.local_epochs}\n'
-        f"image_size = {args.image_size}\nseed = {args.seed}\nproximal_mu = {args.mu}\n"
-        f'cache_dir = "{out.parent / "cache"}"\nmodel = "{args.model}"\nsegnet_width = {args.segnet_width}\n'
-    )
+    values = {
+        "strategy": json.dumps(strategy), "rounds": str(args.rounds), "local_epochs": str(args.local_epochs),
+        "image_size": str(args.image_size), "seed": str(args.seed), "proximal_mu": str(args.mu),
+        "cache_dir": json.dumps(str(out.parent / "cache")), "model": json.dumps(args.model),
+        "segnet_width": str(args.segnet_width), **({"quality_weighting": "true"} if extra == "quality" else {}),
+        **settings([*args.set, *own]),
+    }
+    config.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
     cmd = [sys.executable, "-m", "fedscan.common.cli", "simulate", "--config", str(config), "--data-root", str(data),
            "--out", str(out), "--overwrite", *(["--baselines"] if baselines else [])]
     t0 = time.monotonic()
@@ -66,7 +99,10 @@ def main() -> None:
     ap.add_argument("--model", default="unet", help="unet or segnet (BatchNorm: FedBN keeps its running statistics local)")
     ap.add_argument("--segnet-width", type=float, default=1.0)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
-                    help="strategies to compare (the first also trains the baselines); NAME+quality adds quality weighting")
+                    help="strategies to compare (the first also trains the baselines); NAME+quality adds quality "
+                         "weighting, NAME@KEY=VALUE sets a run-config value for that strategy")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run-config value for every run and the baselines, e.g. lr_schedule=cosine")
     args = ap.parse_args()
     strategies = tuple(args.strategies)
     out = args.out.resolve()

@@ -12,23 +12,26 @@ the scalar training metrics, among them the fraction of the update cut by the cl
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
-from torch import nn
 
+from fedscan.common.message_keys import CLIPPED_FRACTION, QUALITY_FACTOR
 from fedscan.common.secagg_numerics import encode_update
-from fedscan.common.weights import CLIPPED_FRACTION, QUALITY_FACTOR
+
+if TYPE_CHECKING:  # this module is imported per message; torch only where a stage trains
+    from torch import nn
 
 log = logging.getLogger("fedscan.client")
 
-TrainFn = Callable[[ArrayRecord, dict, Context], tuple[nn.Module, dict[str, float], str]]
+TrainFn = Callable[[ArrayRecord, dict, Context], "tuple[nn.Module, dict[str, float], str]"]
 
 
 def is_secure(msg: Message) -> bool:
@@ -51,7 +54,7 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         model_keys = keys()
         if len(global_np) != len(model_keys):
             raise ValueError(f"the server sent {len(global_np)} arrays; the model has {len(model_keys)}")
-        arrays = ArrayRecord({k: torch.from_numpy(np.array(a)) for k, a in zip(model_keys, global_np, strict=True)})
+        arrays = ArrayRecord(OrderedDict((k, Array(np.array(a))) for k, a in zip(model_keys, global_np, strict=True)))
         model, metrics, _site = train(arrays, dict(fitins.config), ctxt)
         local = model.state_dict()
         for k, a in zip(model_keys, global_np, strict=True):  # the arrays pair with the names by position

@@ -559,7 +559,7 @@ _SITE_NAME = typer.Option(None, "--site",
 
 
 def _site_cache(cache: Path | None) -> Path:
-    from fedscan.client.app import DEFAULT_CACHE
+    from fedscan.client.site_round import DEFAULT_CACHE
 
     return cache if cache is not None else DEFAULT_CACHE
 

@@ -106,6 +106,12 @@ class RunConfig(BaseModel):
         description="local epochs per round (0: no training, the sites send the global weights back: times the protocol alone)",
     )
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the learning rate over the rounds: constant, or cosine decay to lr_final_fraction"
+    )
+    lr_final_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="cosine schedule: the last round's learning rate, as a fraction of learning_rate"
+    )
     batch_size: int = Field(4, ge=1, le=4096)
     image_size: int = Field(96, ge=32, le=1024, description="square side, multiple of 16")
     base_channels: int = Field(16, ge=4, le=256, description="U-Net and MIL encoder width")
@@ -132,6 +138,11 @@ class RunConfig(BaseModel):
     cache_dir: Path | None = Field(None, description="preprocessed-data cache")
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="patients held out")
     ct_window: tuple[float, float] = Field((40.0, 400.0), description="(level, width) HU")
+    ct_normalization: Literal["window", "foreground"] = Field(
+        "window",
+        description="CT intensities: the HU window, or a z-score over each series' body (foreground), "
+                    "which undoes differences in scanner calibration between sites",
+    )
     intensity_percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="MR and other non-CT series: clip to these percentiles, then z-score"
     )

@@ -45,16 +45,3 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
             raise ValueError(f"weight {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
         fixed[name] = t.round().to(ref.dtype) if not ref.is_floating_point() else t.to(ref.dtype)
     model.load_state_dict(fixed)
-
-
-# seconds a site spent handling a message (open data, train or evaluate): a metric both
-# replies carry; the server keeps it apart from the model's metrics
-COMPUTE_SECONDS = "compute_seconds"
-
-# under SecAgg+, the fraction of a site's update that the clipping range cut: the server warns
-# when it is not zero (the aggregate is then biased)
-CLIPPED_FRACTION = "secagg_clipped"
-
-# quality weighting: the data-quality factor a site sends with its update (see
-# ``fedscan.common.data.quality.quality_factor``)
-QUALITY_FACTOR = "quality_factor"

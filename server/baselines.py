@@ -35,6 +35,7 @@ from fedscan.common.data.dataset import SiteData
 from fedscan.common.data.quality import quality_factor
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks.registry import get_task, task_metrics
+from fedscan.common.tasks.schedule import round_lr
 from fedscan.server.checkpoint import load_checkpoint
 
 log = logging.getLogger("fedscan.simulate")
@@ -76,11 +77,12 @@ def pool_sites(sites: list[LocalSite]) -> LocalSite:
 
 def train_like_federation(model: nn.Module, site: LocalSite, run: RunConfig) -> int:
     """Train ``model`` on ``site`` as the federation's rounds would, without averaging: ``rounds``
-    times ``local_epochs`` epochs, with the per-round seeds the site used. Returns the optimizer steps."""
+    times ``local_epochs`` epochs, with the per-round seeds and learning rates the site used.
+    Returns the optimizer steps."""
     task = get_task(run.task)
     steps = 0
     for r in range(1, run.rounds + 1):
-        metrics = task.train(model, site.data, site.train_idx, run, epochs=run.local_epochs, lr=run.learning_rate,
+        metrics = task.train(model, site.data, site.train_idx, run, epochs=run.local_epochs, lr=round_lr(run, r),
                              batch_size=run.batch_size, seed=site_seed(run.seed, site.name, r),
                              precision=run_precision(run))
         steps += int(metrics.get("steps", 0))
@@ -128,8 +130,8 @@ def run_baselines(run: RunConfig, sites: list[LocalSite], say: Callable[[str], N
         "steps_per_site": steps,
         "pooled_steps": pooled_steps,
         "note": (f"same split, seed and initial weights as the federation; each model trained {run.rounds} rounds x "
-                 f"{run.local_epochs} local epochs: local-only models take the optimizer steps each site took in the "
-                 "federation, the pooled model about their sum"),
+                 f"{run.local_epochs} local epochs at the federation's learning rate of each round: local-only "
+                 "models take the optimizer steps each site took in the federation, the pooled model about their sum"),
     }
     return models, summary
 

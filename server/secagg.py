@@ -41,8 +41,8 @@ from flwr.serverapp import Grid
 
 from fedscan.common.config import SecAggPlan
 from fedscan.common.errors import FedscanError
+from fedscan.common.message_keys import CLIPPED_FRACTION, COMPUTE_SECONDS
 from fedscan.common.secagg_numerics import MODULUS, decode_aggregate
-from fedscan.common.weights import CLIPPED_FRACTION, COMPUTE_SECONDS
 from fedscan.server.strategies import SECURE_AGGREGATE
 
 log = logging.getLogger("fedscan.server")

@@ -30,7 +30,8 @@ from flwr.serverapp.strategy import (
 )
 
 from fedscan.common.config import RunConfig
-from fedscan.common.weights import COMPUTE_SECONDS, QUALITY_FACTOR
+from fedscan.common.message_keys import COMPUTE_SECONDS, QUALITY_FACTOR
+from fedscan.common.tasks.schedule import round_lr
 
 # the metric quality weighting writes into each kept reply and aggregates by
 QUALITY_WEIGHT = "quality-weight"
@@ -90,9 +91,13 @@ class PerSiteEvaluation(Strategy):
     ``round_offset``: the rounds a resumed run did before this ``start()``. Flower counts the
     rounds of every ``start()`` from 1; the mixin passes on ``round + round_offset``, so that the
     sites' per-round seeds, FedAdam's bias correction and the records keyed by round continue.
+
+    ``run``: the run's settings, when the strategy should send each round's learning rate
+    (``lr_schedule``) in the training config.
     """
 
     round_offset: int = 0
+    run: RunConfig | None = None
 
     def state(self) -> dict[str, Any]:
         """The server optimizer's state (see ``OPTIMIZER_STATE``) this strategy has: for a checkpoint."""
@@ -127,6 +132,8 @@ class PerSiteEvaluation(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         server_round += self.round_offset
         self._global_shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        if self.run is not None:  # this round's learning rate, on the run's schedule
+            config = ConfigRecord({**config, "lr": round_lr(self.run, server_round)})
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
@@ -340,4 +347,5 @@ def build_strategy(cfg: RunConfig, n_sites: int, local_keys: frozenset[str] = fr
         strategy.quality_floor = cfg.quality_floor
     if isinstance(strategy, PerSiteFedTrimmedAvg):
         strategy.auto_trim = cfg.trimmed_fraction is None
+    strategy.run = cfg
     return strategy

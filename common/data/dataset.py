@@ -92,9 +92,12 @@ NO_MASK = 255  # SiteData.lesion on slices whose series has no mask
 
 
 def preprocess_params(cfg: RunConfig) -> dict[str, object]:
-    return {"task": cfg.task, "image_size": cfg.image_size, "ct_window": list(cfg.ct_window),
-            "num_classes": cfg.num_classes, "intensity_percentiles": list(cfg.intensity_percentiles),
-            "pixel_spacing": cfg.pixel_spacing, "preprocess_version": PREPROCESS_VERSION}
+    params = {"task": cfg.task, "image_size": cfg.image_size, "ct_window": list(cfg.ct_window),
+              "num_classes": cfg.num_classes, "intensity_percentiles": list(cfg.intensity_percentiles),
+              "pixel_spacing": cfg.pixel_spacing, "preprocess_version": PREPROCESS_VERSION}
+    if cfg.ct_normalization != "window":  # the caches of windowed CT keep their keys
+        params["ct_normalization"] = cfg.ct_normalization
+    return params
 
 
 def scan_site_dir(site: SiteDir) -> SiteScan:
@@ -129,7 +132,7 @@ def decode_series(site: SiteDir, hdr: SeriesHeader) -> tuple[SeriesHeader, np.nd
 
 def model_input(hdr: SeriesHeader, pixels: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, tuple[float, float]]:
     """The series normalized for its modality and put on the model grid, and its spacing there."""
-    norm = normalize(pixels, hdr.modality, cfg.ct_window, cfg.intensity_percentiles)
+    norm = normalize(pixels, hdr.modality, cfg.ct_window, cfg.intensity_percentiles, cfg.ct_normalization)
     return fit_images(norm, hdr.spacing, cfg.image_size, cfg.pixel_spacing)
 
 

@@ -1,6 +1,9 @@
 """Image preprocessing per modality, and fitting series onto the model's square grid.
 
-- CT: Hounsfield units through a (level, width) window to [0, 1].
+- CT: Hounsfield units through a (level, width) window to [0, 1]; or, with
+  ``ct_normalization = "foreground"``, a per-series z-score over the body (the voxels above
+  Otsu's threshold), which undoes a scanner's linear calibration error (a·HU + b, a > 0):
+  the harmonization for federations whose sites' CT calibrations differ.
 - MR and every other modality: robust per-series normalization: clip to the series'
   percentiles, then z-score.
 - Grid: either resample in-plane to a fixed spacing and centre-crop or pad to the model size,
@@ -16,8 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedscan.common.data.quality import otsu_threshold
+
 # changes whenever the output of this module changes for the same settings (cache key)
 PREPROCESS_VERSION = 2
+
+# the z-score of the "foreground" CT normalization is clipped to +-this (bone, metal, air
+# pockets inside the body are not worth a wide input range)
+FOREGROUND_CLIP = 5.0
 
 
 def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -34,10 +43,27 @@ def robust_zscore(values: np.ndarray, low_pct: float, high_pct: float) -> np.nda
     return ((clipped - float(clipped.mean())) / max(std, 1e-6)).astype(np.float32)
 
 
+def foreground_zscore(values: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
+    """Z-score by the mean and spread of the series' foreground (above Otsu's threshold of the
+    stack), after clipping to the foreground's [low_pct, high_pct] percentiles; the result is
+    clipped to +-FOREGROUND_CLIP. A linear map a·x + b (a > 0) of the input gives the same output."""
+    values = np.asarray(values, dtype=np.float64)
+    fg = values[values > otsu_threshold(values)]
+    if fg.size < 16:  # a blank series: nothing to separate
+        fg = values.ravel()
+    lo, hi = np.percentile(fg, [low_pct, high_pct])
+    fg = np.clip(fg, lo, hi)
+    z = (np.clip(values, lo, hi) - float(fg.mean())) / max(float(fg.std()), 1e-6)
+    return np.clip(z, -FOREGROUND_CLIP, FOREGROUND_CLIP).astype(np.float32)
+
+
 def normalize(values: np.ndarray, modality: str, ct_window: tuple[float, float],
-              percentiles: tuple[float, float]) -> np.ndarray:
-    """CT: windowed HU in [0, 1]; anything else: percentile clip and z-score per series."""
+              percentiles: tuple[float, float], ct_normalization: str = "window") -> np.ndarray:
+    """CT: windowed HU in [0, 1], or the foreground z-score; anything else: percentile clip and
+    z-score per series."""
     if modality == "CT":
+        if ct_normalization == "foreground":
+            return foreground_zscore(values, *percentiles)
         return window(values, *ct_window)
     return robust_zscore(values, *percentiles)
 

@@ -30,7 +30,7 @@ def test_step_counters_leave_a_site_at_their_global_value() -> None:
     from flwr.app import ArrayRecord
     from torch import nn
 
-    from fedscan.client.app import _keep_global_counters
+    from fedscan.client.site_round import keep_global_counters
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     start = ArrayRecord(model.state_dict())
@@ -39,6 +39,6 @@ def test_step_counters_leave_a_site_at_their_global_value() -> None:
         model(torch.randn(4, 1, 8, 8))
     assert int(model[1].num_batches_tracked) == 7
     moved = model[1].running_mean.clone()
-    _keep_global_counters(model, start)
+    keep_global_counters(model, start)
     assert int(model[1].num_batches_tracked) == 0
     assert torch.equal(model[1].running_mean, moved) and moved.abs().sum() > 0

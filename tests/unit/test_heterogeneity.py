@@ -10,15 +10,16 @@ from conftest import FixedNodes
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedscan.client.app import _injected_fault
 from fedscan.client.personal import LocalLayers
+from fedscan.client.site_round import injected_fault
 from fedscan.client.training import open_site
 from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.data.quality import quality_factor
 from fedscan.common.data.synthetic import make_profiles
 from fedscan.common.errors import FedscanError
-from fedscan.common.weights import QUALITY_FACTOR, norm_keys
+from fedscan.common.message_keys import QUALITY_FACTOR
+from fedscan.common.weights import norm_keys
 from fedscan.server.baselines import federated_gain, pool_sites
 from fedscan.server.strategies import build_strategy, capped_shares
 
@@ -138,12 +139,12 @@ def test_fault_injection_only_in_simulation_and_only_at_the_named_site() -> None
     glob = ArrayRecord({"w": torch.ones(3), "n": torch.zeros((), dtype=torch.long)})
     mine = ArrayRecord({"w": torch.full((3,), 1.5), "n": torch.zeros((), dtype=torch.long)})
     scale = AppConfig(run=RunConfig(fault_site="site-b", fault_kind="scale", fault_scale=100))
-    got = _injected_fault(mine, glob, _ctx(True), scale, "site-b").to_torch_state_dict()
+    got = injected_fault(mine, glob, _ctx(True), scale, "site-b").to_torch_state_dict()
     assert torch.allclose(got["w"], torch.full((3,), 1 + 100 * 0.5)) and int(got["n"]) == 0
     nan = AppConfig(run=RunConfig(fault_site="site-b", fault_kind="nan"))
-    assert torch.isnan(_injected_fault(mine, glob, _ctx(True), nan, "site-b").to_torch_state_dict()["w"]).all()
+    assert torch.isnan(injected_fault(mine, glob, _ctx(True), nan, "site-b").to_torch_state_dict()["w"]).all()
     for ctx, site in ((_ctx(False), "site-b"), (_ctx(True), "site-a")):  # a deployed site, another site
-        assert _injected_fault(mine, glob, ctx, nan, site) is mine
+        assert injected_fault(mine, glob, ctx, nan, site) is mine
     with pytest.raises(ValueError, match="go together"):
         RunConfig(fault_site="site-b")
 
@@ -162,6 +163,29 @@ def test_pooled_site_keeps_indices_distinct_and_the_splits(synth_root) -> None: 
     assert np.array_equal(pooled.data.masks[second + j], sites[1].data.masks[j])
     # no patient in both splits
     assert not set(pooled.data.patient[pooled.train_idx]) & set(pooled.data.patient[pooled.val_idx])
+
+
+def test_baselines_follow_the_federations_learning_rate_schedule(synth_root, monkeypatch) -> None:  # noqa: ANN001
+    """Local-only and pooled models train round r with the rate the strategy sends in round r."""
+    import fedscan.server.baselines as baselines
+
+    seen: list[float] = []
+
+    class Recorder:
+        def train(self, model, data, idx, run, *, lr, **kw):  # noqa: ANN001, ANN003, ANN202
+            seen.append(lr)
+            return {"steps": 1.0}
+
+    monkeypatch.setattr(baselines, "get_task", lambda task: Recorder())
+    run = RunConfig(image_size=32, rounds=4, learning_rate=2e-3, lr_schedule="cosine", lr_final_fraction=0.25,
+                    device="cpu")
+    site = open_site(discover_sites(synth_root)[0], run, None)
+    assert baselines.train_like_federation(nn.Linear(2, 2), site, run) == 4
+    strategy = build_strategy(run, 3)
+    sent = [float(next(iter(strategy.configure_train(r, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord({}),
+                                                     FixedNodes([1, 2, 3])))).content["config"]["lr"])
+            for r in range(1, 5)]
+    assert seen == pytest.approx(sent) and sent[0] == pytest.approx(2e-3) and sent[-1] == pytest.approx(5e-4)
 
 
 def test_pooled_exam_sites_offset_their_samples(exam_root) -> None:  # noqa: ANN001
@@ -309,7 +333,7 @@ def test_fedbn_forgets_layers_of_rounds_not_yet_trained(tmp_path) -> None:  # no
 def test_under_secagg_a_fedbn_site_masks_zero_for_its_norm_layers(synth_root, tmp_path) -> None:  # noqa: ANN001
     """What the secure path encodes: the trained shared layers, and the global values (a zero
     update) for every normalization layer; the site's own are stored locally first."""
-    from fedscan.client.app import _train
+    from fedscan.client.site_round import train as site_train
     from fedscan.common.models.registry import build_model
     from fedscan.common.weights import to_record
 
@@ -320,7 +344,7 @@ def test_under_secagg_a_fedbn_site_masks_zero_for_its_norm_layers(synth_root, tm
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                   run_config=cfg.to_run_config())
     conf = {"server-round": 1, "local-epochs": 1, "lr": 1e-3, "batch-size": 4}
-    model, _, _ = _train(arrays, conf, ctx, cfg, secure=True)
+    model, _, _ = site_train(arrays, conf, ctx, cfg, secure=True)
     state, glob = model.state_dict(), arrays.to_torch_state_dict()
     local = norm_keys(model)
     assert all(torch.equal(state[k], glob[k]) for k in local)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedscan.common.config import RunConfig
-from fedscan.common.data.preprocess import fit_images, fit_labels, normalize, robust_zscore
+from fedscan.common.data.preprocess import FOREGROUND_CLIP, fit_images, fit_labels, normalize, robust_zscore
 
 
 def test_ct_is_windowed_and_mr_is_clipped_then_z_scored() -> None:
@@ -20,6 +20,24 @@ def test_ct_is_windowed_and_mr_is_clipped_then_z_scored() -> None:
     assert float(z.max()) < 4.0  # the outliers were clipped to the 99.5th percentile
     same = normalize(mr, "MR", (40.0, 400.0), (0.5, 99.5))
     np.testing.assert_array_equal(same, z)
+
+
+def test_foreground_ct_normalization_undoes_a_calibration_error() -> None:
+    rng = np.random.default_rng(1)
+    hu = np.full((3, 64, 64), -1000.0)  # air around a body of soft tissue with a brighter lesion
+    hu[:, 8:56, 8:56] = 40.0 + rng.normal(0.0, 12.0, size=(3, 48, 48))
+    hu[:, 24:32, 24:32] += 60.0
+    hu[0, 40, 40] = 3000.0  # metal
+    ref = normalize(hu, "CT", (40.0, 400.0), (0.5, 99.5), "foreground")
+    body = ref[:, 8:56, 8:56]
+    assert abs(float(body.mean())) < 0.2 and 0.8 < float(body.std()) < 1.2  # standardized over the body
+    assert float(ref[:, 26:30, 26:30].mean()) - float(ref[:, 44:52, 44:52].mean()) > 3.0  # the lesion stands out
+    assert float(np.abs(ref).max()) <= FOREGROUND_CLIP
+    # a scanner off by 1.3 x HU + 150: the window moves every value, the foreground z-score none
+    off = 1.3 * hu + 150.0
+    np.testing.assert_allclose(normalize(off, "CT", (40.0, 400.0), (0.5, 99.5), "foreground"), ref, atol=1e-5)
+    assert float(np.abs(normalize(off, "CT", (40.0, 400.0), (0.5, 99.5))
+                        - normalize(hu, "CT", (40.0, 400.0), (0.5, 99.5))).mean()) > 0.2
 
 
 def test_resample_to_spacing_keeps_physical_size() -> None:

@@ -20,13 +20,13 @@ from torch import nn
 
 from fedscan.client.secagg import secure_train
 from fedscan.common.config import RunConfig
+from fedscan.common.message_keys import CLIPPED_FRACTION, COMPUTE_SECONDS
 from fedscan.common.secagg_numerics import (
     decode_aggregate,
     encode_update,
     error_bound,
     quantization_range,
 )
-from fedscan.common.weights import CLIPPED_FRACTION, COMPUTE_SECONDS
 from fedscan.server.secagg import SecureTrainGrid, make_workflow, secure_train_round
 from fedscan.server.strategies import SECURE_AGGREGATE
 

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedscan.common.config import STRATEGIES, RunConfig
 from fedscan.common.tasks.loops import fit
 from fedscan.common.tasks.precision import choose_precision
+from fedscan.common.tasks.schedule import round_lr
 from fedscan.server.strategies import build_strategy
 
 NODES = [1, 2, 3, 4, 5]
@@ -112,3 +113,21 @@ def test_the_proximal_term_keeps_local_training_near_the_global_model() -> None:
 
     free, tied = train(0.0), train(10.0)
     assert tied < 0.5 * free, (free, tied)
+
+
+def test_the_learning_rate_schedule_reaches_every_site_and_continues_after_a_resume() -> None:
+    run = RunConfig(rounds=5, learning_rate=1e-3, lr_schedule="cosine", lr_final_fraction=0.1)
+    expected = [1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / 4))) for k in range(5)]
+    assert [round_lr(run, r) for r in range(1, 6)] == pytest.approx(expected)
+    assert round_lr(run, 5) == pytest.approx(1e-4) and round_lr(run.model_copy(update={"rounds": 1}), 1) == 1e-3
+    assert round_lr(RunConfig(rounds=5), 3) == 1e-3  # constant by default
+
+    def sent_lr(strategy_round: int, offset: int) -> list[float]:
+        strategy = build_strategy(run, len(NODES))
+        strategy.round_offset = offset  # a resumed run: Flower counts its rounds from 1 again
+        msgs = strategy.configure_train(strategy_round, ArrayRecord(GLOBAL), ConfigRecord({"lr": 1.0}),
+                                        FixedNodes(NODES))
+        return [float(m.content["config"]["lr"]) for m in msgs]
+
+    assert sent_lr(2, 0) == pytest.approx([expected[1]] * len(NODES))
+    assert sent_lr(1, 3) == pytest.approx([expected[3]] * len(NODES))  # round 4 of the run

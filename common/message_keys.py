@@ -1,0 +1,13 @@
+"""The names of the numbers a site sends beside its model's metrics, which the server keeps apart."""
+
+# seconds a site spent handling a message (open data, train or evaluate): a metric both
+# replies carry; the server keeps it apart from the model's metrics
+COMPUTE_SECONDS = "compute_seconds"
+
+# under SecAgg+, the fraction of a site's update that the clipping range cut: the server warns
+# when it is not zero (the aggregate is then biased)
+CLIPPED_FRACTION = "secagg_clipped"
+
+# quality weighting: the data-quality factor a site sends with its update (see
+# ``fedscan.common.data.quality.quality_factor``)
+QUALITY_FACTOR = "quality_factor"
