@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402  run from a checkout
 
+from fedscan.common.config import tomllib  # noqa: E402  (the standard library's, or tomli before 3.11)
 from fedscan.server.report import write_report_files  # noqa: E402
 
 STRATEGIES = ("fedbn", "fedavg", "fedprox")  # the first one also trains the baselines
@@ -40,14 +41,18 @@ STRATEGIES = ("fedbn", "fedavg", "fedprox")  # the first one also trains the bas
 
 
 def toml_value(text: str) -> str:
-    """A command-line value as TOML: numbers and booleans as they are, anything else quoted."""
-    if text in ("true", "false"):
-        return text
+    """A command-line value as TOML: as written when it is a TOML value (numbers, booleans,
+    lists), else quoted as a string."""
     try:
-        float(text)
+        tomllib.loads(f"v = {text}")
         return text
-    except ValueError:
+    except tomllib.TOMLDecodeError:
         return json.dumps(text)
+
+
+# what the script writes into every run's config itself (the flags of this script set them)
+OWN_KEYS = frozenset({"strategy", "rounds", "local_epochs", "image_size", "seed", "proximal_mu", "cache_dir",
+                      "model", "segnet_width", "quality_weighting"})
 
 
 def settings(pairs: list[str]) -> dict[str, str]:
@@ -55,9 +60,12 @@ def settings(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            sys.exit(f"not KEY=VALUE: {pair!r}")
-        out[key.strip()] = toml_value(value.strip())
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            sys.exit(f"not KEY=VALUE with a run-config key: {pair!r}")
+        if key in OWN_KEYS:
+            sys.exit(f"{key} is set by this script's own flags (see --help), not by KEY=VALUE")
+        out[key] = toml_value(value.strip())
     return out
 
 
@@ -105,6 +113,9 @@ def main() -> None:
                     help="a run-config value for every run and the baselines, e.g. lr_schedule=cosine")
     args = ap.parse_args()
     strategies = tuple(args.strategies)
+    if "@" in strategies[0]:
+        sys.exit(f"{strategies[0]}: the first strategy also trains the baselines, so it takes no settings of its "
+                 "own (list it later, or use --set for every run)")
     out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)

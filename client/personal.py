@@ -30,12 +30,16 @@ log = logging.getLogger("fedscan.client")
 
 # settings that do not change what a site trains: where files are, which device, reporting
 _NOT_IN_KEY = frozenset({"rounds", "data_root", "cache_dir", "output", "device", "explain_scores"})
+# settings added after FedBN runs existed: left out at their defaults, so that those runs (and
+# their model files) keep their key
+_KEYED_ONLY_IF_SET = {"lr_schedule": "constant", "lr_final_fraction": 0.05, "ct_normalization": "window"}
 
 
 def run_key(cfg: RunConfig) -> str:
     """A key for the run's local layers: the same training settings give the same key, wherever the
     files are (so `fedscan site explain` finds them from the run's model file)."""
-    settings = {k: v for k, v in cfg.to_toml_dict().items() if k not in _NOT_IN_KEY}
+    settings = {k: v for k, v in cfg.to_toml_dict().items()
+                if k not in _NOT_IN_KEY and not (k in _KEYED_ONLY_IF_SET and v == _KEYED_ONLY_IF_SET[k])}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

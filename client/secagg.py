@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
@@ -26,12 +26,11 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from fedscan.common.message_keys import CLIPPED_FRACTION, QUALITY_FACTOR
 from fedscan.common.secagg_numerics import encode_update
 
-if TYPE_CHECKING:  # this module is imported per message; torch only where a stage trains
-    from torch import nn
-
 log = logging.getLogger("fedscan.client")
 
-TrainFn = Callable[[ArrayRecord, dict, Context], "tuple[nn.Module, dict[str, float], str]"]
+# (global arrays, round config, context) -> (the trained torch model, its metrics, the site's name);
+# this module is imported per message, so it does not import torch itself
+TrainFn = Callable[[ArrayRecord, dict, Context], tuple[Any, dict[str, float], str]]
 
 
 def is_secure(msg: Message) -> bool:

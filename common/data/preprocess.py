@@ -43,18 +43,46 @@ def robust_zscore(values: np.ndarray, low_pct: float, high_pct: float) -> np.nda
     return ((clipped - float(clipped.mean())) / max(std, 1e-6)).astype(np.float32)
 
 
+# the foreground statistics are taken from at most this many voxels (an even stride through the
+# series), so that a long series costs no more memory than its float32 copy
+FOREGROUND_SAMPLE = 1 << 22
+
+
 def foreground_zscore(values: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
     """Z-score by the mean and spread of the series' foreground (above Otsu's threshold of the
     stack), after clipping to the foreground's [low_pct, high_pct] percentiles; the result is
-    clipped to +-FOREGROUND_CLIP. A linear map a·x + b (a > 0) of the input gives the same output."""
-    values = np.asarray(values, dtype=np.float64)
-    fg = values[values > otsu_threshold(values)]
-    if fg.size < 16:  # a blank series: nothing to separate
-        fg = values.ravel()
+    clipped to +-FOREGROUND_CLIP. A linear map a·x + b (a > 0) of the input gives the same output.
+
+    Left out of the statistics: non-finite values (they stay as they are), and a fill at the
+    stack's minimum that covers at least 1% of it and lies more than a tenth of the range below
+    every other value: the padding a scanner stores outside its circular field of view (-2048
+    or -3024 HU), which would otherwise become Otsu's "background" and leave air and body
+    together in the "foreground"."""
+    values = np.asarray(values)
+    flat = values.reshape(-1)
+    sample = flat[:: max(1, flat.size // FOREGROUND_SAMPLE)].astype(np.float64)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return values.astype(np.float32)
+    low = sample.min()
+    rest = sample[sample > low]
+    if rest.size == 0:  # one value throughout
+        return np.zeros(values.shape, dtype=np.float32)
+    # padding: a fill at the minimum, well apart from every other value (air clipped at the
+    # bottom of the stored range is not: the values next to it are there too)
+    if rest.size <= 0.99 * sample.size and rest.min() - low > 0.1 * (sample.max() - low):
+        sample = rest
+    fg = sample[sample > otsu_threshold(sample)]
+    if fg.size < 16:  # a flat series: nothing to separate
+        fg = sample
     lo, hi = np.percentile(fg, [low_pct, high_pct])
     fg = np.clip(fg, lo, hi)
-    z = (np.clip(values, lo, hi) - float(fg.mean())) / max(float(fg.std()), 1e-6)
-    return np.clip(z, -FOREGROUND_CLIP, FOREGROUND_CLIP).astype(np.float32)
+    mean, std = float(fg.mean()), max(float(fg.std()), 1e-6)
+    out = np.empty(values.shape, dtype=np.float32)
+    for i in range(values.shape[0]):  # slice by slice: float64 only one slice at a time
+        z = (np.clip(values[i].astype(np.float64), lo, hi) - mean) / std
+        out[i] = np.clip(z, -FOREGROUND_CLIP, FOREGROUND_CLIP)
+    return out
 
 
 def normalize(values: np.ndarray, modality: str, ct_window: tuple[float, float],

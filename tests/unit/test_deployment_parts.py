@@ -127,3 +127,16 @@ def test_secagg_plan_and_count_rounding() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         RunConfig(secagg_threshold=4).secagg_plan(3)
     assert [round_count(n, 10) for n in (1, 10, 11, 99)] == [10, 10, 20, 100] and round_count(7, 1) == 7
+
+
+def test_the_clientapp_imports_no_torch_until_a_message_needs_it() -> None:
+    """A deployed SuperNode starts a ClientApp process per message: the SecAgg+ stages that only
+    exchange keys must not pay for torch, MONAI and the data code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedscan.client.app; "
+            "print(sorted(m for m in ('torch', 'monai', 'pydicom', 'fedscan.client.site_round') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -322,6 +322,17 @@ def test_config_refuses_combinations_that_would_do_nothing() -> None:
         RunConfig(strategy="fedtrimmedavg", sites=2)
 
 
+def test_fedbn_run_key_is_stable_across_versions() -> None:
+    """The key under which a site keeps its FedBN layers must not move when a setting is added at
+    its default: runs and model files from before would lose their layers (pinned value)."""
+    from fedscan.client.personal import run_key
+
+    assert run_key(RunConfig(strategy="fedbn")) == "3bb4a056ff69a982"
+    assert run_key(RunConfig(strategy="fedbn", data_root="/x", output="/y", device="cpu")) == "3bb4a056ff69a982"
+    assert run_key(RunConfig(strategy="fedbn", lr_schedule="cosine")) != "3bb4a056ff69a982"
+    assert run_key(RunConfig(strategy="fedbn", ct_normalization="foreground")) != "3bb4a056ff69a982"
+
+
 def test_fedbn_forgets_layers_of_rounds_not_yet_trained(tmp_path) -> None:  # noqa: ANN001
     store = LocalLayers(tmp_path, RunConfig(strategy="fedbn"), "site-a")
     for r in (1, 2, 3):

@@ -38,6 +38,23 @@ def test_foreground_ct_normalization_undoes_a_calibration_error() -> None:
     np.testing.assert_allclose(normalize(off, "CT", (40.0, 400.0), (0.5, 99.5), "foreground"), ref, atol=1e-5)
     assert float(np.abs(normalize(off, "CT", (40.0, 400.0), (0.5, 99.5))
                         - normalize(hu, "CT", (40.0, 400.0), (0.5, 99.5))).mean()) > 0.2
+    # padding outside the field of view (-3024) is left out: the body keeps its statistics
+    rows, cols = np.mgrid[:64, :64]
+    padded = hu.copy()
+    padded[:, (rows - 32) ** 2 + (cols - 32) ** 2 > 34 ** 2] = -3024.0
+    pz = normalize(padded, "CT", (40.0, 400.0), (0.5, 99.5), "foreground")
+    np.testing.assert_allclose(pz[:, 8:56, 8:56], ref[:, 8:56, 8:56], atol=0.05)
+    # air clipped at the bottom of the stored range is not padding
+    clipped = np.maximum(hu + rng.normal(0.0, 20.0, size=hu.shape), -1010.0)
+    cz = normalize(clipped, "CT", (40.0, 400.0), (0.5, 99.5), "foreground")
+    assert abs(float(cz[:, 8:56, 8:56].mean())) < 0.2 and 0.8 < float(cz[:, 8:56, 8:56].std()) < 1.2
+    # a NaN stays where it is; a blank or constant series gives zeros
+    nan = hu.copy()
+    nan[1, 0, 0] = np.nan
+    nz = normalize(nan, "CT", (40.0, 400.0), (0.5, 99.5), "foreground")
+    assert np.isnan(nz[1, 0, 0]) and np.isfinite(np.delete(nz.ravel(), 64 * 64)).all()
+    for blank in (np.zeros((2, 8, 8), np.uint16), np.full((2, 8, 8), 7, np.int16)):
+        assert not normalize(blank, "CT", (40.0, 400.0), (0.5, 99.5), "foreground").any()
 
 
 def test_resample_to_spacing_keeps_physical_size() -> None:
