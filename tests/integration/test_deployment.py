@@ -20,7 +20,7 @@ from fedscan.common.data.synthetic import synthesize
 from fedscan.common.flower_runtime import flower_exe, free_port, offline_env, stop_process_tree
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
-RUN_ARGS = ["--rounds", "2", "--image-size", "32", "--local-epochs", "2", "--seed", "3", "--device", "cpu"]
+RUN_ARGS = ["--rounds", "2", "--image-size", "32", "--local-epochs", "1", "--seed", "3", "--device", "cpu"]
 
 
 class Federation:

@@ -22,7 +22,7 @@ import torch
 FEDSCAN = [sys.executable, "-m", "fedscan.common.cli"]
 # small and quick: a 2-level U-Net of width 4 on 32-pixel slices
 TINY = ('strategy = "fedadam"\nrounds = 4\nimage-size = 32\nbase-channels = 4\nunet-depth = 2\n'
-        'local-epochs = 2\nseed = 5\ndevice = "cpu"\n')
+        'local-epochs = 1\nseed = 5\ndevice = "cpu"\n')
 ENV = dict(os.environ, COLUMNS="200", NO_COLOR="1")
 
 

@@ -15,7 +15,7 @@ from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.secagg_numerics import error_bound
 
-ARGS = ["--image-size", "32", "--local-epochs", "2", "--seed", "1", "--device", "cpu"]
+ARGS = ["--image-size", "32", "--local-epochs", "1", "--seed", "1", "--device", "cpu"]
 
 
 def assert_matches_plaintext(secure: Path, plain: Path, cfg: RunConfig, data_root: Path, cache: Path,
