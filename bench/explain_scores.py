@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 from conftest import write_small_exam_sites  # noqa: E402
 from test_explain import _train  # noqa: E402
 
-from fedscan.client.training import open_site, run_precision  # noqa: E402
+from fedscan.common.tasks.local_training import open_site, run_precision  # noqa: E402
 from fedscan.common.config import RunConfig  # noqa: E402
 from fedscan.common.data.layout import SiteDir  # noqa: E402
 from fedscan.common.data.synthetic import synthesize  # noqa: E402

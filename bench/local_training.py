@@ -1,7 +1,7 @@
 """Benchmark: one site's local training round (the ClientApp's work), by device.
 
 Synthesizes one hospital, prepares it through the cache, then times `train_local` and
-`evaluate_local` from fedscan.client.training on each requested device.
+`evaluate_local` from fedscan.common.tasks.local_training on each requested device.
 
     python bench/local_training.py --devices cpu cuda --epochs 6
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fedscan.client.training import evaluate_local, open_site, resolve_device, train_local
+from fedscan.common.tasks.local_training import evaluate_local, open_site, resolve_device, train_local
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.data.synthetic import synthesize

@@ -64,7 +64,7 @@ def sensitivity(args: argparse.Namespace, root: Path) -> None:
     import numpy as np
     import torch
 
-    from fedscan.client.training import evaluate_local, open_site, train_local
+    from fedscan.common.tasks.local_training import evaluate_local, open_site, train_local
     from fedscan.common.config import RunConfig
     from fedscan.common.data.layout import discover_sites
     from fedscan.common.models.registry import build_model

@@ -1,6 +1,6 @@
 """Benchmark and check: one SecAgg+ round in one process, with sites that really trained.
 
-Synthetic sites each train the same global U-Net (``fedscan.client.training.train_local``, on
+Synthetic sites each train the same global U-Net (``fedscan.common.tasks.local_training.train_local``, on
 CUDA when asked: AMP and channels_last as the sites use them). Their updates then go through
 Flower's SecAgg+ in one process: fedscan's server bridge runs ``SecAggPlusWorkflow``, and every
 message reaches fedscan's client half (``secaggplus_mod``) through Flower's protobuf
@@ -30,7 +30,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedscan.client.secagg import secure_train
-from fedscan.client.training import open_site, train_local
+from fedscan.common.tasks.local_training import open_site, train_local
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.data.synthetic import synthesize

@@ -34,7 +34,7 @@ from monai.visualize import blend_images
 from pydantic import BaseModel
 from torch import nn
 
-from fedscan.client import training
+from fedscan.common.tasks import local_training as training
 from fedscan.client.model_file import load_model_file, personalize, site_precision
 from fedscan.client.site_output import check_out
 from fedscan.common import __version__

@@ -3,7 +3,7 @@ the run settings they were trained with, for ``fedscan site explain`` and ``feds
 
 The file is read with ``torch.load(weights_only=True)``: it can hold tensors and plain values only,
 never code. Under FedBN the site's personalized model is the global model with the normalization
-layers the site kept in its cache (``fedscan.client.personal``).
+layers the site kept in its cache (``fedscan.common.tasks.fedbn_layers``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from pydantic import ValidationError
 from torch import nn
 
-from fedscan.client.training import run_precision
+from fedscan.common.tasks.local_training import run_precision
 from fedscan.common.config import RunConfig
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
@@ -93,7 +93,7 @@ def personalize(site_model: SiteModel, site: str, cache_root: Path, *, use_globa
         log.warning("the model is from a FedBN run: its global normalization layers were never trained (each "
                     "site kept its own), so its predictions and scores are not those of the federation's models")
         return site_model
-    from fedscan.client.personal import LocalLayers
+    from fedscan.common.tasks.fedbn_layers import LocalLayers
 
     layers = LocalLayers(cache_root, site_model.cfg, site)
     used = layers.apply(site_model.model, site_model.server_round)

@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context
 
-from fedscan.client import training
-from fedscan.client.personal import LocalLayers
 from fedscan.client.secagg import round_count
 from fedscan.common.config import AppConfig
 from fedscan.common.data.layout import SiteDir
@@ -24,6 +22,8 @@ from fedscan.common.data.quality import quality_factor
 from fedscan.common.errors import FedscanError
 from fedscan.common.message_keys import COMPUTE_SECONDS, QUALITY_FACTOR
 from fedscan.common.models.registry import build_model
+from fedscan.common.tasks import local_training
+from fedscan.common.tasks.fedbn_layers import LocalLayers
 from fedscan.common.weights import load_record, norm_keys, to_record
 
 log = logging.getLogger("fedscan.client")
@@ -51,9 +51,9 @@ def cache_root(context: Context, cfg: AppConfig) -> Path:
     return Path(cfg.run.cache_dir or (Path(node_cache) if node_cache else DEFAULT_CACHE))
 
 
-def open_site(context: Context, cfg: AppConfig) -> training.LocalSite:
+def open_site(context: Context, cfg: AppConfig) -> local_training.LocalSite:
     """The site's data, preprocessed (from the cache when it is there), split by patient."""
-    return training.open_site(site_dir(context, cfg), cfg.run, cache_root(context, cfg))
+    return local_training.open_site(site_dir(context, cfg), cfg.run, cache_root(context, cfg))
 
 
 def local_layers_of(context: Context, cfg: AppConfig, site: str) -> LocalLayers | None:
@@ -98,7 +98,7 @@ def train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig,
     if local_layers is not None:  # FedBN: this site's own normalization layers, from its last round
         local_layers.forget_from(server_round)  # left by an earlier run, or by this round interrupted
         local_layers.apply(model, server_round - 1)
-    metrics = training.train_local(
+    metrics = local_training.train_local(
         model, site, cfg.run,
         server_round=server_round,
         epochs=int(conf.get("local-epochs", cfg.run.local_epochs)),
@@ -148,8 +148,8 @@ def evaluate(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) 
     if local_layers is not None:  # FedBN: the site's personalized model is what it evaluates
         local_layers.apply(model, server_round)
     # the final round also scores the explanations: single numbers, no image content
-    metrics = training.evaluate_local(model, site, cfg.run,
-                                      scores=cfg.run.explain_scores and server_round >= cfg.run.rounds)
+    metrics = local_training.evaluate_local(model, site, cfg.run,
+                                            scores=cfg.run.explain_scores and server_round >= cfg.run.rounds)
     metrics["num-examples"] = round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     return metrics, site.name

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedscan.client.personal import LocalLayers
-from fedscan.client.training import LocalSite, evaluate_local, run_precision, site_seed
 from fedscan.common.config import RunConfig
 from fedscan.common.data.dataset import SiteData
 from fedscan.common.data.quality import quality_factor
 from fedscan.common.models.registry import build_model
+from fedscan.common.tasks.fedbn_layers import LocalLayers
+from fedscan.common.tasks.local_training import LocalSite, evaluate_local, run_precision, site_seed
 from fedscan.common.tasks.registry import get_task, task_metrics
 from fedscan.common.tasks.schedule import round_lr
 from fedscan.server.checkpoint import load_checkpoint

@@ -218,7 +218,7 @@ def run_simulation(
 
     # Decode and preprocess every site now: bad data fails here, naming the site, before any
     # earlier result is replaced.
-    from fedscan.client.training import open_site  # torch import kept off the CLI's fast path
+    from fedscan.common.tasks.local_training import open_site  # torch import kept off the CLI's fast path
 
     local_sites = []
     for site in sites:

@@ -276,7 +276,7 @@ class PerSiteFedTrimmedAvg(PerSiteEvaluation, FedTrimmedAvg):
 
 class PerSiteFedBN(PerSiteFedAvg):
     """FedBN (Li et al., ICLR 2021): FedAvg over every layer but the normalization layers, which
-    stay at each site (``fedscan.client.personal``) and are never sent. The global model keeps
+    stay at each site (``fedscan.common.tasks.fedbn_layers``) and are never sent. The global model keeps
     its initial normalization layers; each site evaluates its personalized model."""
 
     def __init__(self, *args: object, local_keys: frozenset[str] = frozenset(), **kwargs: object) -> None:

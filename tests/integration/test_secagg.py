@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_simulate import run_cli
 
-from fedscan.client.training import open_site
+from fedscan.common.tasks.local_training import open_site
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.secagg_numerics import error_bound

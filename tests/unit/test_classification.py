@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedscan.client.training import LocalSite, open_site
+from fedscan.common.tasks.local_training import LocalSite, open_site
 from fedscan.common.config import RunConfig
 from fedscan.common.data.dataset import prepare_site
 from fedscan.common.data.dicom import scan_site

@@ -15,7 +15,7 @@ from conftest import write_small_exam_sites
 from flwr.app import ArrayRecord
 from typer.testing import CliRunner
 
-from fedscan.client.training import LocalSite, open_site, run_precision, site_seed
+from fedscan.common.tasks.local_training import LocalSite, open_site, run_precision, site_seed
 from fedscan.common.cli import app
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import SiteDir

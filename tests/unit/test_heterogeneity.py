@@ -10,9 +10,9 @@ from conftest import FixedNodes
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedscan.client.personal import LocalLayers
+from fedscan.common.tasks.fedbn_layers import LocalLayers
 from fedscan.client.site_round import injected_fault
-from fedscan.client.training import open_site
+from fedscan.common.tasks.local_training import open_site
 from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.data.quality import quality_factor
@@ -270,7 +270,7 @@ def test_a_fedbn_site_never_sends_its_norm_layers_and_evaluates_its_own(synth_ro
     msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
                   message_type="evaluate")
     got = client_evaluate(msg, ctx).content["metrics"]
-    from fedscan.client.training import evaluate_local
+    from fedscan.common.tasks.local_training import evaluate_local
 
     own = build_model(run)
     own.load_state_dict({**arrays.to_torch_state_dict(), **kept})
@@ -325,7 +325,7 @@ def test_config_refuses_combinations_that_would_do_nothing() -> None:
 def test_fedbn_run_key_is_stable_across_versions() -> None:
     """The key under which a site keeps its FedBN layers must not move when a setting is added at
     its default: runs and model files from before would lose their layers (pinned value)."""
-    from fedscan.client.personal import run_key
+    from fedscan.common.tasks.fedbn_layers import run_key
 
     assert run_key(RunConfig(strategy="fedbn")) == "3bb4a056ff69a982"
     assert run_key(RunConfig(strategy="fedbn", data_root="/x", output="/y", device="cpu")) == "3bb4a056ff69a982"

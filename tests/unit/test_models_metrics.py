@@ -116,7 +116,7 @@ def test_volume_metrics_per_class_hand_computed() -> None:
 
 
 def test_site_evaluation_reports_lesion_detection(synth_root) -> None:
-    from fedscan.client.training import evaluate_local, open_site
+    from fedscan.common.tasks.local_training import evaluate_local, open_site
     from fedscan.common.data.layout import discover_sites
 
     cfg = RunConfig(image_size=32, base_channels=4, num_classes=3)

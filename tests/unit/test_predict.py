@@ -555,7 +555,7 @@ def test_fedbn_model_needs_the_sites_layers_or_global(synth_root: Path, tmp_path
     assert summary.kind == "global" and summary.series_predicted == 3
     # the layers the site stored while training, under the run's settings on its machine (its own data
     # folder, cache and device: not part of the run's key), are found from the model file
-    from fedscan.client.personal import LocalLayers
+    from fedscan.common.tasks.fedbn_layers import LocalLayers
 
     trained = cfg.model_copy(update={"data_root": tmp_path / "elsewhere", "cache_dir": tmp_path / "cache",
                                      "device": "auto", "rounds": 7})

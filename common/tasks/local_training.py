@@ -1,7 +1,8 @@
-"""Local training at a site, without Flower: device and precision, seeding, train and evaluate.
+"""One site's local work, without Flower: open its data, choose device and precision, seed, train, evaluate.
 
-The ClientApp (``fedscan.client.app``) only converts Flower records to and from the
-calls here. The run's task (``fedscan.common.tasks``) owns the loss, loops and metrics.
+A site's ClientApp (through ``fedscan.client.site_round``) and the server's baselines
+(``fedscan.server.baselines``) both call in here. The run's task (``fedscan.common.tasks.registry``)
+owns the loss, loops and metrics.
 """
 
 from __future__ import annotations

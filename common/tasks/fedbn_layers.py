@@ -1,4 +1,4 @@
-"""FedBN's site-local layers: the normalization layers a site keeps and never sends.
+"""FedBN's site-local layers: the normalization layers a site keeps on its disk and never sends.
 
 FedBN (Li, Jiang, Zhang, Kamp and Dou, "FedBN: Federated Learning on Non-IID Features via
 Local Batch Normalization", ICLR 2021) averages every layer but the normalization layers, which
