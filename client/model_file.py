@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord
 from pydantic import ValidationError
 from torch import nn
 
@@ -22,7 +21,7 @@ from fedscan.common.config import RunConfig
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks.precision import Precision
-from fedscan.common.weights import load_record
+from fedscan.common.weights import load_state
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def load_model_file(path: Path, *, device: str = "auto") -> SiteModel:
                            f"({exc.error_count()} problem(s))") from None
     model = build_model(cfg)
     try:
-        load_record(model, ArrayRecord(dict(payload["state_dict"])))
+        load_state(model, dict(payload["state_dict"]))
     except ValueError as exc:
         raise FedscanError(f"{path}: the weights do not fit the '{cfg.model}' model of its settings: {exc}") from None
     model.eval()

@@ -12,12 +12,11 @@ the scalar training metrics, among them the fraction of the update cut by the cl
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
@@ -53,7 +52,9 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         model_keys = keys()
         if len(global_np) != len(model_keys):
             raise ValueError(f"the server sent {len(global_np)} arrays; the model has {len(model_keys)}")
-        arrays = ArrayRecord(OrderedDict((k, Array(np.array(a))) for k, a in zip(model_keys, global_np, strict=True)))
+        from fedscan.common.array_records import from_state  # torch: needed only in the stage that trains
+
+        arrays = from_state(dict(zip(model_keys, global_np, strict=True)))
         model, metrics, _site = train(arrays, dict(fitins.config), ctxt)
         local = model.state_dict()
         for k, a in zip(model_keys, global_np, strict=True):  # the arrays pair with the names by position

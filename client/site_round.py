@@ -3,6 +3,8 @@
 The Flower glue (``fedscan.client.app``) calls in here, and only for the messages that need it:
 a deployed SuperNode starts one ClientApp process per message, and the SecAgg+ stages that
 only exchange keys and shares should not pay for importing torch, MONAI and the data code.
+The weights arrive and leave as Flower ArrayRecords, converted by ``fedscan.common.array_records``;
+the work itself is ``fedscan.common.tasks.local_training``'s, on torch models and state dicts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 
 from fedscan.client.secagg import round_count
+from fedscan.common.array_records import from_state, load_record, to_record, to_state
 from fedscan.common.config import AppConfig
 from fedscan.common.data.layout import SiteDir
 from fedscan.common.data.quality import quality_factor
@@ -24,7 +27,7 @@ from fedscan.common.message_keys import COMPUTE_SECONDS, QUALITY_FACTOR
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks import local_training
 from fedscan.common.tasks.fedbn_layers import LocalLayers
-from fedscan.common.weights import load_record, norm_keys, to_record
+from fedscan.common.weights import copy_into, norm_keys
 
 log = logging.getLogger("fedscan.client")
 
@@ -71,17 +74,16 @@ def injected_fault(record: ArrayRecord, global_arrays: ArrayRecord, context: Con
     if run.fault_site != site or not simulated:
         return record
     log.warning("site %s: sending a faulty update on purpose (%s), as the simulation asks", site, run.fault_kind)
-    out = {}
-    for key, arr in record.items():
-        local = torch.from_numpy(arr.numpy().copy())
+    out = to_state(record)
+    glob = to_state(global_arrays, set(out))
+    for key, local in out.items():
         if local.is_floating_point():
             if run.fault_kind == "nan":
-                local.fill_(float("nan"))
+                out[key] = torch.full_like(local, float("nan"))
             else:
-                glob = torch.from_numpy(global_arrays[key].numpy()).to(local.dtype)
-                local = glob + run.fault_scale * (local - glob)
-        out[key] = local
-    return ArrayRecord(out)
+                start = glob[key].to(local.dtype)
+                out[key] = start + run.fault_scale * (local - start)
+    return from_state(out)
 
 
 def train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig,
@@ -131,9 +133,7 @@ def keep_global_counters(model: Any, arrays: ArrayRecord) -> None:
 
 def restore_global(model: Any, arrays: ArrayRecord, keys: set[str] | frozenset[str]) -> None:
     """Put the global values of ``keys`` back into ``model`` (only those are read from the record)."""
-    for name, value in model.state_dict().items():
-        if name in keys and name in arrays:
-            value.copy_(torch.from_numpy(arrays[name].numpy()).to(value.dtype))
+    copy_into(model, to_state(arrays, keys), keys)
 
 
 def evaluate(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) -> tuple[dict[str, float], str]:

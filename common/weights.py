@@ -1,14 +1,25 @@
-"""Model weights <-> Flower ArrayRecords, and loading aggregated weights back safely."""
+"""Model weights as torch state dicts: what a site sends, the layers FedBN keeps, and loading
+aggregated weights back safely.
+
+No Flower here: the Flower glue converts ArrayRecords to and from these state dicts in
+``fedscan.common.array_records``.
+"""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord
+from collections.abc import Mapping, Set
+
+import numpy as np
+import torch
 from torch import nn
 
+# a state dict's values as they arrive: torch tensors, or numpy arrays (a checkpoint, SecAgg+'s vectors)
+StateValues = Mapping[str, torch.Tensor | np.ndarray]
 
-def to_record(model: nn.Module, exclude: frozenset[str] | set[str] = frozenset()) -> ArrayRecord:
-    """The model's state (parameters and BatchNorm buffers) as an ArrayRecord, less ``exclude``."""
-    return ArrayRecord({k: v for k, v in model.state_dict().items() if k not in exclude})
+
+def model_state(model: nn.Module, exclude: Set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The model's state (parameters and BatchNorm buffers), in its order, less ``exclude``."""
+    return {k: v for k, v in model.state_dict().items() if k not in exclude}
 
 
 # normalization layers: BatchNorm and InstanceNorm (both _NormBase), GroupNorm, LayerNorm
@@ -25,23 +36,35 @@ def norm_keys(model: nn.Module) -> frozenset[str]:
     return frozenset(keys)
 
 
-def load_record(model: nn.Module, record: ArrayRecord) -> None:
-    """Load an ArrayRecord into ``model``, casting back to each tensor's own dtype.
+def _cast(value: torch.Tensor | np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` as a tensor of ``ref``'s dtype; integer buffers are rounded first (averaging turns
+    BatchNorm's ``num_batches_tracked`` into floats)."""
+    t = torch.as_tensor(value)
+    return t.round().to(ref.dtype) if not ref.is_floating_point() else t.to(ref.dtype)
 
-    Averaging turns integer buffers such as BatchNorm's ``num_batches_tracked`` into floats;
-    they are rounded back here.
+
+def load_state(model: nn.Module, state: StateValues) -> None:
+    """Load a full state dict into ``model``, casting back to each tensor's own dtype.
+
+    The names and shapes must be the model's own: anything else is a ValueError that says which.
     """
-    incoming = record.to_torch_state_dict()
     own = model.state_dict()
-    missing = set(own) - set(incoming)
-    extra = set(incoming) - set(own)
+    missing = set(own) - set(state)
+    extra = set(state) - set(own)
     if missing or extra:
         raise ValueError(f"weights do not match the model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(extra)[:3]}")
     fixed = {}
-    for name, t in incoming.items():
+    for name, value in state.items():
         ref = own[name]
-        if t.shape != ref.shape:
-            raise ValueError(f"weight {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        fixed[name] = t.round().to(ref.dtype) if not ref.is_floating_point() else t.to(ref.dtype)
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(f"weight {name} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        fixed[name] = _cast(value, ref)
     model.load_state_dict(fixed)
+
+
+def copy_into(model: nn.Module, state: StateValues, keys: Set[str]) -> None:
+    """Put the values of ``keys`` (those of them that ``state`` holds) into ``model``, in place."""
+    for name, value in model.state_dict().items():
+        if name in keys and name in state:
+            value.copy_(_cast(state[name], value))

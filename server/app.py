@@ -19,11 +19,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedscan.common.array_records import to_record
 from fedscan.common.config import AppConfig
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks.registry import task_metrics
-from fedscan.common.weights import norm_keys, to_record
+from fedscan.common.weights import norm_keys
 from fedscan.server import checkpoint
 from fedscan.server.report import RunRecorder, write_report_files
 from fedscan.server.strategies import SECURE_AGGREGATE, PerSiteEvaluation, build_strategy

@@ -20,6 +20,7 @@ import tomli_w
 import torch
 from flwr.app import ArrayRecord
 
+from fedscan.common.array_records import from_state, to_state
 from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import RunConfig
 from fedscan.common.errors import FedscanError
@@ -56,7 +57,7 @@ def _payload(arrays: ArrayRecord, cfg: RunConfig, server_round: int, **extra: An
     buf = io.BytesIO()
     torch.save(
         {"round": server_round, "model": cfg.model, "task": cfg.task, "strategy": cfg.strategy,
-         "config": cfg.to_toml_dict(), "state_dict": arrays.to_torch_state_dict(), **extra},
+         "config": cfg.to_toml_dict(), "state_dict": to_state(arrays), **extra},
         buf,
     )
     return buf.getvalue()
@@ -111,7 +112,7 @@ def load_resume(path: Path) -> Resume:
     try:
         return Resume(
             server_round=int(ckpt["round"]),
-            arrays=ArrayRecord(ckpt["state_dict"]),
+            arrays=from_state(ckpt["state_dict"]),
             strategy_state=_to_arrays(ckpt["strategy_state"]),
             history=list(ckpt.get("history", [])),
             strategy=str(ckpt.get("strategy", ckpt["config"].get("strategy", ""))),

@@ -161,11 +161,10 @@ def make_workflow(run: Any, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflo
 
 
 def _decode(global_arrays: ArrayRecord, delta: ArrayRecord) -> ArrayRecord:
-    import torch
+    from fedscan.common.array_records import from_state  # imports torch
 
     base = dict(zip(global_arrays.keys(), global_arrays.to_numpy_ndarrays(), strict=True))
-    new = decode_aggregate(base, delta.to_numpy_ndarrays())
-    return ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in new.items()})  # np.array keeps 0-d shapes
+    return from_state(decode_aggregate(base, delta.to_numpy_ndarrays()))
 
 
 def _summary(metrics: list[dict[str, Scalar]], n: int) -> dict[str, float | int]:

@@ -244,7 +244,7 @@ def test_a_fedbn_site_never_sends_its_norm_layers_and_evaluates_its_own(synth_ro
     from fedscan.client.app import evaluate as client_evaluate
     from fedscan.client.app import train as client_train
     from fedscan.common.models.registry import build_model
-    from fedscan.common.weights import to_record
+    from fedscan.common.array_records import to_record
 
     run = RunConfig(strategy="fedbn", quality_weighting=True, data_root=synth_root, sites=2, rounds=2,
                     local_epochs=1, image_size=32, base_channels=4, unet_depth=2, output=tmp_path / "out",
@@ -346,7 +346,7 @@ def test_under_secagg_a_fedbn_site_masks_zero_for_its_norm_layers(synth_root, tm
     update) for every normalization layer; the site's own are stored locally first."""
     from fedscan.client.site_round import train as site_train
     from fedscan.common.models.registry import build_model
-    from fedscan.common.weights import to_record
+    from fedscan.common.array_records import to_record
 
     run = RunConfig(model="segnet", segnet_width=0.125, strategy="fedbn", data_root=synth_root, sites=2,
                     local_epochs=1, image_size=32, output=tmp_path / "out", cache_dir=tmp_path / "cache")

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedscan.common.array_records import load_record, to_record
 from fedscan.common.config import MODELS, RunConfig
 from fedscan.common.models.registry import available, build_model
 from fedscan.common.tasks.segmentation import volume_metrics
-from fedscan.common.weights import load_record, to_record
+from fedscan.common.weights import load_state, model_state, norm_keys
 
 
 @pytest.mark.parametrize("size,base", [(32, 4), (64, 8), (96, 16)])
@@ -72,6 +73,37 @@ def test_load_record_rejects_wrong_shapes() -> None:
     b = build_model(RunConfig(base_channels=8))
     with pytest.raises(ValueError, match="shape"):
         load_record(b, to_record(a))
+
+
+def test_load_state_checks_names_and_casts_back_to_each_dtype() -> None:
+    """The Flower-free loader: averaged integer buffers are rounded back; a missing or unknown
+    name is refused, naming it; numpy arrays load as tensors do."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    state = {k: v.double() + 0.25 for k, v in model_state(model).items()}
+    state["1.num_batches_tracked"] = torch.tensor(6.6)
+    load_state(model, {k: v.numpy() for k, v in state.items()})
+    got = model.state_dict()
+    assert got["1.num_batches_tracked"].dtype == torch.long and int(got["1.num_batches_tracked"]) == 7
+    assert got["0.weight"].dtype == torch.float32
+    assert torch.allclose(got["0.weight"], state["0.weight"].float())
+    with pytest.raises(ValueError, match="missing.*1.running_mean"):
+        load_state(model, {k: v for k, v in state.items() if k != "1.running_mean"})
+    with pytest.raises(ValueError, match="unexpected.*extra"):
+        load_state(model, {**state, "extra": torch.zeros(1)})
+    assert model_state(model, exclude=norm_keys(model)).keys() == {"0.weight", "0.bias"}
+
+
+def test_weights_and_local_training_need_no_flower() -> None:
+    """A site's training, FedBN's layers and weight loading work on state dicts: only the glue
+    (fedscan.common.array_records and the apps) meets Flower."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedscan.common.weights, fedscan.common.tasks.local_training, "
+            "fedscan.common.tasks.fedbn_layers; print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_volume_metrics_hand_computed() -> None:

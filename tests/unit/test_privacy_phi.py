@@ -27,7 +27,7 @@ from fedscan.common.cli import app as cli
 from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.dicom import list_files
 from fedscan.common.models.registry import build_model
-from fedscan.common.weights import to_record
+from fedscan.common.array_records import to_record
 
 PHI = {
     "PatientName": "ZZSECRET^ALICE^QUINN",
