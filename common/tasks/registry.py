@@ -1,29 +1,84 @@
-"""Tasks by name: each owns its loss, its metrics, and its training and evaluation loops.
+"""Tasks by name, and the ``Task`` protocol every task module satisfies.
 
-A task module provides ``METRICS`` (the names it reports, in order), ``MAIN_METRIC`` (the
-one that ranks sites and models), ``train(model, data, indices, cfg, ...)`` and
-``evaluate(model, data, indices, cfg, ..., scores=False)``, ``SCORES`` (the explanation scores
-a site may share, which ``evaluate`` adds when ``scores`` is set), and ``check_data(data, cfg)``,
-which fails early with a clear error when a site's labels do not suit the run.
+A task (``fedscan.common.tasks.segmentation``, ``fedscan.common.tasks.classification``) owns its
+loss, its metrics, and its training and evaluation loops; callers reach it through
+:func:`get_task` and use only what :class:`Task` declares.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fedscan.common.errors import FedscanError
 
+if TYPE_CHECKING:  # the annotations only: importing the task code (torch, MONAI) waits for get_task
+    import numpy as np
+    from torch import nn
 
-def get_task(name: str) -> ModuleType:
-    if name == "segmentation":
-        from fedscan.common.tasks import segmentation
+    from fedscan.common.config import RunConfig
+    from fedscan.common.data.site_arrays import SiteData
+    from fedscan.common.tasks.precision import Precision
 
-        return segmentation
-    if name == "classification":
-        from fedscan.common.tasks import classification
 
-        return classification
-    raise FedscanError(f"unknown task '{name}'; allowed: segmentation, classification")
+@runtime_checkable
+class Task(Protocol):
+    """What a task module provides (its module-level names; a module satisfies this protocol)."""
+
+    @property
+    def METRICS(self) -> tuple[str, ...]:
+        """The metric names it reports, in order."""
+        ...
+
+    @property
+    def MAIN_METRIC(self) -> str:
+        """The metric that ranks sites and models (one of ``METRICS``)."""
+        ...
+
+    @property
+    def SCORES(self) -> tuple[str, ...]:
+        """The explanation scores a site may share, which ``evaluate`` adds when ``scores`` is set."""
+        ...
+
+    def check_data(self, data: SiteData, cfg: RunConfig) -> None:
+        """Fail early with a clear error when a site's labels do not suit the run."""
+        ...
+
+    def train(self, model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, epochs: int,
+              lr: float, batch_size: int, seed: int, precision: Precision,
+              proximal_mu: float = 0.0) -> dict[str, float]:
+        """Train ``model`` in place on the slices ``indices``; scalar training metrics, among them
+        ``num-examples`` and ``steps``."""
+        ...
+
+    def evaluate(self, model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *,
+                 precision: Precision, scores: bool = False) -> dict[str, float]:
+        """The metrics of ``model`` on the slices ``indices``, with ``num-examples`` and ``loss``;
+        with ``scores`` also the ``SCORES``."""
+        ...
+
+
+def _segmentation() -> Task:
+    from fedscan.common.tasks import segmentation
+
+    return segmentation  # a module, checked against Task by mypy
+
+
+def _classification() -> Task:
+    from fedscan.common.tasks import classification
+
+    return classification
+
+
+# the registered tasks, by name (a task's code, with torch and MONAI, is imported on first use)
+REGISTERED: dict[str, Callable[[], Task]] = {"segmentation": _segmentation, "classification": _classification}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; an unknown name is a FedscanError that lists the known ones."""
+    if name not in REGISTERED:
+        raise FedscanError(f"unknown task '{name}'; allowed: {', '.join(REGISTERED)}")
+    return REGISTERED[name]()
 
 
 # the explanation scores' titles in reports and pages
