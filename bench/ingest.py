@@ -52,8 +52,9 @@ import torch
 
 from fedscan.common.config import RunConfig
 from fedscan.common.data import cache as cache_mod
-from fedscan.common.data import dataset as dataset_mod
-from fedscan.common.data.dataset import build_site_data, prepare_site
+from fedscan.common.data import site_arrays as arrays_mod
+from fedscan.common.data import site_reader as reader_mod
+from fedscan.common.data.site_arrays import build_site_data, prepare_site
 from fedscan.common.data.dicom import list_files
 from fedscan.common.data.labels import MaskIndex
 from fedscan.common.data.layout import SiteDir, discover_sites

@@ -39,7 +39,8 @@ from fedscan.client.model_file import load_model_file, personalize, site_precisi
 from fedscan.client.site_output import check_out
 from fedscan.common import __version__
 from fedscan.common.config import EXAM_MODELS, RunConfig
-from fedscan.common.data.dataset import SiteData, scan_site_dir
+from fedscan.common.data.site_arrays import SiteData
+from fedscan.common.data.site_reader import SiteReader
 from fedscan.common.data.layout import SiteDir
 from fedscan.common.errors import FedscanError
 from fedscan.common.html_page import png_bytes
@@ -121,7 +122,7 @@ def _entropy(p: np.ndarray) -> float:
 
 def _series_uids(site: SiteDir) -> list[str]:
     """The SeriesInstanceUID of each series index that SiteData.series refers to."""
-    return [hdr.series_uid for hdr in scan_site_dir(site).series]
+    return [hdr.series_uid for hdr in SiteReader(site).series]
 
 
 def explain_site(

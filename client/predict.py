@@ -33,8 +33,8 @@ from fedscan.client.model_file import load_model_file, personalize, site_precisi
 from fedscan.client.site_output import check_out
 from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import EXAM_MODELS, RunConfig
-from fedscan.common.data.dataset import decode_series, model_input, scan_site_dir
-from fedscan.common.data.dicom import SeriesHeader
+from fedscan.common.data.site_arrays import model_input
+from fedscan.common.data.site_reader import SeriesRecord, SiteReader, log_problems
 from fedscan.common.data.layout import SiteDir, check_images
 from fedscan.common.data.preprocess import unfit_probabilities
 from fedscan.common.data.seg_writer import fedscan_version, write_seg
@@ -117,7 +117,12 @@ def predict_site(
                              use_global=use_global)
     cfg = site_model.cfg
     precision = site_precision(site_model)
-    scan = scan_site_dir(site)
+    reader = SiteReader(site)
+    scan = reader.scan
+    if not scan.series:
+        raise FedscanError(f"site '{site.name}': no readable DICOM image series under {site.images}",
+                           hint="run `fedscan site check --data SITE_DIR` to see why each file was not used")
+    log_problems(site, scan.skipped)
     summary = PredictSummary(site=site.name, task=cfg.task, model=cfg.model, server_round=site_model.server_round,
                              kind=site_model.kind, fedscan_version=fedscan_version(), series_found=len(scan.series))
     summary.skipped_files = [SkippedFile(path=_relative(s.path, data), reason=s.reason) for s in scan.skipped]
@@ -126,9 +131,10 @@ def predict_site(
     _clear_out(out, overwrite)
     model = precision.place_model(site_model.model).eval()
     rows: list[list[str]] = []
-    for i, hdr in enumerate(scan.series):
+    for i, rec in enumerate(reader.records()):
+        hdr = rec.header
         try:
-            written, n_images, series_rows = _predict_series(site, hdr, model, cfg, precision, out, summary)
+            written, n_images, series_rows = _predict_series(site, rec, model, cfg, precision, out, summary)
         except Exception as exc:  # one series' problem must not stop the site's other series
             reason = str(exc) if isinstance(exc, _SeriesFailed) else f"prediction failed: {type(exc).__name__}: {exc}"
             log.warning("site %s: series %s (%d images) not predicted: %s", site.name, hdr.series_uid, len(hdr),
@@ -212,12 +218,14 @@ def _batches(model: torch.nn.Module, images: np.ndarray, precision: Precision) -
 
 
 def _predict_series(
-    site: SiteDir, hdr: SeriesHeader, model: torch.nn.Module, cfg: RunConfig, precision: Precision, out: Path,
+    site: SiteDir, rec: SeriesRecord, model: torch.nn.Module, cfg: RunConfig, precision: Precision, out: Path,
     summary: PredictSummary,
 ) -> tuple[list[str], int, list[list[str]]]:
     """Predict one series: write its SEG, or make its CSV rows. Returns the files written, the number
     of images predicted and the rows; images that fail to decode are added to ``summary.skipped_files``."""
-    decoded = decode_series(site, hdr)
+    hdr = rec.header
+    decoded = rec.read_pixels()
+    log_problems(site, rec.problems)
     kept = set() if decoded is None else set(decoded[0].files)
     for path in dict.fromkeys(hdr.files):
         if path not in kept:

@@ -13,24 +13,22 @@ screen, maps those numbers to paths.
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from fedscan.common.data.dicom import SeriesHeader, SiteScan, Skipped, list_files, read_series, scan_site
-from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, ClassLabels, index_masks, read_class_labels
+from fedscan.common.data.dicom import SeriesHeader
+from fedscan.common.data.labels import LABELS_CSV, UNKNOWN_SERIES, ClassLabels
 from fedscan.common.data.layout import LAYOUT_HINT, SiteDir
 from fedscan.common.data.quality import SeriesProfile, SiteProfile, sample_indices, series_snr, site_profile
+from fedscan.common.data.site_reader import ANY_CLASS, SeriesRecord, SiteReader, scrub
 from fedscan.common.errors import FedscanError
 
 log = logging.getLogger(__name__)
-
-# read labels.csv without a class limit: the check reports the classes it finds
-_ANY_CLASS = 1_000_000
 
 
 class Problem(BaseModel):
@@ -72,17 +70,6 @@ class SiteCheck(BaseModel):
     problems: list[Problem]
 
 
-def _labels_csv(site: SiteDir, problems: list[Skipped]) -> ClassLabels | None:
-    path = site.labels / LABELS_CSV
-    if not path.is_file():
-        return None
-    try:
-        return read_class_labels(path, _ANY_CLASS)
-    except FedscanError as exc:
-        problems.append(Skipped(path, scrub(exc.message.replace(str(path), LABELS_CSV))))
-        return None
-
-
 def _label_keys(hdr: SeriesHeader, table: ClassLabels | None) -> list[str]:
     """The labels.csv key of each slice of the series."""
     if table is None:
@@ -92,19 +79,49 @@ def _label_keys(hdr: SeriesHeader, table: ClassLabels | None) -> list[str]:
     return [hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid] * len(hdr)
 
 
-def _profile(sid: str, hdr: SeriesHeader, pixels: np.ndarray, mask: np.ndarray | None,
-             source: str, classes: list[int | None], samples: dict[str, int]) -> SeriesProfile:
-    """``classes``: each slice's class (None: unlabelled); ``samples``: the labelled samples
-    first counted at this series (an exam counts once however many series it has)."""
+@dataclass
+class _SeriesCheck:
+    """What the check needs of one series' pixels and mask (computed where the series is read)."""
+
+    hdr: SeriesHeader | None  # the slices that decoded; None: none did
+    snr: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+    p1: float | None = None
+    p99: float | None = None
+    mask_failed: bool = False
+    fg_slices: float | None = None  # with a usable mask
+    fg_pixels: float | None = None
+
+
+def _check_series(rec: SeriesRecord) -> _SeriesCheck:
+    decoded = rec.read_pixels()
+    if decoded is None:
+        return _SeriesCheck(None)
+    hdr, pixels = decoded
     sample = pixels[sample_indices(len(pixels))]
     p1, p99 = (float(v) for v in np.percentile(sample, [1, 99])) if pixels.size else (None, None)
-    fg_slices = fg_pixels = None
+    out = _SeriesCheck(hdr, series_snr(pixels), float(pixels.min()) if pixels.size else None,
+                       float(pixels.max()) if pixels.size else None, p1, p99)
+    mask = rec.load_mask(hdr)
+    if mask is not None:
+        out.fg_slices = float((mask.reshape(len(mask), -1) > 0).any(axis=1).mean())
+        out.fg_pixels = float((mask > 0).mean())
+    else:
+        out.mask_failed = rec.mask_source is not None
+    return out
+
+
+def _profile(sid: str, res: _SeriesCheck, source: str, classes: list[int | None],
+             samples: dict[str, int]) -> SeriesProfile:
+    """``classes``: each slice's class (None: unlabelled); ``samples``: the labelled samples
+    first counted at this series (an exam counts once however many series it has)."""
+    hdr = res.hdr
+    assert hdr is not None
     labelled = 0.0
     counts: dict[str, int] = {}
-    if mask is not None:
+    if res.fg_pixels is not None:
         labelled = 1.0
-        fg_slices = float((mask.reshape(len(mask), -1) > 0).any(axis=1).mean())
-        fg_pixels = float((mask > 0).mean())
         source_name = source
     else:
         known = [c for c in classes if c is not None]
@@ -116,32 +133,30 @@ def _profile(sid: str, hdr: SeriesHeader, pixels: np.ndarray, mask: np.ndarray |
         id=sid, modality=hdr.modality, manufacturer=hdr.manufacturer or "unknown",
         slices=len(hdr), rows=hdr.shape[0], columns=hdr.shape[1], patient_geometry=hdr.geometry,
         pixel_spacing_mm=hdr.spacing, slice_thickness_mm=hdr.thickness, slice_spacing_mm=hdr.slice_spacing,
-        snr=series_snr(pixels),
-        intensity_min=float(pixels.min()) if pixels.size else None,
-        intensity_max=float(pixels.max()) if pixels.size else None,
-        intensity_p1=p1, intensity_p99=p99,
+        snr=res.snr, intensity_min=res.lo, intensity_max=res.hi, intensity_p1=res.p1, intensity_p99=res.p99,
         labelled_slice_fraction=labelled, label_source=source_name,
-        foreground_slice_fraction=fg_slices, foreground_pixel_fraction=fg_pixels,
+        foreground_slice_fraction=res.fg_slices, foreground_pixel_fraction=res.fg_pixels,
         class_counts=counts, warnings=list(hdr.warnings),
     )
 
 
 def check_site_data(
-    data: Path, on_series: Callable[[int, int], None] | None = None
+    data: Path, on_series: Callable[[int, int], None] | None = None, workers: int | None = 1,
 ) -> tuple[SiteCheck, dict[str, Path]]:
-    """Check a site folder. Returns the report and, for the console only, problem ids -> paths."""
+    """Check a site folder. Returns the report and, for the console only, problem ids -> paths.
+    ``workers``: processes that read the series (0 or None: one per core, at most 4)."""
     data = Path(data)
     if not data.is_dir():
         raise FedscanError(f"site folder {data} does not exist", hint=LAYOUT_HINT)
     site = SiteDir(data.name, data)
     if not site.images.is_dir():
         raise FedscanError(f"{data} has no images/ folder", hint=LAYOUT_HINT)
-    extra = [p for p in list_files(site.labels) if not p.name.endswith((".nii.gz", ".nii", ".csv"))]
-    scan: SiteScan = scan_site(site.images, extra_files=extra)
-    problems: list[Skipped] = list(scan.skipped)
-    masks = index_masks(site.labels, scan)
-    problems += masks.problems
-    table = _labels_csv(site, problems)
+    with SiteReader(site, workers, class_limit=ANY_CLASS, labels_problems_only=True) as reader:
+        return _check(reader, on_series)
+
+
+def _check(reader: SiteReader, on_series: Callable[[int, int], None] | None) -> tuple[SiteCheck, dict[str, Path]]:
+    scan, masks, table = reader.scan, reader.masks, reader.labels
     profiles: list[SeriesProfile] = []
     used_files: set[Path] = set()
     syntaxes: Counter[str] = Counter()
@@ -151,38 +166,28 @@ def check_site_data(
     # rows that match an image at this site, whether or not its pixels decode
     matched_uids = {k for h in scan.series for k in _label_keys(h, table)} & set(table.labels if table else ())
     mismatched = unlabelled = 0
-    for k, hdr in enumerate(scan.series):
+    records = reader.records()
+    results = reader.map(_check_series, ((r, ()) for r in records))
+    for k, rec in enumerate(records):
         if on_series:
-            on_series(k, len(scan.series))
-        pixels, ok, failed = read_series(hdr)
-        problems += failed
-        if not ok.any():
+            on_series(k, len(records))
+        res = next(results)
+        hdr = res.hdr
+        if hdr is None:
             continue
-        if not ok.all():
-            hdr, pixels = hdr.subset(ok), pixels[ok]
         used_files.update(hdr.files)
         syntaxes.update(hdr.transfer_syntaxes)
         patients.add(hdr.patient_id)
         studies.add(hdr.study_uid)
-        mask, source = None, "none"
-        if hdr.series_uid in masks.sources:
-            path = masks.sources[hdr.series_uid]
-            try:
-                mask = masks.load(hdr)
-                source = "dicom-seg" if not path.name.endswith((".nii.gz", ".nii")) else "nifti"
-            except FedscanError as exc:
-                mismatched += 1
-                problems.append(Skipped(path, _without_names(exc.message, path)))
-            except Exception as exc:  # noqa: BLE001 - an unexpected mask file loses only its series
-                mismatched += 1
-                problems.append(Skipped(path, "the mask could not be used", f"{type(exc).__name__}: {exc}"))
+        mismatched += res.mask_failed
         keys = _label_keys(hdr, table)
         classes = [table.labels.get(u) for u in keys] if table else [None] * len(hdr)
         new = {u: table.labels[u] for u in dict.fromkeys(keys) if table and u in table.labels and u not in counted}
         counted.update(new)
-        if mask is None and hdr.series_uid not in masks.sources and all(c is None for c in classes):
+        if res.fg_pixels is None and rec.mask_source is None and all(c is None for c in classes):
             unlabelled += 1
-        profiles.append(_profile(f"s{k + 1:03d}", hdr, pixels, mask, source, classes, new))
+        profiles.append(_profile(f"s{k + 1:03d}", res, rec.mask_kind, classes, new))
+    problems = reader.problems
     ids: dict[str, Path] = {}
     listed: list[Problem] = []
     by_path: dict[Path, str] = {}
@@ -218,20 +223,3 @@ def check_site_data(
         site=site_profile(profiles), series=profiles, problems=listed,
     )
     return report, ids
-
-
-_UID_LIKE = re.compile(r"\d+(?:\.\d+){2,}")
-
-
-def scrub(text: str) -> str:
-    """Remove anything shaped like a UID from a message (a last line of defence)."""
-    return _UID_LIKE.sub("<UID>", text)
-
-
-def _without_names(message: str, path: Path) -> str:
-    """A mask error without the mask's file name (it is a SeriesInstanceUID), its folder or UIDs.
-    The messages are fedscan's own (numbers and shapes); readers' exception texts stay local."""
-    message = message.replace(str(path.parent), "")
-    for named in (f"DICOM SEG {path.name}", f"mask {path.name}"):
-        message = message.replace(named, "the DICOM SEG" if named.startswith("DICOM") else "the mask")
-    return scrub(message.replace(path.name, "the mask file"))

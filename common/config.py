@@ -136,6 +136,10 @@ class RunConfig(BaseModel):
     data_root: Path | None = Field(None, description="folder of site folders")
     output: Path = Field(Path("fedscan-out"), description="output folder")
     cache_dir: Path | None = Field(None, description="preprocessed-data cache")
+    workers: int = Field(
+        1, ge=0, le=64, description="worker processes that read and preprocess a site's DICOM on a cold cache "
+                                    "(0: one per core, at most 4); a machine-local setting",
+    )
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="patients held out")
     ct_window: tuple[float, float] = Field((40.0, 400.0), description="(level, width) HU")
     ct_normalization: Literal["window", "foreground"] = Field(

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from fedscan.common.config import RunConfig
-from fedscan.common.data.dataset import SiteData
 from fedscan.common.data.quality import quality_factor
+from fedscan.common.data.site_arrays import SiteData
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks.fedbn_layers import LocalLayers
 from fedscan.common.tasks.local_training import LocalSite, evaluate_local, run_precision, site_seed

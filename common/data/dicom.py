@@ -124,6 +124,7 @@ class SeriesHeader:
 class SiteScan:
     series: list[SeriesHeader] = field(default_factory=list)
     segs: list[Path] = field(default_factory=list)  # DICOM SEG objects: label sources
+    seg_refs: dict[Path, list[str]] = field(default_factory=dict)  # SEG -> the series it refers to
     skipped: list[Skipped] = field(default_factory=list)
     n_files: int = 0
 
@@ -338,48 +339,96 @@ def _classify(path: Path, ds: Dataset) -> list[_Slice] | str | None:
     return _slices_of(path, ds)
 
 
-def scan_site(images_dir: Path, extra_files: list[Path] | None = None) -> SiteScan:
-    """Read every file's header and group the image slices into ordered series. Never raises
-    for a bad file; ``extra_files`` (e.g. DICOM under labels/) are scanned for SEG objects only."""
-    scan = SiteScan()
+@dataclass(frozen=True)
+class SeriesMeta:
+    """The series-level attributes of a file, as the header scan keeps them (site-local)."""
+
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    manufacturer: str
+
+
+@dataclass
+class FileScan:
+    """What one file's header says: image slices (with their series), a DICOM SEG (with the
+    series it refers to), or why the file is not used. Small and picklable: worker processes
+    return these to the process that groups them into series."""
+
+    path: Path
+    slices: list[_Slice] | None = None
+    series: SeriesMeta | None = None
+    seg_refs: list[str] | None = None  # a DICOM SEG: the SeriesInstanceUIDs it refers to
+    skipped: Skipped | None = None
+
+
+def _seg_references(ds: Dataset) -> list[str]:
+    return [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", [])]
+
+
+def scan_file(path: Path, seg_only: bool = False) -> FileScan:
+    """Read one file's header and classify it. Never raises for a bad file. ``seg_only``: the
+    file is only looked at as a possible DICOM SEG (files under labels/)."""
+    ds = read_header(path)
+    if isinstance(ds, Skipped):
+        return FileScan(path, skipped=ds)
+    if seg_only:
+        is_seg = str(ds.get("SOPClassUID", "")) == SEG_STORAGE
+        return FileScan(path, seg_refs=_seg_references(ds) if is_seg else None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = _classify(path, ds)
+            if result is None:
+                return FileScan(path, seg_refs=_seg_references(ds))
+    except Exception as exc:  # noqa: BLE001 - a malformed header must not stop the scan
+        return FileScan(path, skipped=Skipped(path, "unreadable image header", f"{type(exc).__name__}: {exc}"))
+    if isinstance(result, str):
+        return FileScan(path, skipped=Skipped(path, result))
+    meta = SeriesMeta(
+        series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.get("StudyInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")), modality=standard_modality(ds.get("Modality", "")),
+        manufacturer=str(ds.get("Manufacturer", "")).strip()[:64],
+    )
+    return FileScan(path, slices=result, series=meta)
+
+
+def scan_files(paths: list[Path], seg_only: bool = False) -> list[FileScan]:
+    """``scan_file`` over a list of files (one worker's share of a site)."""
+    return [scan_file(p, seg_only) for p in paths]
+
+
+def group_series(entries: list[FileScan], extra: list[FileScan] | None = None, n_files: int | None = None) -> SiteScan:
+    """Group scanned files (in the site's file order) into ordered series; ``extra`` are the
+    scans of files looked at for DICOM SEG objects only."""
+    scan = SiteScan(n_files=len(entries) if n_files is None else n_files)
     groups: dict[str, list[_Slice]] = {}
-    meta: dict[str, Dataset] = {}
+    meta: dict[str, SeriesMeta] = {}
     seen_sop: dict[str, Path] = {}
-    files = list_files(images_dir)
-    scan.n_files = len(files)
-    for path in files:
-        ds = read_header(path)
-        if isinstance(ds, Skipped):
-            scan.skipped.append(ds)
+    for entry in entries:
+        if entry.skipped is not None:
+            scan.skipped.append(entry.skipped)
             continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = _classify(path, ds)
-        except Exception as exc:  # noqa: BLE001 - a malformed header must not stop the scan
-            scan.skipped.append(Skipped(path, "unreadable image header", f"{type(exc).__name__}: {exc}"))
+        if entry.slices is None:
+            scan.segs.append(entry.path)
+            scan.seg_refs[entry.path] = list(entry.seg_refs or [])
             continue
-        if result is None:
-            scan.segs.append(path)
-            continue
-        if isinstance(result, str):
-            scan.skipped.append(Skipped(path, result))
-            continue
-        sop = result[0].sop
+        assert entry.series is not None
+        sop = entry.slices[0].sop
         if sop in seen_sop:
-            scan.skipped.append(Skipped(path, "the same image (SOPInstanceUID) as another file; ignored"))
+            scan.skipped.append(Skipped(entry.path, "the same image (SOPInstanceUID) as another file; ignored"))
             continue
-        seen_sop[sop] = path
-        uid = str(ds.SeriesInstanceUID)
-        groups.setdefault(uid, []).extend(result)
-        meta.setdefault(uid, ds)
-    for path in extra_files or []:
-        ds = read_header(path)
-        if not isinstance(ds, Skipped) and str(ds.get("SOPClassUID", "")) == SEG_STORAGE:
-            scan.segs.append(path)
+        seen_sop[sop] = entry.path
+        groups.setdefault(entry.series.series_uid, []).extend(entry.slices)
+        meta.setdefault(entry.series.series_uid, entry.series)
+    for entry in extra or []:
+        if entry.seg_refs is not None:
+            scan.segs.append(entry.path)
+            scan.seg_refs[entry.path] = list(entry.seg_refs)
     for uid, slices in groups.items():
         try:
-            header = _assemble(uid, meta[uid], slices, scan.skipped)
+            header = _assemble(meta[uid], slices, scan.skipped)
         except Exception as exc:  # noqa: BLE001
             for path in dict.fromkeys(s.path for s in slices):
                 scan.skipped.append(Skipped(path, "series could not be assembled", f"{type(exc).__name__}: {exc}"))
@@ -390,12 +439,21 @@ def scan_site(images_dir: Path, extra_files: list[Path] | None = None) -> SiteSc
     return scan
 
 
+def scan_site(images_dir: Path, extra_files: list[Path] | None = None) -> SiteScan:
+    """Read every file's header and group the image slices into ordered series, in this
+    process. Never raises for a bad file; ``extra_files`` (e.g. DICOM under labels/) are
+    scanned for SEG objects only. ``fedscan.common.data.site_reader`` does the same in
+    worker processes."""
+    files = list_files(images_dir)
+    return group_series(scan_files(files), scan_files(list(extra_files or []), seg_only=True))
+
+
 def _skip_files(slices: list[_Slice], reason: str, skipped: list[Skipped]) -> None:
     for path in dict.fromkeys(s.path for s in slices):
         skipped.append(Skipped(path, reason))
 
 
-def _assemble(uid: str, ds: Dataset, slices: list[_Slice], skipped: list[Skipped]) -> SeriesHeader | None:
+def _assemble(meta: SeriesMeta, slices: list[_Slice], skipped: list[Skipped]) -> SeriesHeader | None:
     """Keep the series' largest consistent group of slices, ordered; report the rest."""
     geometric = [s for s in slices if s.position is not None and s.orientation is not None
                  and s.spacing is not None and np.linalg.norm(np.cross(s.orientation[:3], s.orientation[3:])) > 0.5]
@@ -449,11 +507,11 @@ def _assemble(uid: str, ds: Dataset, slices: list[_Slice], skipped: list[Skipped
         positions = np.array([[0.0, 0.0, float(i)] for i in range(len(kept))])
         spacing = first.spacing or (1.0, 1.0)
     return SeriesHeader(
-        series_uid=uid,
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        patient_id=str(ds.get("PatientID", "")),
-        modality=standard_modality(ds.get("Modality", "")),
-        manufacturer=str(ds.get("Manufacturer", "")).strip()[:64],
+        series_uid=meta.series_uid,
+        study_uid=meta.study_uid,
+        patient_id=meta.patient_id,
+        modality=meta.modality,
+        manufacturer=meta.manufacturer,
         files=[s.path for s in kept],
         frames=[s.frame for s in kept],
         sop_uids=[s.sop for s in kept],

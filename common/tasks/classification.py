@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedscan.common.config import EXAM_MODELS, RunConfig
-from fedscan.common.data.dataset import NO_MASK, ExamDataset, ImageDataset, SiteData
+from fedscan.common.data.site_arrays import NO_MASK, SiteData
+from fedscan.common.data.torch_datasets import ExamDataset, ImageDataset
 from fedscan.common.errors import FedscanError
 from fedscan.common.tasks.attribution import gradcam, lesion_energy
 from fedscan.common.tasks.loops import fit, seeded_loader

@@ -29,7 +29,8 @@ log = logging.getLogger("fedscan.client")
 
 
 # settings that do not change what a site trains: where files are, which device, reporting
-_NOT_IN_KEY = frozenset({"rounds", "data_root", "cache_dir", "output", "device", "explain_scores"})
+_NOT_IN_KEY = frozenset({"rounds", "data_root", "cache_dir", "output", "device", "explain_scores",
+                         "workers"})
 # settings added after FedBN runs existed: left out at their defaults, so that those runs (and
 # their model files) keep their key
 _KEYED_ONLY_IF_SET = {"lr_schedule": "constant", "lr_final_fraction": 0.05, "ct_normalization": "window"}

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from fedscan.common.config import RunConfig
-from fedscan.common.data.dataset import SiteData, prepare_site, split_patients
 from fedscan.common.data.layout import SiteDir
+from fedscan.common.data.site_arrays import SiteData, prepare_site, split_patients
 from fedscan.common.tasks.precision import Precision, choose_precision
 from fedscan.common.tasks.registry import get_task
 

@@ -37,7 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedscan.common.config import RunConfig
-from fedscan.common.data.dataset import SiteData, SliceDataset
+from fedscan.common.data.site_arrays import SiteData
+from fedscan.common.data.torch_datasets import SliceDataset
 from fedscan.common.tasks import metrics as lesion
 from fedscan.common.tasks.loops import fit, seeded_loader
 from fedscan.common.tasks.precision import Precision

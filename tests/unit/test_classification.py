@@ -15,7 +15,7 @@ import torch
 
 from fedscan.common.tasks.local_training import LocalSite, open_site
 from fedscan.common.config import RunConfig
-from fedscan.common.data.dataset import prepare_site
+from fedscan.common.data.site_arrays import prepare_site
 from fedscan.common.data.dicom import scan_site
 from fedscan.common.data.labels import read_class_labels
 from fedscan.common.data.layout import discover_sites

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedscan.common.config import RunConfig
-from fedscan.common.data.dataset import prepare_site, split_patients
+from fedscan.common.data.site_arrays import prepare_site, split_patients
 from fedscan.common.data.layout import SiteDir, check_site, discover_sites
 from fedscan.common.errors import FedscanError
 

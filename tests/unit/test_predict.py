@@ -28,7 +28,8 @@ from fedscan.client import predict as predict_mod
 from fedscan.client.model_file import load_model_file
 from fedscan.client.predict import BATCH_IMAGES, PredictSummary, predict_site
 from fedscan.common.config import RunConfig
-from fedscan.common.data.dataset import decode_series, model_input, scan_site_dir
+from fedscan.common.data.site_arrays import model_input
+from fedscan.common.data.site_reader import SiteReader
 from fedscan.common.data.dicom import SeriesHeader, scan_site
 from fedscan.common.data.labels import load_seg
 from fedscan.common.data.layout import SiteDir
@@ -71,8 +72,8 @@ def _expected_masks(site_path: Path, model_file: Path) -> dict[str, tuple[Series
     cfg = sm.cfg
     site = SiteDir(site_path.name, site_path)
     out = {}
-    for hdr in scan_site_dir(site).series:
-        decoded = decode_series(site, hdr)
+    for rec in SiteReader(site).records():
+        decoded = rec.read_pixels()
         if decoded is None:
             continue
         used, pixels = decoded
@@ -123,8 +124,10 @@ def seg_model_file(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     site = SiteDir("hospital-a", synth_root / "hospital-a")
     margins = []
     with torch.no_grad():
-        for hdr in scan_site_dir(site).series:
-            used, pixels = decode_series(site, hdr)  # type: ignore[misc]
+        for rec in SiteReader(site).records():
+            decoded = rec.read_pixels()
+            assert decoded is not None
+            used, pixels = decoded
             images, _ = model_input(used, pixels, cfg)
             logits = model(torch.from_numpy(images)[:, None])
             margins.append((logits[:, 1] - logits[:, 0]).flatten().numpy())
