@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedscan.common import __version__
 from fedscan.common.config import MODELS, STRATEGIES, TASKS, load_run_config, read_toml
 from fedscan.common.errors import FedscanError
+
+if TYPE_CHECKING:
+    from fedscan.common.run_events import RunEvent
 
 console = Console(stderr=True)
 out_console = Console()
@@ -128,9 +130,6 @@ def synth(
         out_console.print(f"wrote {len(manifest.sites)} sites to {out} (see {out}/manifest.json)")
 
 
-_ROUND_RE = re.compile(r"round (\d+)/(\d+)")
-
-
 # Options `simulate` and `run` share: one definition each.
 _CONFIG = typer.Option(None, "--config", help="Run configuration (TOML).")
 _ROUNDS = typer.Option(None, "--rounds", help="Federated rounds.")
@@ -197,8 +196,8 @@ def simulate(
         def on_stage(line: str) -> None:
             console.print(f"[dim]{line}[/]", highlight=False)
 
-        with _round_progress(cfg.rounds) as on_progress:
-            report = run_simulation(cfg, overwrite=overwrite, on_progress=on_progress, on_stage=on_stage,
+        with _round_progress(cfg.rounds) as on_event:
+            report = run_simulation(cfg, overwrite=overwrite, on_event=on_event, on_stage=on_stage,
                                     baselines=baselines)
         _print_result(report, Path(cfg.output))
 
@@ -220,32 +219,36 @@ def _resume(out: Path, given: list[str], baselines: bool) -> None:
     cfg, ckpt, done = find_resume(out)
     console.print(f"[dim]resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})[/]",
                   highlight=False)
-    with _round_progress(cfg.rounds, done) as on_progress:
-        report = run_simulation(cfg, on_progress=on_progress, baselines=baselines, resume_from=ckpt,
+    with _round_progress(cfg.rounds, done) as on_event:
+        report = run_simulation(cfg, on_event=on_event, baselines=baselines, resume_from=ckpt,
                                 on_stage=lambda line: console.print(f"[dim]{line}[/]", highlight=False))
     _print_result(report, Path(cfg.output))
 
 
 @contextmanager
-def _round_progress(rounds: int, done: int = 0) -> Iterator[Callable[[str], None]]:
+def _round_progress(rounds: int, done: int = 0) -> Iterator[Callable[[RunEvent], None]]:
     """A progress bar over the rounds (``done`` of them before it starts), fed with the
-    ServerApp's progress lines."""
+    ServerApp's run events; each event's text is printed above it."""
+    from fedscan.common.run_events import RoundFinished
+
     progress = Progress(
         TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, transient=False,
     )
     task_id = progress.add_task("rounds", total=rounds, completed=done)
 
-    def on_progress(line: str) -> None:
+    def on_event(event: RunEvent) -> None:
+        text = event.text()
+        if text is None:
+            return
         if not progress.live.is_started:
             progress.start()  # the bar appears once Flower runs the first round
-        progress.console.print(f"  {line}", highlight=False)
-        m = _ROUND_RE.search(line)
-        if m and "done" in line:
-            progress.update(task_id, completed=int(m.group(1)))
+        progress.console.print(f"  {text}", highlight=False)
+        if isinstance(event, RoundFinished):
+            progress.update(task_id, completed=event.round)
 
     try:
-        yield on_progress
+        yield on_event
     finally:
         progress.stop()
 
@@ -304,8 +307,9 @@ def run_cmd(
         cfg = load_run_config(config, overrides)
         from fedscan.server.coordinator import run_deployment
 
-        with _round_progress(cfg.rounds) as on_progress:
-            report = run_deployment(cfg, superlink, ca, overwrite=overwrite, on_progress=on_progress)
+        with _round_progress(cfg.rounds) as on_event:
+            report = run_deployment(cfg, superlink, ca, overwrite=overwrite, on_event=on_event,
+                                    on_stage=lambda line: console.print(f"  {line}", highlight=False))
         _print_result(report, Path(cfg.output))
 
 

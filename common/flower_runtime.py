@@ -8,6 +8,8 @@ nothing but the coordinator may be contacted. Processes run in their own session
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -15,13 +17,16 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
 
 from fedscan.common.errors import FedscanError
+from fedscan.common.run_events import RunEvent, decode
+
+log = logging.getLogger(__name__)
 
 # The Flower app that `flwr run` submits: the components of the installed fedscan package.
 # Same components as [tool.flwr.app] in the repository's pyproject.toml.
@@ -124,40 +129,160 @@ def write_app_dir(app_dir: Path) -> Path:
     return app_dir
 
 
-def stream_flwr_run(cmd: list[str], env: dict[str, str], log_path: Path, on_line: Callable[[str], None],
-                    give_up: Callable[[], bool] | None = None) -> None:
-    """Run `flwr run --stream`, keep its whole output in a log, hand every line to ``on_line``.
+class FlowerProcess:
+    """One Flower process that fedscan started and owns, as a context manager.
 
-    ``give_up`` is asked every few seconds; when it says so, the command is stopped and a
-    FedscanError raised (for a run that never starts)."""
-    with open(log_path, "a", encoding="utf-8") as log_file:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, bufsize=1, start_new_session=True,
-        )
-        gave_up = threading.Event()
+    It runs in its own session with the given environment; its output (stdout and stderr) is
+    appended to ``log_path`` and, with ``on_line``, handed over line by line from a reader thread.
+    The end of the process is taken from the process, never from its output (a child that lingers
+    may keep the pipe open). Leaving the ``with`` block stops it and everything it started."""
 
-        def watch() -> None:
-            while proc.poll() is None:
-                if give_up is not None and give_up():
-                    gave_up.set()
-                    stop_process_tree(proc)
-                    return
-                time.sleep(2)
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path,
+                 on_line: Callable[[str], None] | None = None) -> None:
+        self.cmd = cmd
+        self.env = env
+        self.log_path = Path(log_path)
+        self.on_line = on_line
+        self.proc: subprocess.Popen | None = None
+        self._log: IO[str] | None = None
+        self._reader: threading.Thread | None = None
+        self._stopped = False
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+    def __enter__(self) -> FlowerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "a", encoding="utf-8")  # closed in __exit__
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                on_line(line.rstrip("\n"))
-            proc.wait()
-        finally:
-            if proc.poll() is None:
-                stop_process_tree(proc)
-    if gave_up.is_set():
-        raise FedscanError("`flwr run` was stopped: the run did not start", hint=f"see {log_path}")
-    if proc.returncode != 0:
-        raise FedscanError(f"`flwr run` failed (exit code {proc.returncode})", hint=f"see {log_path}")
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, stdout=subprocess.PIPE if self.on_line else self._log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                start_new_session=True,
+            )
+        except BaseException:
+            self._log.close()
+            raise
+        if self.on_line is not None:
+            self._reader = threading.Thread(target=self._pump, daemon=True)
+            self._reader.start()
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None and self._log is not None
+        assert self.on_line is not None
+        failed = False
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+            try:
+                self.on_line(line.rstrip("\n"))
+            except Exception:  # a bug in a handler must not stop the pipe from draining
+                if not failed:
+                    log.exception("handling the output of %s failed; it is still logged",
+                                  Path(self.cmd[0]).name)
+                failed = True
+
+    def poll(self) -> int | None:
+        assert self.proc is not None
+        return self.proc.poll()
+
+    def wait(self, give_up: Callable[[], bool] | None = None, every: float = 1.0) -> int | None:
+        """Wait until the process exits; its exit code. ``give_up`` is asked ``every`` seconds: when it
+        says so, the process is stopped and the answer is None."""
+        assert self.proc is not None
+        if give_up is None:
+            return self.proc.wait()
+        while True:
+            try:
+                return self.proc.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                if give_up():
+                    self.stop()
+                    return None
+
+    def stop(self) -> None:
+        """Stop the process and everything it started (once); then let the reader finish the output."""
+        if self.proc is not None and not self._stopped:
+            self._stopped = True
+            stop_process_tree(self.proc)
+        if self._reader is not None:
+            self._reader.join(timeout=60)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class RunNotFollowed(FedscanError):
+    """Following a run was given up: it said nothing for too long (see :func:`follow_run`)."""
+
+
+def flwr_json(args: list[str], home: Path, timeout: float = 60, hint: str | None = None,
+              log_path: Path | None = None) -> dict[str, Any]:
+    """Run a `flwr` CLI command with ``--format json``; its answer, the JSON object it prints, or a
+    FedscanError (with ``hint``) when it fails, times out or answers no such object."""
+    cmd = [flower_exe("flwr"), *args, "--format", "json"]
+    what = " ".join(args[:2])
+    try:
+        res = subprocess.run(cmd, env=offline_env(home), capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        raise FedscanError(f"`flwr {what}` did not answer within {timeout:.0f}s", hint=hint) from None
+    if log_path is not None:
+        with open(log_path, "a", encoding="utf-8") as log_file:
+            log_file.write(f"$ flwr {' '.join(args)} --format json\n{res.stdout}{res.stderr}")
+    try:
+        data = json.loads(res.stdout)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FedscanError(f"`flwr {what}` failed (exit code {res.returncode}): {last[0]}", hint=hint)
+    if res.returncode != 0 or not data.get("success", False):
+        detail = str(data.get("error-message") or f"exit code {res.returncode}").strip().splitlines()
+        raise FedscanError(f"`flwr {what}` failed: {detail[-1] if detail else 'no message'}", hint=hint)
+    return data
+
+
+def submit_run(app_dir: Path, connection: str, home: Path, run_config: Path, log_path: Path, *,
+               federation_config: str | None = None, timeout: float = 120, hint: str | None = None) -> int:
+    """Submit the app with `flwr run --format json`; the run ID, which Flower answers as data."""
+    args = ["run", str(app_dir), connection, "--run-config", str(run_config)]
+    if federation_config is not None:
+        args += ["--federation-config", federation_config]
+    data = flwr_json(args, home, timeout=timeout, hint=hint, log_path=log_path)
+    return int(data["run-id"])
+
+
+def event_reader(on_event: Callable[[RunEvent], None]) -> Callable[[str], None]:
+    """A handler of output lines that hands each run event among them to ``on_event``; other lines
+    are not events and are left alone, and an event that cannot be read is logged and skipped."""
+
+    def on_line(line: str) -> None:
+        try:
+            event = decode(line)
+        except ValueError as exc:
+            log.warning("a run event from the ServerApp could not be read (%s); waiting for the next one",
+                        str(exc).splitlines()[0])
+            return
+        if event is not None:
+            on_event(event)
+
+    return on_line
+
+
+def follow_run(run_id: int, connection: str, home: Path, log_path: Path, on_event: Callable[[RunEvent], None],
+               give_up: Callable[[], bool] | None = None) -> None:
+    """Follow a run with `flwr log RUN --stream` until it ends: its whole output goes to the log, and
+    every run event the ServerApp writes (``fedscan.common.run_events``) to ``on_event``.
+
+    ``give_up`` is asked every second; when it says so, following stops with RunNotFollowed."""
+
+    cmd = [flower_exe("flwr"), "log", str(run_id), connection, "--stream"]
+    with FlowerProcess(cmd, offline_env(home), log_path, event_reader(on_event)) as proc:
+        code = proc.wait(give_up)
+        proc.stop()  # the reader has handed over every line before we look at what came
+    if code is None:
+        raise RunNotFollowed(f"stopped following run {run_id}", hint=f"see {log_path}")
+    if code != 0:
+        raise FedscanError(f"`flwr log` failed (exit code {code})", hint=f"see {log_path}")

@@ -4,8 +4,10 @@ and `fedscan run`.
 Everything runs on Flower's deployment runtime: `flower-superlink` with TLS, SuperNode
 authentication and a persistent state database; sites are registered with Flower's own
 SuperNode registration (`flwr supernode register/unregister/list`); runs are submitted with
-`flwr run --stream`. fedscan adds the certificate authority, a registry that maps site names
-to Flower node IDs and key fingerprints, safe defaults, and the reports.
+`flwr run --format json` (which answers the run ID as data) and followed with `flwr log
+--stream`, which carries the ServerApp's run events (``fedscan.common.run_events``). fedscan
+adds the certificate authority, a registry that maps site names to Flower node IDs and key
+fingerprints, safe defaults, and the reports.
 
 A coordinator folder holds:
 ```
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import tempfile
 import threading
@@ -40,13 +41,16 @@ from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import AppConfig, RunConfig, tomllib
 from fedscan.common.errors import FedscanError
 from fedscan.common.flower_runtime import (
+    RunNotFollowed,
     flower_exe,
+    flwr_json,
+    follow_run,
     offline_env,
     stop_process_tree,
-    stream_flwr_run,
+    submit_run,
     write_app_dir,
 )
-from fedscan.server.app import PROGRESS_TAG, REPORT_TAG
+from fedscan.common.run_events import ReportUpdated, RunEvent, RunFailed
 from fedscan.server.report import write_report_files
 
 log = logging.getLogger("fedscan.coordinator")
@@ -54,7 +58,6 @@ log = logging.getLogger("fedscan.coordinator")
 DEFAULT_PORT = 9092
 # a submitted run whose ServerApp says nothing for this long never started
 STARTUP_TIMEOUT = 180.0
-_RUN_ID = re.compile(r"[Ss]uccessfully started run (\d+)")
 CONNECTION = "fedscan"
 REGISTRY = "sites.json"
 
@@ -161,25 +164,8 @@ def _control_home(d: Path) -> Path:
 
 
 def _flwr_json(args: list[str], home: Path, timeout: float = 60) -> dict[str, Any]:
-    """Run a `flwr` CLI command with --format json; its JSON answer, or a FedscanError."""
-    cmd = [flower_exe("flwr"), *args, "--format", "json"]
-    try:
-        res = subprocess.run(cmd, env=offline_env(home), capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        raise FedscanError(f"`flwr {args[0]} {args[1]}` did not answer within {timeout:.0f}s",
-                           hint="is the SuperLink running (`fedscan server start`)?") from None
-    text = res.stdout.strip()
-    start = text.find("{")
-    try:
-        data = json.loads(text[start:]) if start >= 0 else {}
-    except ValueError:
-        data = {}
-    if res.returncode != 0 or not data.get("success", False):
-        detail = data.get("error-message") or (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise FedscanError(f"`flwr {' '.join(args[:2])}` failed: {detail if isinstance(detail, str) else detail[0]}",
-                           hint="is the SuperLink running (`fedscan server start`)?")
-    return data
+    """Run a `flwr` CLI command with --format json against this coordinator's SuperLink."""
+    return flwr_json(args, home, timeout=timeout, hint="is the SuperLink running (`fedscan server start`)?")
 
 
 def _load_registry(d: Path) -> dict[str, dict[str, Any]]:
@@ -243,10 +229,10 @@ def list_sites(d: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _stop_run(run_id: str, home: Path) -> None:
+def _stop_run(run_id: int, home: Path) -> None:
     """Ask the SuperLink to stop a run we no longer follow (Ctrl-C, a lost stream)."""
     try:
-        _flwr_json(["stop", run_id, CONNECTION], home, timeout=30)
+        _flwr_json(["stop", str(run_id), CONNECTION], home, timeout=30)
         log.warning("stopped run %s on the SuperLink", run_id)
     except FedscanError as exc:
         log.warning("could not stop run %s on the SuperLink: %s", run_id, exc.message)
@@ -258,10 +244,12 @@ def run_deployment(
     ca: Path,
     *,
     overwrite: bool = False,
-    on_progress: Callable[[str], None] = print,
+    on_event: Callable[[RunEvent], None] | None = None,
+    on_stage: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Submit a run to a live SuperLink, stream its progress, write the report files into
-    ``cfg.output``; return report.json's content. Raises FedscanError when the run fails."""
+    """Submit a run to a live SuperLink, follow its run events (``on_event`` gets each), write the
+    report files into ``cfg.output``; return report.json's content. Raises FedscanError when the
+    run fails. ``on_stage`` gets what the coordinator itself does."""
     from fedscan.server.simulate import check_output, clear_output
 
     if cfg.fault_site is not None:
@@ -279,38 +267,30 @@ def run_deployment(
     app_cfg = AppConfig(run=run, site_names=[])
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    flower_log = logs / "flower.log"
     latest: dict[str, Any] = {}
-    failure: list[str] = []
-    run_id: list[str] = []
+    failure: list[RunFailed] = []
     started = threading.Event()  # the ServerApp has said something: the run is running
 
-    def on_line(line: str) -> None:
-        m = _RUN_ID.search(line)
-        if m and not run_id:
-            run_id.append(m.group(1))
-        idx = line.find(REPORT_TAG)
-        if idx >= 0:
-            started.set()
-            try:
-                rep = json.loads(line[idx + len(REPORT_TAG):])
-            except ValueError:
-                log.warning("a report line from the ServerApp could not be read; waiting for the next one")
-                return
+    def on_run_event(event: RunEvent) -> None:
+        started.set()
+        if isinstance(event, ReportUpdated):
             latest.clear()
-            latest.update(rep)
+            latest.update(event.report.as_dict())
             try:
-                write_report_files(out, rep)
+                write_report_files(out, latest)
             except OSError as exc:
                 log.warning("cannot write the report into %s: %s", out, exc)
             return
-        idx = line.find(PROGRESS_TAG)
-        if idx >= 0:
-            started.set()
-            text = line[idx + len(PROGRESS_TAG):].rstrip()
-            if text.startswith("run failed"):
-                failure.append(text)
-            on_progress(text)
+        if isinstance(event, RunFailed):
+            failure.append(event)
+        if on_event is not None:
+            on_event(event)
 
+    not_started = FedscanError(
+        f"the run did not start within {STARTUP_TIMEOUT:.0f}s",
+        hint=f"is the SuperLink at {superlink} running, and is --ca its CA? see {flower_log}",
+    )
     with tempfile.TemporaryDirectory(prefix="fedscan-run-") as tmp:
         tmp_path = Path(tmp)
         home = tmp_path / "flwr-home"
@@ -319,35 +299,32 @@ def run_deployment(
         (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
         overrides = tmp_path / "run-config.toml"
         overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
-        cmd = [flower_exe("flwr"), "run", str(write_app_dir(tmp_path / "app")), CONNECTION,
-               "--run-config", str(overrides), "--stream"]
-        on_progress(f"submitting the run to {superlink}: waiting for {run.sites} sites "
-                    f"(up to {run.wait_timeout:.0f}s), {run.rounds} rounds")
+        on_stage(f"submitting the run to {superlink}: waiting for {run.sites} sites "
+                 f"(up to {run.wait_timeout:.0f}s), {run.rounds} rounds")
         t0 = time.monotonic()
-        deadline = STARTUP_TIMEOUT
+        run_id = submit_run(write_app_dir(tmp_path / "app"), CONNECTION, home, overrides, flower_log,
+                            timeout=STARTUP_TIMEOUT, hint=not_started.hint)
+        log.debug("submitted run %s", run_id)
         try:
-            stream_flwr_run(cmd, offline_env(home), logs / "flower.log", on_line,
-                            give_up=lambda: not started.is_set() and time.monotonic() - t0 > deadline)
+            follow_run(run_id, CONNECTION, home, flower_log, on_run_event,
+                       give_up=lambda: not started.is_set() and time.monotonic() - t0 > STARTUP_TIMEOUT)
         except BaseException as exc:
-            if run_id and latest.get("status") not in ("complete", "failed"):
-                _stop_run(run_id[0], home)  # do not leave it training at the sites
+            if latest.get("status") not in ("complete", "failed"):
+                _stop_run(run_id, home)  # do not leave it training at the sites
             if isinstance(exc, FedscanError) and failure:
                 pass  # the ServerApp's own message, below, says more
-            elif isinstance(exc, FedscanError) and not started.is_set():
-                raise FedscanError(
-                    f"the run did not start within {deadline:.0f}s",
-                    hint=f"is the SuperLink at {superlink} running, and is --ca its CA? see {logs / 'flower.log'}",
-                ) from None
+            elif isinstance(exc, RunNotFollowed):
+                raise not_started from None
             else:
                 raise
         if failure:
-            message, _, hint = failure[-1].removeprefix("run failed: ").partition(" | ")
+            message = failure[-1].message or "run failed"
             raise FedscanError(message[:1].upper() + message[1:],
-                               hint=hint or f"see {logs / 'flower.log'} and the SuperLink's log")
+                               hint=failure[-1].hint or f"see {flower_log} and the SuperLink's log")
         log.info("run finished in %.1fs", time.monotonic() - t0)
     if latest.get("status") != "complete":
         raise FedscanError(
             f"the federated run did not complete ({latest.get('rounds_completed', 0)} of {run.rounds} rounds)",
-            hint=f"see {logs / 'flower.log'}",
+            hint=f"see {flower_log}",
         )
     return latest

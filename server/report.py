@@ -27,10 +27,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from fedscan.common import __version__
 from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import EXAM_MODELS, AppConfig
 from fedscan.common.errors import FedscanError
+from fedscan.common.report_schema import RunReport
 from fedscan.common.tasks.registry import SCORE_TITLES, task_metrics, task_scores
 
 REPORT_JSON = "report.json"
@@ -222,13 +225,8 @@ def render_figures(rep: dict[str, Any]) -> dict[str, bytes | None]:
     return drawn
 
 
-# Keys report_markdown needs; the others are optional.
-_REQUIRED = ("task", "model", "strategy", "status", "rounds", "rounds_completed", "seed", "sites",
-             "metrics", "history", "final")
-
-
 def load_report(out: Path) -> dict[str, Any]:
-    """A run's report.json, checked enough to render; a problem is a :class:`FedscanError`."""
+    """A run's report.json, checked against :class:`RunReport`; a problem is a :class:`FedscanError`."""
     out = Path(out)
     hint = "give the output folder of a run: the --out of `fedscan simulate` or `fedscan run`"
     if not out.exists():
@@ -246,14 +244,26 @@ def load_report(out: Path) -> dict[str, Any]:
             hint="the file is damaged; a run rewrites it after every round, or rerun the run",
         ) from None
     if not isinstance(rep, dict):
-        raise FedscanError(f"{path} is not a fedscan report: it holds a JSON {type(rep).__name__}, not an object")
-    missing = [k for k in _REQUIRED if k not in rep]
-    if missing:
-        raise FedscanError(f"{path} is not a fedscan report: it lacks {', '.join(missing)}")
-    names, main = task_metrics(str(rep["task"]))  # an unknown task is a FedscanError
-    if not isinstance(rep["metrics"], dict) or "main" not in rep["metrics"]:
+        raise FedscanError(
+            f"{path} is not a fedscan report: it holds a JSON {type(rep).__name__}, not an object")
+    metrics = rep.get("metrics")
+    if "task" in rep and "metrics" in rep and not (isinstance(metrics, dict) and "main" in metrics):
+        names, main = task_metrics(str(rep["task"]))  # an unknown task is a FedscanError
         rep["metrics"] = {"main": main, "names": list(names)}
-    return rep
+    try:
+        report = RunReport.model_validate(rep)
+    except ValidationError as err:
+        missing = [str(e["loc"][0]) for e in err.errors() if e["type"] == "missing" and len(e["loc"]) == 1]
+        if missing:
+            raise FedscanError(f"{path} is not a fedscan report: it lacks {', '.join(missing)}") from None
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FedscanError(
+            f"{path} is not a fedscan report: {where}: {first['msg']}",
+            hint="it may come from another fedscan version; rerun the run to write it again",
+        ) from None
+    task_metrics(report.task)  # an unknown task is a FedscanError
+    return report.as_dict()
 
 
 def regenerate_report(out: Path) -> list[Path]:
@@ -453,7 +463,8 @@ def explanation_table(rep: dict[str, Any]) -> tuple[list[str], list[tuple[str, l
     """Score titles, and per site its explanation scores in that order."""
     scores = rep.get("explanation_scores") or {}
     names = list(dict.fromkeys(k for row in scores.values() if isinstance(row, dict) for k in row))
-    rows = [(str(site), [number(row.get(k)) for k in names]) for site, row in scores.items() if isinstance(row, dict)]
+    rows = [(str(site), [number(row.get(k)) for k in names])
+            for site, row in scores.items() if isinstance(row, dict)]
     return [SCORE_TITLES.get(k, k) for k in names], rows
 
 
@@ -548,7 +559,8 @@ def report_markdown(rep: dict[str, Any]) -> str:
         "# fedscan run report",
         "",
         f"- task: **{task}**, model: **{rep['model']}**, strategy: **{rep['strategy']}**",
-        f"- rounds: {rep['rounds_completed']} of {rep['rounds']} completed ({rep['status']}), seed {rep['seed']}",
+        f"- rounds: {rep['rounds_completed']} of {rep['rounds']} completed ({rep['status']}), "
+        f"seed {rep['seed']}",
         f"- sites: {', '.join(rep['sites'])}",
         *_secagg_lines(rep),
         "",

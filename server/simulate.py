@@ -35,13 +35,14 @@ from fedscan.common.data.synthetic import synthesize
 from fedscan.common.errors import FedscanError
 from fedscan.common.flower_runtime import (
     flower_exe,
+    follow_run,
     free_port,
     offline_env,
     stop_process_tree,
-    stream_flwr_run,
+    submit_run,
     write_app_dir,
 )
-from fedscan.server.app import PROGRESS_TAG
+from fedscan.common.run_events import RunEvent
 from fedscan.server.checkpoint import RUN_CONFIG, latest_checkpoint, load_resume
 from fedscan.server.report import (
     FIGURES_DIR,
@@ -185,29 +186,23 @@ def _federation_config(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def _progress_lines(on_progress: Callable[[str], None]) -> Callable[[str], None]:
-    def on_line(line: str) -> None:
-        idx = line.find(PROGRESS_TAG)
-        if idx >= 0:
-            on_progress(line[idx + len(PROGRESS_TAG):].rstrip())
-    return on_line
-
-
 def run_simulation(
     cfg: RunConfig,
     *,
     overwrite: bool = False,
-    on_progress: Callable[[str], None] = print,
-    on_stage: Callable[[str], None] | None = None,
+    on_event: Callable[[RunEvent], None] | None = None,
+    on_stage: Callable[[str], None] = print,
     baselines: bool = False,
     resume_from: Path | None = None,
 ) -> dict[str, Any]:
     """Run a simulated federation; return report.json's content. Raises FedscanError.
 
-    With ``baselines``, also train the local-only and pooled baselines and evaluate every model
-    at every site (``fedscan.server.baselines``). With ``resume_from`` (a round's checkpoint in
-    ``cfg.output``, see :func:`find_resume`), continue that run in its folder instead of starting one."""
-    say = on_stage or on_progress
+    ``on_event`` gets the ServerApp's run events (``fedscan.common.run_events``), ``on_stage``
+    the launcher's own steps (checking the sites, starting Flower). With ``baselines``, also
+    train the local-only and pooled baselines and evaluate every model at every site
+    (``fedscan.server.baselines``). With ``resume_from`` (a round's checkpoint in ``cfg.output``,
+    see :func:`find_resume`), continue that run in its folder instead of starting one."""
+    say = on_stage
     out = Path(cfg.output).expanduser().resolve()
     earlier = [] if resume_from is not None else check_output(out, overwrite)  # a resumed run keeps its folder
     data_root, sites = resolve_sites(cfg, out, say)
@@ -241,13 +236,11 @@ def run_simulation(
         try:
             with LocalSuperLink(home, logs / "superlink.log") as link:
                 link.write_connection()
-                cmd = [
-                    flower_exe("flwr"), "run", str(app_dir), CONNECTION,
-                    "--run-config", str(overrides),
-                    "--federation-config", _federation_config(client_resources(run, len(sites))),
-                    "--stream",
-                ]
-                stream_flwr_run(cmd, offline_env(home), logs / "flower.log", _progress_lines(on_progress))
+                flower_log = logs / "flower.log"
+                run_id = submit_run(app_dir, CONNECTION, home, overrides, flower_log,
+                                    federation_config=_federation_config(client_resources(run, len(sites))),
+                                    hint=f"see {flower_log} and {link.log_file}")
+                follow_run(run_id, CONNECTION, home, flower_log, on_event or (lambda event: None))
         except KeyboardInterrupt:
             _mark_unfinished(out, "interrupted")
             raise
@@ -305,16 +298,16 @@ def compare_sites(run: RunConfig, out: Path, sites: list, report: dict[str, Any]
 def resume_simulation(
     out: Path,
     *,
-    on_progress: Callable[[str], None] = print,
-    on_stage: Callable[[str], None] | None = None,
+    on_event: Callable[[RunEvent], None] | None = None,
+    on_stage: Callable[[str], None] = print,
     baselines: bool = False,
 ) -> dict[str, Any]:
     """Continue the simulated run in ``out`` after its last checkpoint (checkpoints/round-NNN.pt),
     with the config it saved (run_config.toml); return report.json's content. The folder is
     kept and no data is synthesized. Raises FedscanError when there is nothing to resume."""
     cfg, ckpt, done = find_resume(out)
-    (on_stage or on_progress)(f"resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})")
-    return run_simulation(cfg, on_progress=on_progress, on_stage=on_stage, baselines=baselines, resume_from=ckpt)
+    on_stage(f"resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})")
+    return run_simulation(cfg, on_event=on_event, on_stage=on_stage, baselines=baselines, resume_from=ckpt)
 
 
 def find_resume(out: Path) -> tuple[RunConfig, Path, int]:

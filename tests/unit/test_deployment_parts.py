@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedscan.client.daemon import init_site, load_site, supernode_command
 from fedscan.common.errors import FedscanError
-from fedscan.server.app import DeadlineGrid, SitesMissing, timing
+from fedscan.server.app import DeadlineGrid, SitesMissing
 from fedscan.server.coordinator import add_site, init_server, superlink_command
+from fedscan.server.rounds import timing
 
 
 def test_server_init_makes_a_ca_and_a_server_cert_with_the_names(tmp_path: Path) -> None:
@@ -26,7 +27,8 @@ def test_server_init_makes_a_ca_and_a_server_cert_with_the_names(tmp_path: Path)
     ca = x509.load_pem_x509_certificate(p["ca_crt"].read_bytes())
     cert = x509.load_pem_x509_certificate(p["crt"].read_bytes())
     assert cert.issuer == ca.subject
-    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
+                           ec.ECDSA(cert.signature_hash_algorithm))
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["fl.hospital-net.example", "localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3"),
@@ -136,7 +138,8 @@ def test_the_clientapp_imports_no_torch_until_a_message_needs_it() -> None:
     import sys
 
     code = ("import sys, fedscan.client.app; "
-            "print(sorted(m for m in ('torch', 'monai', 'pydicom', 'fedscan.client.site_round') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'monai', 'pydicom', 'fedscan.client.site_round') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
