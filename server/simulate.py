@@ -2,16 +2,17 @@
 
 The launcher owns the Flower runtime it uses. It starts a private ``flower-superlink
 --simulation`` (Ray backend) on free loopback ports with a per-run FLWR_HOME, telemetry,
-update checks and runtime dependency installation off; submits the app with ``flwr run
---stream``; shows per-round progress from the log stream; and stops every process it
-started, also on failure or Ctrl-C. A stale SuperLink on Flower's default ports is
+update checks and runtime dependency installation off; submits the app with ``flwr run``;
+follows the ServerApp's run events (``fedscan.common.run_events``) through ``flwr log
+--stream``; and stops every process it started, also on failure or Ctrl-C. A stale SuperLink on Flower's default ports is
 neither reused nor disturbed.
 
 Before Flower starts, every site is checked and its DICOM preprocessed into the local
 cache, so bad input fails fast with a message that names the site.
 
-``resume_simulation`` continues a stopped run in its output folder after its last checkpoint,
-with the run config it saved, to the same result as a run that never stopped.
+`fedscan simulate --resume OUT` (:func:`find_resume`, then :func:`run_simulation` with
+``resume_from``) continues a stopped run in its output folder after its last checkpoint, with
+the run config it saved, to the same result as a run that never stopped.
 """
 
 from __future__ import annotations
@@ -293,21 +294,6 @@ def compare_sites(run: RunConfig, out: Path, sites: list, report: dict[str, Any]
         report["cross_site"] = {key: rows} if key else {f"personalized:{s}": {s: r} for s, r in rows.items()}
     write_report_files(out, report)
     return report
-
-
-def resume_simulation(
-    out: Path,
-    *,
-    on_event: Callable[[RunEvent], None] | None = None,
-    on_stage: Callable[[str], None] = print,
-    baselines: bool = False,
-) -> dict[str, Any]:
-    """Continue the simulated run in ``out`` after its last checkpoint (checkpoints/round-NNN.pt),
-    with the config it saved (run_config.toml); return report.json's content. The folder is
-    kept and no data is synthesized. Raises FedscanError when there is nothing to resume."""
-    cfg, ckpt, done = find_resume(out)
-    on_stage(f"resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})")
-    return run_simulation(cfg, on_event=on_event, on_stage=on_stage, baselines=baselines, resume_from=ckpt)
 
 
 def find_resume(out: Path) -> tuple[RunConfig, Path, int]:
