@@ -7,7 +7,7 @@ strategies, the SecAgg+ bridge, the checkpoints) holds ArrayRecords and converts
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import torch
@@ -30,12 +30,12 @@ def from_state(state: StateValues) -> ArrayRecord:
     return ArrayRecord({k: Array(_numpy(k, v)) for k, v in state.items()})
 
 
-def to_state(record: ArrayRecord, keys: Set[str] | None = None) -> dict[str, torch.Tensor]:
+def to_state(record: ArrayRecord, keys: AbstractSet[str] | None = None) -> dict[str, torch.Tensor]:
     """The record as a torch state dict, in its order; with ``keys`` only those arrays are decoded."""
     return {k: torch.from_numpy(record[k].numpy()) for k in record if keys is None or k in keys}
 
 
-def to_record(model: nn.Module, exclude: Set[str] = frozenset()) -> ArrayRecord:
+def to_record(model: nn.Module, exclude: AbstractSet[str] = frozenset()) -> ArrayRecord:
     """The model's state (parameters and BatchNorm buffers) as an ArrayRecord, less ``exclude``."""
     return from_state(model_state(model, exclude))
 

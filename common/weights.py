@@ -7,7 +7,8 @@ No Flower here: the Flower glue converts ArrayRecords to and from these state di
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 StateValues = Mapping[str, torch.Tensor | np.ndarray]
 
 
-def model_state(model: nn.Module, exclude: Set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, exclude: AbstractSet[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The model's state (parameters and BatchNorm buffers), in its order, less ``exclude``."""
     return {k: v for k, v in model.state_dict().items() if k not in exclude}
 
@@ -63,7 +64,7 @@ def load_state(model: nn.Module, state: StateValues) -> None:
     model.load_state_dict(fixed)
 
 
-def copy_into(model: nn.Module, state: StateValues, keys: Set[str]) -> None:
+def copy_into(model: nn.Module, state: StateValues, keys: AbstractSet[str]) -> None:
     """Put the values of ``keys`` (those of them that ``state`` holds) into ``model``, in place."""
     for name, value in model.state_dict().items():
         if name in keys and name in state:
