@@ -9,22 +9,23 @@ synthetic builder draws 192, 224 or 256 by site).
 
 For every set of files, in one run:
 
-- bare pydicom: ``pydicom.dcmread(path).pixel_array`` for every file, one after another;
-- build: ``build_site_data(site, cfg)``: header scan, decode, masks, normalize and resize,
-  no cache;
-- cold: ``prepare_site(site, cfg, cache)`` with an empty cache folder: what the first run of
-  training does (build, then writing the cache);
+- bare pydicom: ``pydicom.dcmread(path).pixel_array`` for every file, one after another, in
+  one process;
+- cold, W workers: ``prepare_site(site, cfg, cache)`` with ``workers = W`` and an empty cache
+  folder: what the first run of training does (the site reader's header pass, decode, masks,
+  normalize and resize, SNR, then the cache write). ``--workers`` lists the W (default 1 2);
+  the worker pool is started inside each timed run, so its cost is in the figure;
 - warm: ``prepare_site`` again on the filled cache, then every array summed so that the
   memory-mapped data is really read.
 
 Rates are slices per second; each figure is the best (shortest) of ``--repeats`` runs, the
-four kinds taking turns so that a burst of load from elsewhere does not hit one kind. Every
+kinds taking turns so that a burst of load from elsewhere does not hit one kind. Every
 file is read once before timing, so all of them run from the OS page cache: the figures
 are CPU cost, not disk speed. The config is ``RunConfig()`` (segmentation, 96x96) and torch
-runs on ``--threads`` threads (default 1, like single-threaded pydicom). The cold runs also
-time fedscan's steps (header scan, decode, mask load, resize, cache write) by wrapping
-those functions, and print them per slice; ``--profile`` adds cProfile's top functions for
-one cold ingestion of the first file set.
+runs on ``--threads`` threads (default 1, like single-threaded pydicom). The cold runs in one
+process also time fedscan's steps (header scan, decode, mask load, resize, SNR, cache write)
+by wrapping those functions, and print them per slice; ``--profile`` adds cProfile's top
+functions for one cold ingestion of the first file set.
 
     python bench/ingest.py --sites 1 --repeats 3 --threads 1 --matrix 512 --profile
 """
@@ -32,6 +33,7 @@ one cold ingestion of the first file set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import logging
@@ -67,15 +69,16 @@ SYNTAXES: dict[str, tuple[str, pydicom.uid.UID | None]] = {
     "jpegls": ("JPEG-LS Lossless", pydicom.uid.JPEGLSLossless),
 }
 
-# the steps of one cold ingestion, timed by wrapping these functions (module, attribute)
+# the steps of one cold ingestion in one process, timed by wrapping these functions (module, attribute)
 PHASES = [
-    ("site checks (check_site)", "dataset", "check_site"),
-    ("header scan (scan_site_dir)", "dataset", "scan_site_dir"),
-    ("mask index (index_masks)", "dataset", "index_masks"),
-    ("decode + rescale (read_series)", "dataset", "decode_series"),
+    ("header scan (scan_files)", "reader", "scan_files"),
+    ("series assembly (group_series)", "reader", "group_series"),
+    ("mask index (index_masks)", "reader", "index_masks"),
+    ("decode + rescale (read_series)", "reader", "read_series"),
     ("mask load onto the series grid (MaskIndex.load)", "MaskIndex", "load"),
-    ("normalize + resize images (model_input)", "dataset", "model_input"),
-    ("resize masks (fit_labels)", "dataset", "fit_labels"),
+    ("normalize + resize images (model_input)", "arrays", "model_input"),
+    ("resize masks (fit_labels)", "arrays", "fit_labels"),
+    ("series SNR (series_snr)", "arrays", "series_snr"),
     ("cache key (stat + hash of the files)", "cache", "cache_key"),
     ("cache write (cache.save)", "cache", "save"),
 ]
@@ -138,7 +141,7 @@ def phase_timer() -> Iterator[dict[str, float]]:
 
     A few dozen calls per site, so the wrappers cost microseconds. A function that fedscan
     no longer has is left out (its row reads n/a)."""
-    owners = {"dataset": dataset_mod, "cache": cache_mod, "MaskIndex": MaskIndex}
+    owners = {"reader": reader_mod, "arrays": arrays_mod, "cache": cache_mod, "MaskIndex": MaskIndex}
     spent: dict[str, float] = {}
     originals = []
     for label, owner, attr in PHASES:
@@ -163,45 +166,47 @@ def phase_timer() -> Iterator[dict[str, float]]:
             setattr(obj, attr, fn)
 
 
-def measure(sites: list[SiteDir], cfg: RunConfig, repeats: int, work: Path) -> dict:
-    """Best time of each way of reading the files; the repeats interleave the four kinds so
-    that a burst of load from elsewhere does not hit all runs of one kind."""
+def measure(sites: list[SiteDir], cfg: RunConfig, repeats: int, work: Path, workers: list[int]) -> dict:
+    """Best time of each way of reading the files; the repeats interleave the kinds so that a
+    burst of load from elsewhere does not hit all runs of one kind. ``cold-W``: prepare_site with
+    W worker processes on an empty cache; the per-step profile is taken with one process."""
     files = image_files(sites)
     read_all_bytes(sites)
     n_slices = bare_pydicom(files)  # also a warm-up of the decoders
     built = [build_site_data(s, cfg) for s in sites]
     if sum(len(d) for d in built) != n_slices:
         raise SystemExit(f"fedscan kept {sum(len(d) for d in built)} of {n_slices} slices")
-    best = {"bare": np.inf, "build": np.inf, "cold": np.inf, "warm": np.inf}
+    kinds = ["bare", *(f"cold-{w}" for w in workers), "warm"]
+    best = dict.fromkeys(kinds, np.inf)
     phases: dict[str, float] = {}
     for i in range(repeats):
         t0 = time.perf_counter()
         bare_pydicom(files)
         best["bare"] = min(best["bare"], time.perf_counter() - t0)
+        for w in workers:
+            wcfg = cfg.model_copy(update={"workers": w})
+            cache_dir = work / f"cache-{i}-{w}"  # empty: a cold run
+            with phase_timer() if w == 1 else contextlib.nullcontext({}) as spent:
+                t0 = time.perf_counter()
+                for s in sites:
+                    prepare_site(s, wcfg, cache_dir)
+                t = time.perf_counter() - t0
+            if t < best[f"cold-{w}"]:
+                best[f"cold-{w}"] = t
+                if w == 1:
+                    phases = dict(spent)
+            entries = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+            if len(entries) != len(sites):
+                raise SystemExit(f"expected {len(sites)} cache entries, found {len(entries)}")
         t0 = time.perf_counter()
         for s in sites:
-            build_site_data(s, cfg)
-        best["build"] = min(best["build"], time.perf_counter() - t0)
-        cache_dir = work / f"cache-{i}"  # empty: a cold run
-        with phase_timer() as spent:
-            t0 = time.perf_counter()
-            for s in sites:
-                prepare_site(s, cfg, cache_dir)
-            t = time.perf_counter() - t0
-        if t < best["cold"]:
-            best["cold"], phases = t, dict(spent)
-        t0 = time.perf_counter()
-        for s in sites:
-            touch(prepare_site(s, cfg, cache_dir))  # the entries the cold run just wrote
+            touch(prepare_site(s, cfg, work / f"cache-{i}-{workers[0]}"))  # entries a cold run just wrote
         best["warm"] = min(best["warm"], time.perf_counter() - t0)
-        entries = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
-        if len(entries) != len(sites):
-            raise SystemExit(f"expected {len(sites)} cache entries, found {len(entries)}")
     return {
         "slices": n_slices, "shape": pydicom.dcmread(files[0], stop_before_pixels=True).Rows,
         "mb": sum(f.stat().st_size for f in files) / 1e6,
         **{k: n_slices / t for k, t in best.items()},
-        "cold_s": best["cold"], "phases": phases,
+        "cold_s": best.get("cold-1", np.nan), "phases": phases,
     }
 
 
@@ -230,6 +235,8 @@ def main() -> None:
     ap.add_argument("--syntaxes", nargs="+", default=list(SYNTAXES), choices=list(SYNTAXES))
     ap.add_argument("--matrix", type=int, nargs="*", default=[],
                     help="also the same sites rewritten at this matrix (e.g. 512)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="worker processes for the cold runs (1: in this process; it also gives the profile)")
     ap.add_argument("--profile", action="store_true", help="cProfile one cold ingestion of the first set")
     ap.add_argument("--top", type=int, default=20, help="functions listed by --profile")
     args = ap.parse_args()
@@ -237,6 +244,8 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     warnings.simplefilter("ignore")
     cfg = RunConfig()  # segmentation, image_size 96
+    workers = sorted(set(args.workers) | {1})
+    reader_mod.MIN_FILES_PER_WORKER = 1  # the pool whatever the site's size: it is what is measured
     print(f"python {platform.python_version()}, pydicom {pydicom.__version__}, numpy {np.__version__}, "
           f"torch {torch.__version__} ({args.threads} thread(s)), {platform.processor() or platform.machine()}; "
           f"task {cfg.task}, image_size {cfg.image_size}, best of {args.repeats}\n", flush=True)
@@ -255,19 +264,23 @@ def main() -> None:
                     print(f"skipped {name}: {type(exc).__name__}: {exc}", flush=True)
                     continue
                 first = first or sites
-                r = measure(sites, cfg, args.repeats, tmp / f"work-{tag}-{key}")
+                r = measure(sites, cfg, args.repeats, tmp / f"work-{tag}-{key}", workers)
                 r["name"], r["key"] = name, key
                 rows.append(r)
-                print(f"  {name}, {r['shape']}x{r['shape']}: bare {r['bare']:.0f}/s, cold {r['cold']:.0f}/s, "
-                      f"warm {r['warm']:.0f}/s", flush=True)
-        print("\n| transfer syntax | slice size | slices | MB on disk | bare pydicom slices/s "
-              "| build_site_data slices/s | cold prepare_site slices/s | warm prepare_site slices/s "
-              "| cold / bare | warm / cold |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                print(f"  {name}, {r['shape']}x{r['shape']}: bare {r['bare']:.0f}/s, "
+                      + ", ".join(f"cold with {w} worker(s) {r[f'cold-{w}']:.0f}/s" for w in workers)
+                      + f", warm {r['warm']:.0f}/s", flush=True)
+        cold_cols = " | ".join(f"cold, {w} worker(s) slices/s" for w in workers)
+        ratio_cols = " | ".join(f"cold / bare, {w} worker(s)" for w in workers)
+        print(f"\n| transfer syntax | slice size | slices | MB on disk | bare pydicom slices/s | {cold_cols} "
+              f"| warm slices/s | {ratio_cols} | warm / cold |")
+        print("| --- | ---: | ---: | ---: | ---: |" + " ---: |" * (2 * len(workers) + 2))
         for r in rows:
+            colds = " | ".join(f"{r[f'cold-{w}']:.0f}" for w in workers)
+            ratios = " | ".join(f"{r[f'cold-{w}'] / r['bare']:.2f}" for w in workers)
+            fastest = max(r[f"cold-{w}"] for w in workers)
             print(f"| {r['name']} | {r['shape']}×{r['shape']} | {r['slices']} | {r['mb']:.1f} | {r['bare']:.0f} "
-                  f"| {r['build']:.0f} | {r['cold']:.0f} | {r['warm']:.0f} | {r['cold'] / r['bare']:.2f} "
-                  f"| {r['warm'] / r['cold']:.0f} |")
+                  f"| {colds} | {r['warm']:.0f} | {ratios} | {r['warm'] / fastest:.0f} |")
         print("\nWhere the best cold prepare_site run spent its time, ms per slice (bare pydicom for reference):\n")
         print("| step | " + " | ".join(f"{r['key']} {r['shape']}" for r in rows) + " |")
         print("| --- |" + " ---: |" * len(rows))
@@ -276,7 +289,7 @@ def main() -> None:
             print(f"| {label} | " + " | ".join(cells) + " |")
         rest = [1e3 * (r["cold_s"] - sum(r["phases"].values())) / r["slices"] for r in rows]
         print("| rest (file listing, concatenation, ...) | " + " | ".join(f"{v:.2f}" for v in rest) + " |")
-        print("| **cold prepare_site, total** | " + " | ".join(f"**{1e3 / r['cold']:.2f}**" for r in rows) + " |")
+        print("| **cold prepare_site, total** | " + " | ".join(f"**{1e3 / r['cold-1']:.2f}**" for r in rows) + " |")
         print("| bare pydicom read + decode | " + " | ".join(f"{1e3 / r['bare']:.2f}" for r in rows) + " |")
         if args.profile and first is not None:
             profile_cold(first, cfg, tmp / "profile", args.top)
