@@ -16,7 +16,6 @@ the coordinator's one port.
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from fedscan.common import pki
 from fedscan.common.config import tomllib
 from fedscan.common.data.layout import SiteDir, check_images
 from fedscan.common.errors import FedscanError
-from fedscan.common.flower_runtime import flower_exe, offline_env, stop_process_tree
+from fedscan.common.flower_runtime import FlowerProcess, flower_exe, offline_env
 
 log = logging.getLogger("fedscan.site")
 
@@ -49,7 +48,8 @@ class SiteConfig(BaseModel):
     data_dir: Path = Field(description="the site folder: images/ and labels/")
     key: Path = Field(description="the node-authentication private key (OpenSSH, 0600)")
     cache_dir: Path = Field(description="where preprocessed arrays are kept")
-    runtime_port: int = Field(9094, ge=1, le=65535, description="SuperNode's local runtime API port (127.0.0.1)")
+    runtime_port: int = Field(9094, ge=1, le=65535,
+                              description="SuperNode's local runtime API port (127.0.0.1)")
 
 
 def init_site(d: Path, name: str, data: Path, force: bool = False) -> tuple[SiteConfig, str]:
@@ -71,13 +71,15 @@ def init_site(d: Path, name: str, data: Path, force: bool = False) -> tuple[Site
 def load_site(d: Path) -> SiteConfig:
     path = Path(d).expanduser() / SITE_TOML
     if not path.is_file():
-        raise FedscanError(f"{path} does not exist", hint="run `fedscan site init --dir DIR --name NAME --data DATA`")
+        raise FedscanError(f"{path} does not exist",
+                           hint="run `fedscan site init --dir DIR --name NAME --data DATA`")
     try:
         cfg = SiteConfig.model_validate(tomllib.loads(path.read_text()))
     except (ValueError, ValidationError) as exc:
         raise FedscanError(f"{path} is not a valid site config: {exc}") from None
     if not cfg.key.is_file():
-        raise FedscanError(f"the site key {cfg.key} is missing", hint="run `fedscan site init` again with --force")
+        raise FedscanError(f"the site key {cfg.key} is missing",
+                           hint="run `fedscan site init` again with --force")
     if cfg.key.stat().st_mode & 0o077:
         raise FedscanError(f"the site key {cfg.key} is readable by other users",
                            hint=f"chmod 600 {cfg.key}")
@@ -86,7 +88,8 @@ def load_site(d: Path) -> SiteConfig:
 
 def supernode_command(cfg: SiteConfig, superlink: str, ca: Path) -> list[str]:
     node_config = " ".join(
-        f'{k}="{v}"' for k, v in (("site-name", cfg.name), ("data-dir", cfg.data_dir), ("cache-dir", cfg.cache_dir))
+        f'{k}="{v}"'
+        for k, v in (("site-name", cfg.name), ("data-dir", cfg.data_dir), ("cache-dir", cfg.cache_dir))
     )
     return [
         flower_exe("flower-supernode"),
@@ -162,33 +165,22 @@ def _run_supernode(cmd: list[str], home: Path, log_path: Path, on_line: Callable
     """Run the SuperNode, mirroring its output (and its ClientApps', which share the pipe).
 
     Returns (exit code, refused) once the SuperNode process itself has exited, or None when
-    interrupted. A SuperNode can exit while its SuperExec child lingers and keeps the pipe
-    open, so the end is taken from the process, never from log text, and the whole process
-    tree is then stopped. ``refused``: the SuperLink would not activate this node's key."""
+    interrupted; its whole process tree is then stopped (``FlowerProcess``). ``refused``: the
+    SuperLink would not activate this node's key, which flower-supernode only says in its log."""
     env = offline_env(home)
     if threads:  # inherited by every ClientApp process the SuperNode starts
         env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
-    seen: list[str] = []
-    with open(log_path, "a", encoding="utf-8") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+    refused = threading.Event()
 
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                logf.write(line)
-                logf.flush()
-                if _ACTIVATION_REFUSED in line:
-                    seen.append(line)
-                on_line(line.rstrip("\n"))
+    def mirror(line: str) -> None:
+        if _ACTIVATION_REFUSED in line:
+            refused.set()
+        on_line(line)
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+    with FlowerProcess(cmd, env, log_path, mirror) as node:
         try:
-            code = proc.wait()
+            code = node.wait()
         except KeyboardInterrupt:
             return None
-        finally:
-            stop_process_tree(proc)  # lingering children release the pipe
-            reader.join(timeout=10)
-    return code, bool(seen)
+        node.stop()  # lingering children release the pipe; the reader has seen every line
+    return code, refused.is_set()

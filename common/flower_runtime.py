@@ -1,5 +1,11 @@
 """Start, watch and stop Flower's processes, offline, for the simulator, the coordinator and sites.
 
+One runner serves all three: :class:`FlowerProcess` starts a Flower process (a SuperLink, a
+SuperNode, `flwr log --stream`), keeps its output in a log file, hands it over line by line
+where asked, and stops it and everything it started. Runs are submitted with
+:func:`submit_run` (`flwr run --format json`, the run ID as data) and followed with
+:func:`follow_run`, which decodes the ServerApp's run events (``fedscan.common.run_events``).
+
 Every Flower process fedscan starts gets a private FLWR_HOME and an environment with telemetry,
 update checks and runtime dependency installation off: hospitals have no general internet, and
 nothing but the coordinator may be contacted. Processes run in their own session so that

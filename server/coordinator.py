@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import tempfile
 import threading
 import time
@@ -41,12 +40,12 @@ from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import AppConfig, RunConfig, tomllib
 from fedscan.common.errors import FedscanError
 from fedscan.common.flower_runtime import (
+    FlowerProcess,
     RunNotFollowed,
     flower_exe,
     flwr_json,
     follow_run,
     offline_env,
-    stop_process_tree,
     submit_run,
     write_app_dir,
 )
@@ -109,7 +108,8 @@ def superlink_command(d: Path, host: str, port: int) -> list[str]:
     return [
         flower_exe("flower-superlink"),
         "--host", host, "--port", str(port),
-        "--ssl-ca-certfile", str(p["ca_crt"]), "--ssl-certfile", str(p["crt"]), "--ssl-keyfile", str(p["key"]),
+        "--ssl-ca-certfile", str(p["ca_crt"]), "--ssl-certfile", str(p["crt"]),
+        "--ssl-keyfile", str(p["key"]),
         "--enable-supernode-auth",
         "--database", str(p["db"]),
         "--isolation", "subprocess",
@@ -131,22 +131,14 @@ def start_server(d: Path, host: str | None, port: int | None, on_line: Callable[
     home.mkdir(exist_ok=True)
     cmd = superlink_command(d, host, port)
     on_line(f"starting the SuperLink on {host}:{port} (TLS, site authentication, state in {p['db']})")
-    with open(p["logs"] / "superlink.log", "a", encoding="utf-8") as logf:
-        proc = subprocess.Popen(cmd, env=offline_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+    with FlowerProcess(cmd, offline_env(home), p["logs"] / "superlink.log", on_line) as link:
         try:  # the CLI turns SIGTERM into KeyboardInterrupt
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                logf.write(line)
-                logf.flush()
-                on_line(line.rstrip("\n"))
-            return proc.wait()
+            code = link.wait()
         except KeyboardInterrupt:
             on_line("stopping the SuperLink")
             return 0
-        finally:
-            if proc.poll() is None:
-                stop_process_tree(proc)
+        link.stop()  # everything it started, and the last of its output
+        return code
 
 
 def _control_home(d: Path) -> Path:
@@ -198,7 +190,8 @@ def add_site(d: Path, name: str, public_key: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:  # flwr reads the key from a file
         keyfile = Path(tmp) / "site.pub"
         keyfile.write_bytes(key)
-        data = _flwr_json(["supernode", "register", str(keyfile), CONNECTION, "--name", name], _control_home(d))
+        data = _flwr_json(["supernode", "register", str(keyfile), CONNECTION, "--name", name],
+                          _control_home(d))
     entry = {"node_id": str(data["node-id"]), "fingerprint": fp,
              "added": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     reg[name] = entry
@@ -220,7 +213,8 @@ def remove_site(d: Path, name: str) -> dict[str, Any]:
 def list_sites(d: Path) -> list[dict[str, Any]]:
     """Registered sites with their status as the SuperLink sees it."""
     reg = _load_registry(d)
-    nodes = {str(n["node-id"]): n for n in _flwr_json(["supernode", "ls", CONNECTION], _control_home(d))["nodes"]}
+    listed = _flwr_json(["supernode", "ls", CONNECTION], _control_home(d))["nodes"]
+    nodes = {str(n["node-id"]): n for n in listed}
     rows = []
     for name, entry in sorted(reg.items()):
         node = nodes.get(entry["node_id"], {})
@@ -253,11 +247,12 @@ def run_deployment(
     from fedscan.server.simulate import check_output, clear_output
 
     if cfg.fault_site is not None:
-        raise FedscanError("fault_site and fault_kind are for simulation only; a deployed site never sends a faulty "
-                           "update on purpose", hint="remove them from the run config")
+        raise FedscanError("fault_site and fault_kind are for simulation only; a deployed site never sends a "
+                           "faulty update on purpose", hint="remove them from the run config")
     ca = Path(ca).expanduser().resolve()
     if not ca.is_file():
-        raise FedscanError(f"CA certificate {ca} does not exist", hint="use the ca.crt from `fedscan server init`")
+        raise FedscanError(f"CA certificate {ca} does not exist",
+                           hint="use the ca.crt from `fedscan server init`")
     if ":" not in superlink:
         raise FedscanError(f"--superlink {superlink!r} must be HOST:PORT")
     out = Path(cfg.output).expanduser().resolve()
@@ -296,7 +291,8 @@ def run_deployment(
         home = tmp_path / "flwr-home"
         home.mkdir()
         connection = {"address": superlink, "root-certificates": str(ca)}
-        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+        conf = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (home / "config.toml").write_text(tomli_w.dumps(conf))
         overrides = tmp_path / "run-config.toml"
         overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
         on_stage(f"submitting the run to {superlink}: waiting for {run.sites} sites "
@@ -324,7 +320,8 @@ def run_deployment(
         log.info("run finished in %.1fs", time.monotonic() - t0)
     if latest.get("status") != "complete":
         raise FedscanError(
-            f"the federated run did not complete ({latest.get('rounds_completed', 0)} of {run.rounds} rounds)",
+            f"the federated run did not complete ({latest.get('rounds_completed', 0)} of {run.rounds} "
+            "rounds)",
             hint=f"see {flower_log}",
         )
     return latest

@@ -4,8 +4,8 @@ The launcher owns the Flower runtime it uses. It starts a private ``flower-super
 --simulation`` (Ray backend) on free loopback ports with a per-run FLWR_HOME, telemetry,
 update checks and runtime dependency installation off; submits the app with ``flwr run``;
 follows the ServerApp's run events (``fedscan.common.run_events``) through ``flwr log
---stream``; and stops every process it started, also on failure or Ctrl-C. A stale SuperLink on Flower's default ports is
-neither reused nor disturbed.
+--stream``; and stops every process it started, also on failure or Ctrl-C. A stale SuperLink
+on Flower's default ports is neither reused nor disturbed.
 
 Before Flower starts, every site is checked and its DICOM preprocessed into the local
 cache, so bad input fails fast with a message that names the site.
@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import tomli_w
 
@@ -35,11 +34,11 @@ from fedscan.common.data.layout import SiteDir, check_site, discover_sites
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.errors import FedscanError
 from fedscan.common.flower_runtime import (
+    FlowerProcess,
     flower_exe,
     follow_run,
     free_port,
     offline_env,
-    stop_process_tree,
     submit_run,
     write_app_dir,
 )
@@ -56,9 +55,11 @@ from fedscan.server.report import (
 
 log = logging.getLogger("fedscan.simulate")
 
-OUTPUT_NAMES = (REPORT_JSON, PER_SITE_CSV, REPORT_MD, REPORT_HTML, FIGURES_DIR, "global_model.pt", "run_config.toml",
-                "checkpoints")
+OUTPUT_NAMES = (REPORT_JSON, PER_SITE_CSV, REPORT_MD, REPORT_HTML, FIGURES_DIR, "global_model.pt",
+                "run_config.toml", "checkpoints")
 CONNECTION = "fedscan-sim"
+
+
 class LocalSuperLink:
     """A private simulation SuperLink for one run; a context manager that always cleans up."""
 
@@ -67,25 +68,20 @@ class LocalSuperLink:
         self.log_file = log_file
         self.startup_timeout = startup_timeout
         self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self._log: IO[bytes] | None = None
+        self.process: FlowerProcess | None = None
 
     def __enter__(self) -> LocalSuperLink:
         self.port = free_port()
         self.home.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
             flower_exe("flower-superlink"), "--insecure", "--simulation",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
         ]
-        self._log = open(self.log_file, "ab")
+        self.process = FlowerProcess(cmd, offline_env(self.home), self.log_file)
         try:
-            self.proc = subprocess.Popen(
-                cmd, env=offline_env(self.home), stdout=self._log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
+            self.process.__enter__()
             self._wait_ready()
         except BaseException:
             self.__exit__(None, None, None)
@@ -93,15 +89,14 @@ class LocalSuperLink:
         return self
 
     def _wait_ready(self) -> None:
-        assert self.proc is not None
+        assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
         url = f"http://127.0.0.1:{self.port}/health"
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise FedscanError(
-                    f"the Flower SuperLink exited at start (code {self.proc.returncode})",
-                    hint=f"see {self.log_file}",
-                )
+            code = self.process.poll()
+            if code is not None:
+                raise FedscanError(f"the Flower SuperLink exited at start (code {code})",
+                                   hint=f"see {self.log_file}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as resp:
                     if resp.status == 200:
@@ -125,12 +120,9 @@ class LocalSuperLink:
         (self.home / "config.toml").write_text(tomli_w.dumps(conf))
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            stop_process_tree(self.proc)
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self.process is not None:
+            self.process.__exit__(None, None, None)
+            self.process = None
 
 
 def check_output(out: Path, overwrite: bool) -> list[str]:
@@ -205,10 +197,12 @@ def run_simulation(
     see :func:`find_resume`), continue that run in its folder instead of starting one."""
     say = on_stage
     out = Path(cfg.output).expanduser().resolve()
-    earlier = [] if resume_from is not None else check_output(out, overwrite)  # a resumed run keeps its folder
+    # a resumed run keeps its folder
+    earlier = [] if resume_from is not None else check_output(out, overwrite)
     data_root, sites = resolve_sites(cfg, out, say)
     if cfg.fault_site is not None and cfg.fault_site not in {s.name for s in sites}:
-        raise FedscanError(f"fault_site '{cfg.fault_site}' is none of the sites: {', '.join(s.name for s in sites)}")
+        names = ", ".join(s.name for s in sites)
+        raise FedscanError(f"fault_site '{cfg.fault_site}' is none of the sites: {names}")
     cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
     run = cfg.model_copy(update={"data_root": data_root, "output": out, "cache_dir": cache_dir})
 
@@ -327,7 +321,8 @@ def find_resume(out: Path) -> tuple[RunConfig, Path, int]:
     found = {site.name for site in discover_sites(data_root)}
     if known and found != known:
         raise FedscanError(
-            f"cannot resume the run in {out}: {data_root} holds the sites {sorted(found)}, the run had {sorted(known)}",
+            f"cannot resume the run in {out}: {data_root} holds the sites {sorted(found)}, "
+            f"the run had {sorted(known)}",
             hint="resume with the sites the run started with",
         )
     return cfg, ckpt, resumed.server_round
