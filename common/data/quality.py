@@ -51,11 +51,16 @@ def slice_snr(img: np.ndarray) -> float:
     if not np.isfinite(img).all() or float(img.max()) == float(img.min()):
         return float("nan")
     t = otsu_threshold(img)
-    fg, bg = img[img > t], img[img <= t]
+    # class means from masked sums, not from copies of each class (a third of the slice's cost)
+    is_fg = img > t
+    n_fg = int(np.count_nonzero(is_fg))
+    n_bg = img.size - n_fg
     sigma = noise_sigma(img)
-    if fg.size == 0 or bg.size == 0 or not sigma > 0:
+    if n_fg == 0 or n_bg == 0 or not sigma > 0:
         return float("nan")
-    return float((fg.mean() - bg.mean()) / sigma)
+    total = float(img.sum(dtype=np.float64))
+    fg_sum = float(img.sum(dtype=np.float64, where=is_fg))
+    return float((fg_sum / n_fg - (total - fg_sum) / n_bg) / sigma)
 
 
 def series_snr(pixels: np.ndarray) -> float | None:
