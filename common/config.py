@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -387,9 +388,12 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_run_config(
-    path: Path | None = None, overrides: dict[str, Any] | None = None
+    path: Path | None = None, overrides: dict[str, Any] | None = None, flags: Mapping[str, str] | None = None
 ) -> RunConfig:
-    """Build a RunConfig from an optional TOML file and CLI overrides (None = not given)."""
+    """Build a RunConfig from an optional TOML file and CLI overrides (None = not given).
+
+    ``flags``: how the command spells the option behind an override, for the error messages
+    (default ``--`` and the key with dashes)."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
@@ -400,7 +404,7 @@ def load_run_config(
         if val is None:
             continue
         values[key] = val
-        sources[key] = "--" + key.replace("_", "-")
+        sources[key] = (flags or {}).get(key) or "--" + key.replace("_", "-")
     try:
         return RunConfig.model_validate(values)
     except ValidationError as err:

@@ -93,13 +93,28 @@ def flower_exe(name: str) -> str:
     return found
 
 
+def _process_group(pgid: int) -> list[psutil.Process]:
+    """The processes of the process group ``pgid`` (a session fedscan started): those whose parent
+    exited before them are no longer its children, but still its group's."""
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                members.append(p)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return members
+
+
 def stop_process_tree(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """Stop ``proc`` and every process it started: SIGTERM, then SIGKILL after ``timeout``."""
     try:
         parent = psutil.Process(proc.pid)
         procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
+    except psutil.NoSuchProcess:  # it has exited; what it started may still run in its group
         procs = []
+    known = {p.pid for p in procs}
+    procs += [p for p in _process_group(proc.pid) if p.pid not in known]
     try:  # the whole session we started, including re-parented grandchildren
         os.killpg(proc.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):

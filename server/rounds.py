@@ -143,7 +143,8 @@ class RunRounds:
         if not per_site:
             raise FedscanError(
                 f"round {server_round}: no site returned an evaluation within {self.run.round_timeout:.0f}s",
-                hint="check the sites' logs; raise round_timeout for slow sites",
+                hint="check the sites' logs; for slow sites raise --round-timeout (round_timeout in a run "
+                     "config)",
             )
         summary = self.recorder.record_round(
             server_round, per_site, timing(elapsed, self.ledger.compute_seconds.get(server_round, {})),

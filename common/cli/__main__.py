@@ -1,0 +1,5 @@
+"""`python -m fedscan.common.cli`: the `fedscan` command."""
+
+from fedscan.common.cli import main
+
+main()

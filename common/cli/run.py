@@ -1,0 +1,56 @@
+"""`fedscan run`: the coordinator's command, a federation on a live SuperLink."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedscan.common.cli import run_options as opt
+from fedscan.common.cli.root import app, console, user_errors
+from fedscan.common.cli.run_display import print_result, round_progress
+from fedscan.common.config import read_toml
+
+
+@app.command("run")
+def run_cmd(
+    ctx: typer.Context,
+    superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, HOST:PORT."),
+    ca: Path = typer.Option(..., "--ca",
+                            help="The federation's CA certificate (ca.crt from `fedscan server init`)."),
+    config: Path | None = opt.CONFIG,
+    sites: int | None = opt.option("sites", "Registered sites to wait for before round 1."),
+    rounds: int | None = opt.ROUNDS,
+    output: Path | None = opt.option("output", "Output folder for the reports."),
+    seed: int | None = opt.SEED,
+    task: str | None = opt.TASK,
+    model: str | None = opt.MODEL,
+    strategy: str | None = opt.STRATEGY,
+    local_epochs: int | None = opt.LOCAL_EPOCHS,
+    learning_rate: float | None = opt.LEARNING_RATE,
+    batch_size: int | None = opt.BATCH_SIZE,
+    image_size: int | None = opt.IMAGE_SIZE,
+    device: str | None = opt.option("device", "auto, cpu or cuda (at each site)."),
+    wait_timeout: float | None = opt.option("wait_timeout",
+                                            "Seconds to wait for the sites a round needs (default 600)."),
+    round_timeout: float | None = opt.option("round_timeout",
+                                             "Seconds a round waits for the sites' replies (default 3600)."),
+    secagg: bool | None = opt.option("secagg", "Secure aggregation (SecAgg+). Default: on in deployment."),
+    overwrite: bool = opt.OVERWRITE,
+) -> None:
+    """Run a federation on a live SuperLink: the coordinator's command.
+
+    Waits for --sites registered sites (up to --wait-timeout), trains for --rounds rounds,
+    streams progress per round, and writes report.json, per_site.csv and report.md into --out.
+    """
+    with user_errors():
+        settings = opt.given_settings(ctx.params)
+        if secagg is None and not (config and "secagg" in read_toml(config)):
+            settings["secagg"] = True  # deployment: on unless the config or --no-secagg says otherwise
+        cfg = opt.run_config(config, settings)
+        from fedscan.server.coordinator import run_deployment
+
+        with round_progress(cfg.rounds) as on_event:
+            report = run_deployment(cfg, superlink, ca, overwrite=overwrite, on_event=on_event,
+                                    on_stage=lambda line: console.print(f"  {line}", highlight=False))
+        print_result(report, Path(cfg.output))
