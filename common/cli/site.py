@@ -73,6 +73,9 @@ def site_check(
     data: Path = typer.Option(..., "--data", help="The site folder (holding images/ and labels/)."),
     json_out: Path | None = typer.Option(None, "--json",
                                          help="Also write the report as JSON (no patient data)."),
+    workers: int = typer.Option(1, "--workers", min=0, max=64,
+                                help="Processes that read the series (0: one per core, at most 4). "
+                                     "A small site is read in one process."),
 ) -> None:
     """Check a site's data before joining: inventory, problems per file, quality profile.
 
@@ -94,7 +97,7 @@ def site_check(
         with progress:
             task_id = progress.add_task("series", total=None)
             report, paths = check_site_data(
-                data, on_series=lambda k, n: progress.update(task_id, completed=k, total=n))
+                data, on_series=lambda k, n: progress.update(task_id, completed=k, total=n), workers=workers)
         inv, site = report.inventory, report.site
         out_console.print(f"[bold]site {data.name}[/]: {inv.files} files, {inv.image_files_used} image files "
                           f"used; {inv.patients} patients, {inv.studies} studies, {inv.series} series, "
