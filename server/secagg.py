@@ -39,7 +39,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fedscan.common.config import SecAggPlan
+from fedscan.common.config import RunConfig, SecAggPlan
 from fedscan.common.errors import FedscanError
 from fedscan.common.message_keys import CLIPPED_FRACTION, COMPUTE_SECONDS
 from fedscan.common.secagg_numerics import MODULUS, decode_aggregate
@@ -149,13 +149,15 @@ class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
             self.timeout = stage_timeout
 
 
-def make_workflow(run: Any, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflow:
-    """The SecAgg+ workflow with the run's parameters. Sharing with everyone is passed as the
-    fraction 1.0: Flower takes integer share counts only above 2."""
+def make_workflow(run: RunConfig, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflow:
+    """The SecAgg+ workflow with the run's parameters (its ``secure_aggregation`` group, and the
+    round's timeout for the stage that trains). Sharing with everyone is passed as the fraction 1.0:
+    Flower takes integer share counts only above 2."""
+    settings = run.secure_aggregation
     return DropoutSafeSecAggPlus(
         num_shares=1.0 if plan.shares >= n_sites else plan.shares, reconstruction_threshold=plan.threshold,
-        max_weight=run.secagg_max_weight, clipping_range=run.secagg_clipping_range,
-        quantization_range=plan.quantization_range, modulus_range=MODULUS, timeout=run.secagg_timeout,
+        max_weight=settings.max_weight, clipping_range=settings.clipping_range,
+        quantization_range=plan.quantization_range, modulus_range=MODULUS, timeout=settings.timeout,
         train_timeout=run.round_timeout,
     )
 

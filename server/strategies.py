@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedscan.common.config import RunConfig
+from fedscan.common.config import AggregationSettings, RunConfig
 from fedscan.common.message_keys import COMPUTE_SECONDS, QUALITY_FACTOR
 from fedscan.common.tasks.schedule import round_lr
 
@@ -310,17 +310,17 @@ _STRATEGIES: dict[str, type[PerSiteEvaluation]] = {
 }
 
 
-def _options(cfg: RunConfig, n_sites: int) -> dict[str, float]:
-    """The run config's settings for the chosen strategy."""
-    lr = cfg.server_learning_rate
-    if cfg.strategy == "fedavgm":
-        return {"server_learning_rate": 1.0 if lr is None else lr, "server_momentum": cfg.server_momentum}
-    if cfg.strategy in ("fedadam", "fedyogi"):
-        return {"eta": 1e-2 if lr is None else lr, "tau": cfg.server_tau}
-    if cfg.strategy == "fedprox":
-        return {"proximal_mu": cfg.proximal_mu}
-    if cfg.strategy == "fedtrimmedavg":  # by default one site's values at each end
-        return {"beta": cfg.trimmed_fraction if cfg.trimmed_fraction is not None else min(1.0001 / n_sites, 0.4999)}
+def _options(agg: AggregationSettings, n_sites: int) -> dict[str, float]:
+    """The run config's settings for the chosen strategy (its ``aggregation`` group)."""
+    lr = agg.server_learning_rate
+    if agg.strategy == "fedavgm":
+        return {"server_learning_rate": 1.0 if lr is None else lr, "server_momentum": agg.server_momentum}
+    if agg.strategy in ("fedadam", "fedyogi"):
+        return {"eta": 1e-2 if lr is None else lr, "tau": agg.server_tau}
+    if agg.strategy == "fedprox":
+        return {"proximal_mu": agg.proximal_mu}
+    if agg.strategy == "fedtrimmedavg":  # by default one site's values at each end
+        return {"beta": agg.trimmed_fraction if agg.trimmed_fraction is not None else min(1.0001 / n_sites, 0.4999)}
     return {}
 
 
@@ -328,7 +328,7 @@ def build_strategy(cfg: RunConfig, n_sites: int, local_keys: frozenset[str] = fr
     """The run's strategy; every site trains and evaluates in every round. ``local_keys``: the
     model's normalization layers, which FedBN leaves at the sites."""
     cls = _STRATEGIES[cfg.strategy]
-    options: dict[str, object] = dict(_options(cfg, n_sites))
+    options: dict[str, object] = dict(_options(cfg.aggregation, n_sites))
     if cfg.strategy == "fedbn":
         options["local_keys"] = local_keys
     # quality weighting in plaintext: by the weights the strategy writes; under SecAgg+ each site

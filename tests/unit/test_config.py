@@ -120,3 +120,73 @@ def test_model_alone_picks_its_task() -> None:
 def test_unet_too_deep_for_the_image() -> None:
     with pytest.raises(FedscanError, match="too small for a U-Net of depth 5.*at least 64"):
         load_run_config(overrides={"unet_depth": 5, "image_size": 32})
+
+
+def test_flat_keys_go_into_the_groups_and_read_back_flat() -> None:
+    from fedscan.common.config import GROUPS
+
+    cfg = load_run_config(overrides={"image_size": 64, "strategy": "FedProx", "secagg_clipping_range": 4.0,
+                                     "base_channels": 8, "rounds": 2})
+    grouped = (cfg.data.image_size, cfg.aggregation.strategy, cfg.secure_aggregation.clipping_range)
+    assert grouped == (64, "fedprox", 4.0)
+    assert cfg.network.base_channels == cfg.base_channels == 8 and cfg.rounds == 2
+    flat = cfg.to_toml_dict()
+    assert not set(flat) & set(GROUPS)  # written configs stay flat, as before the groups
+    assert flat["image_size"] == 64 and flat["strategy"] == "fedprox" and flat["secagg_clipping_range"] == 4.0
+    assert RunConfig.model_validate(flat) == cfg
+
+
+def test_a_group_table_in_toml_is_the_same_as_its_flat_keys(tmp_path: Path) -> None:
+    flat, nested = tmp_path / "flat.toml", tmp_path / "nested.toml"
+    flat.write_text('image_size = 64\nstrategy = "fedprox"\nsecagg = true\nsecagg-shares = 3\nsites = 4\n')
+    nested.write_text('sites = 4\n[data]\nimage_size = 64\n[aggregation]\nstrategy = "fedprox"\n'
+                      "[secure_aggregation]\nenabled = true\nshares = 3\n")
+    assert load_run_config(nested) == load_run_config(flat)
+    assert load_run_config(nested, overrides={"image_size": 32}).data.image_size == 32  # the flag wins
+
+
+def test_group_errors_name_the_flat_setting_and_where_it_came_from(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text("[data]\nimage_size = 50\nimagesize = 3\n")
+    with pytest.raises(FedscanError) as exc:
+        load_run_config(f)
+    msg = str(exc.value)
+    assert f"image_size (from {f}): must be a multiple of 16" in msg
+    assert "data.imagesize" in msg and "not a fedscan setting" in msg
+    with pytest.raises(FedscanError, match="model .from --model.: unknown model 'vit'"):
+        load_run_config(overrides={"model": "vit"})
+    twice = tmp_path / "twice.toml"
+    twice.write_text("image_size = 64\n[data]\nimage_size = 32\n")
+    with pytest.raises(FedscanError, match="image_size is given twice"):
+        load_run_config(twice)
+
+
+def test_a_written_run_config_loads_back(tmp_path: Path) -> None:
+    from fedscan.server.checkpoint import save_run_config
+
+    cfg = load_run_config(overrides={"model": "mil", "secagg": True, "sites": 4, "quality_weighting": True,
+                                     "data_root": str(tmp_path / "sites"), "pixel_spacing": 0.7})
+    assert load_run_config(save_run_config(tmp_path, cfg)) == cfg
+
+
+def test_copies_take_flat_names_and_leave_the_original() -> None:
+    cfg = RunConfig()
+    copy = cfg.model_copy(update={"data_root": Path("/elsewhere"), "rounds": 9, "strategy": "fedbn"})
+    assert (copy.data.data_root, copy.rounds, copy.aggregation.strategy) == (Path("/elsewhere"), 9, "fedbn")
+    assert (cfg.data_root, cfg.rounds, cfg.strategy) == (None, 3, "fedavg")
+    with pytest.raises((AttributeError, ValueError)):
+        cfg.image_size = 64  # type: ignore[misc]  (a grouped setting is set in its group)
+
+
+def test_each_flat_name_is_typed_as_its_group_field() -> None:
+    """The flat names are declared with a type for static checks: it must be the group field's."""
+    import typing
+
+    from fedscan.common.config import GROUPS, SETTINGS
+
+    grouped = [name for name in SETTINGS if name not in RunConfig.model_fields]
+    assert len(grouped) == sum(len(m.model_fields) for m in GROUPS.values())
+    for name in grouped:
+        flat = vars(RunConfig)[name]
+        declared = typing.get_args(flat.__orig_class__)[0]
+        assert declared == GROUPS[flat.group].model_fields[flat.field].annotation, name
