@@ -155,7 +155,8 @@ def explain_site(
         cases, scores, metrics, figures = _classification(model, local, cfg, precision, uids, n, on_case)
     result = Explanation(
         fedscan_version=__version__, site=site.name, task=cfg.task, model=cfg.model, strategy=cfg.strategy,
-        round=site_model.server_round, weights=site_model.kind, validation_cases=len(cases), shown=min(n, len(cases)),
+        round=site_model.server_round,
+        weights="personalized" if site_model.kind == "personalized" else "global", validation_cases=len(cases), shown=min(n, len(cases)),
         scores={k: _clean(v) for k, v in scores.items()}, metrics={k: _clean(v) for k, v in metrics.items()},
         cases=cases,
     )

@@ -181,7 +181,7 @@ def _check(reader: SiteReader, on_series: Callable[[int, int], None] | None) -> 
         studies.add(hdr.study_uid)
         mismatched += res.mask_failed
         keys = _label_keys(hdr, table)
-        classes = [table.labels.get(u) for u in keys] if table else [None] * len(hdr)
+        classes: list[int | None] = [table.labels.get(u) for u in keys] if table else [None] * len(hdr)
         new = {u: table.labels[u] for u in dict.fromkeys(keys) if table and u in table.labels and u not in counted}
         counted.update(new)
         if res.fg_pixels is None and rec.mask_source is None and all(c is None for c in classes):

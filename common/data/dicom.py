@@ -28,12 +28,14 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID_dictionary
 
@@ -173,9 +175,9 @@ def uid_name(uid: object, unknown: str) -> str:
     return entry[0] if entry else unknown
 
 
-def _floats(value: object, n: int) -> np.ndarray | None:
+def _floats(value: Any, n: int) -> np.ndarray | None:
     try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         return None
     if arr.shape != (n,) or not np.isfinite(arr).all():
@@ -202,12 +204,12 @@ _FAST_VRS = frozenset({"US", "DS", "IS", "UI", "CS"})
 _TAGS: dict[str, int] = {}
 
 
-def _value(ds: Dataset, keyword: str, default: object = None) -> object:
+def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
     """``ds.get(keyword, default)`` for a top-level element of a header, converted as pydicom does."""
     tag = _TAGS.get(keyword)
     if tag is None:
         tag = _TAGS[keyword] = int(tag_for_keyword(keyword) or 0)
-    elem = ds._dict.get(tag)  # noqa: SLF001 - the raw element, before pydicom converts it
+    elem = ds._dict.get(BaseTag(tag))  # noqa: SLF001 - the raw element, before pydicom converts it
     if elem is None:
         return default
     if isinstance(elem, RawDataElement) and elem.value is not None and ds.original_encoding[1] is not False:
@@ -524,6 +526,7 @@ def _assemble(meta: SeriesMeta, slices: list[_Slice], skipped: list[Skipped]) ->
     first = kept[0]
     warn: list[str] = []
     if geometric:
+        assert first.orientation is not None  # every geometric slice has one
         row_dir, col_dir = first.orientation[:3], first.orientation[3:]
         normal = np.cross(row_dir, col_dir)
         proj = np.array([s.position @ normal for s in kept])
@@ -542,8 +545,8 @@ def _assemble(meta: SeriesMeta, slices: list[_Slice], skipped: list[Skipped]) ->
             if gaps.any():
                 warn.append(f"gap: {int(gaps.sum())} place(s) where slices are up to {d.max():.1f} mm apart "
                             f"(median spacing {med:.1f} mm); slices may be missing")
-        positions = np.stack([s.position for s in kept])
-        spacing = first.spacing
+        positions = np.stack([np.asarray(s.position) for s in kept])
+        spacing = first.spacing or (1.0, 1.0)  # set: every geometric slice has one
     else:
         # no patient geometry: 2D images; a deterministic order not taken from file names
         kept.sort(key=lambda s: (s.sop, -1 if s.frame is None else s.frame))

@@ -22,6 +22,7 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -40,7 +41,7 @@ def mask_path(labels_dir: Path, series_uid: str) -> Path:
     return Path(labels_dir) / f"{series_uid}.nii.gz"
 
 
-def _read_nifti(path: Path) -> nib.Nifti1Image:
+def _read_nifti(path: Path) -> Any:  # a nibabel image: Nifti1Image or Nifti2Image
     """A NIfTI file; a .nii.gz is decompressed in one call (zlib) rather than through nibabel's
     streaming gzip reader: 8.5 against 12.9 ms for a 512x512x12 mask on the development machine."""
     if path.name.endswith(".gz"):
@@ -190,11 +191,11 @@ def load_seg(path: Path, series: SeriesHeader) -> np.ndarray:
         log.warning("cannot read DICOM SEG %s: %s: %s", path, type(exc).__name__, exc)
         raise FedscanError(f"cannot read DICOM SEG {path.name} (not a valid Segmentation object)") from None
 
-    def pixels(**kw: object) -> np.ndarray:
+    def pixels(**kw: Any) -> np.ndarray:
         if all(f is None for f in series.frames):
             return seg.get_pixels_by_source_instance(source_sop_instance_uids=series.sop_uids, **kw)
         parts = [  # frames of multi-frame sources, one slice at a time (they are in geometric order)
-            seg.get_pixels_by_source_frame(source_sop_instance_uid=sop, source_frame_numbers=[frame + 1], **kw)
+            seg.get_pixels_by_source_frame(source_sop_instance_uid=sop, source_frame_numbers=[cast(int, frame) + 1], **kw)
             for sop, frame in zip(series.sop_uids, series.frames, strict=True)
         ]
         return np.concatenate(parts)

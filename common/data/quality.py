@@ -86,7 +86,7 @@ def sample_indices(n: int, k: int = 12) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(n, k)).round().astype(int)) if n else np.zeros(0, int)
 
 
-def _nanmedian(values: list[float]) -> float | None:
+def _nanmedian(values: list[float | None]) -> float | None:
     arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     return float(np.median(arr)) if arr.size else None
@@ -166,11 +166,11 @@ def site_profile(series: list[SeriesProfile]) -> SiteProfile:
         intensity_min=min(mins) if mins else None,
         intensity_max=max(maxs) if maxs else None,
         foreground_slice_fraction=(
-            sum(s.foreground_slice_fraction * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
+            sum((s.foreground_slice_fraction or 0.0) * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
             if seg_slices else None
         ),
         foreground_pixel_fraction=(
-            sum(s.foreground_pixel_fraction * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
+            sum((s.foreground_pixel_fraction or 0.0) * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
             if seg_slices else None
         ),
         class_fractions={k: v / total for k, v in sorted(counts.items())} if total else {},

@@ -286,13 +286,13 @@ def _build_classification(reader: SiteReader, cfg: RunConfig) -> SiteData:
             continue
         work.append((rec, (keep, cfg)))
     for (rec, _), res in zip(work, reader.map(_classification_series, work), strict=True):
-        hdr = res.hdr
-        if hdr is None or res.images is None or res.masks is None:
+        used = res.hdr
+        if used is None or res.images is None or res.masks is None:
             continue
         if table.key == "SOPInstanceUID":
-            keys = list(hdr.sop_uids)
+            keys = list(used.sop_uids)
         else:
-            keys = [hdr.series_uid if table.key == "SeriesInstanceUID" else hdr.study_uid] * len(hdr)
+            keys = [used.series_uid if table.key == "SeriesInstanceUID" else used.study_uid] * len(used)
         images.append(res.images)
         lesions.append(res.masks)
         for k in keys:
@@ -301,7 +301,7 @@ def _build_classification(reader: SiteReader, cfg: RunConfig) -> SiteData:
                 sample_ids[k] = len(sample_ids)
                 target.append(table.labels[k])
             sample.append(sample_ids[k])
-        index.add(len(keys), patients.index(hdr.patient_id), rec.index, hdr, res.model_spacing, res.snr)
+        index.add(len(keys), patients.index(used.patient_id), rec.index, used, res.model_spacing, res.snr)
     unknown = len(table.labels) - len(matched)
     if unknown:
         log.warning("site %s: %d row(s) of %s match no image %s here", site.name, unknown,
@@ -338,7 +338,7 @@ def prepare_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> Site
     entry = Path(cache_root) / f"{site.name}-{key}"
     hit = cache.load(entry)
     if hit is not None:
-        return SiteData(**hit)  # type: ignore[arg-type]  # the entry holds exactly SiteData's arrays
+        return SiteData(**hit)  # the entry holds exactly SiteData's arrays
     data = build_site_data(site, cfg)
     cache.save(entry, data.as_arrays())
     return data
