@@ -41,8 +41,13 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def spawn(log: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([*FEDSCAN, *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            env=ENV, start_new_session=True)
+    return subprocess.Popen(
+        [*FEDSCAN, *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        env=ENV,
+        start_new_session=True,
+    )
 
 
 def wait(what: str, ok, timeout: float = 120) -> None:  # noqa: ANN001
@@ -60,17 +65,51 @@ def deploy(root: Path, data: Path, sites: list[str], run_args: list[str]) -> dic
     try:
         cli("server", "init", "--dir", str(coord), "--host", "localhost", "--port", str(port))
         procs.append(spawn(root / "superlink.out", "server", "start", "--dir", str(coord)))
-        wait("the SuperLink", lambda: subprocess.run([*FEDSCAN, "server", "sites", "--dir", str(coord)],
-                                                     capture_output=True, env=ENV).returncode == 0)
+        wait(
+            "the SuperLink",
+            lambda: (
+                subprocess.run(
+                    [*FEDSCAN, "server", "sites", "--dir", str(coord)], capture_output=True, env=ENV
+                ).returncode
+                == 0
+            ),
+        )
         for name in sites:
             cli("site", "init", "--dir", str(root / name), "--name", name, "--data", str(data / name))
             cli("server", "add-site", "--dir", str(coord), "--name", name, str(root / name / "site.pub"))
-            procs.append(spawn(root / f"{name}.out", "site", "start", "--dir", str(root / name), "--superlink",
-                               f"127.0.0.1:{port}", "--ca", str(coord / "ca.crt"), "--runtime-port", str(free_port()),
-                               "--threads", "1"))
-        wait("the sites", lambda: cli("server", "sites", "--dir", str(coord)).stdout.count("online") >= len(sites))
-        cli("run", "--superlink", f"127.0.0.1:{port}", "--ca", str(coord / "ca.crt"), "--sites", str(len(sites)),
-            "--out", str(root / "run"), *run_args)
+            procs.append(
+                spawn(
+                    root / f"{name}.out",
+                    "site",
+                    "start",
+                    "--dir",
+                    str(root / name),
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--ca",
+                    str(coord / "ca.crt"),
+                    "--runtime-port",
+                    str(free_port()),
+                    "--threads",
+                    "1",
+                )
+            )
+        wait(
+            "the sites",
+            lambda: cli("server", "sites", "--dir", str(coord)).stdout.count("online") >= len(sites),
+        )
+        cli(
+            "run",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(coord / "ca.crt"),
+            "--sites",
+            str(len(sites)),
+            "--out",
+            str(root / "run"),
+            *run_args,
+        )
         return json.loads((root / "run" / "report.json").read_text())
     finally:
         for p in procs:
@@ -88,8 +127,18 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    run_args = ["--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--image-size",
-                str(args.image_size), "--seed", str(args.seed), "--device", "cpu"]
+    run_args = [
+        "--rounds",
+        str(args.rounds),
+        "--local-epochs",
+        str(args.local_epochs),
+        "--image-size",
+        str(args.image_size),
+        "--seed",
+        str(args.seed),
+        "--device",
+        "cpu",
+    ]
     with tempfile.TemporaryDirectory(prefix="fedscan-bench-deploy-") as tmp:
         root = Path(tmp)
         manifest = synthesize(root / "data", 3, seed=args.seed)
@@ -101,20 +150,29 @@ def main() -> None:
         t0 = time.monotonic()
         dep = deploy(root / "deploy", root / "data", sites, run_args)
         dep_total = time.monotonic() - t0
-    print(f"3 sites, {args.rounds} rounds, U-Net {args.image_size}px, {args.local_epochs} local epochs; "
-          f"whole command: simulation {sim_total:.0f}s, deployment {dep_total:.0f}s (incl. setup)\n")
-    print("| round | simulation round s | simulation slowest compute s | simulation overhead | "
-          "deployment round s | deployment slowest compute s | deployment overhead | deployment / simulation |")
+    print(
+        f"3 sites, {args.rounds} rounds, U-Net {args.image_size}px, {args.local_epochs} local epochs; "
+        f"whole command: simulation {sim_total:.0f}s, deployment {dep_total:.0f}s (incl. setup)\n"
+    )
+    print(
+        "| round | simulation round s | simulation slowest compute s | simulation overhead | "
+        "deployment round s | deployment slowest compute s | deployment overhead | deployment / simulation |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for s, d in zip(rows(sim), rows(dep), strict=True):
-        print(f"| {s['round']} | {s['round_seconds']:.1f} | {s['slowest_compute_seconds']:.1f} | "
-              f"{s['overhead_fraction']:.0%} | {d['round_seconds']:.1f} | {d['slowest_compute_seconds']:.1f} | "
-              f"{d['overhead_fraction']:.0%} | {d['round_seconds'] / s['round_seconds']:.2f}x |")
+        print(
+            f"| {s['round']} | {s['round_seconds']:.1f} | {s['slowest_compute_seconds']:.1f} | "
+            f"{s['overhead_fraction']:.0%} | {d['round_seconds']:.1f} | {d['slowest_compute_seconds']:.1f} | "
+            f"{d['overhead_fraction']:.0%} | {d['round_seconds'] / s['round_seconds']:.2f}x |"
+        )
     later = slice(1, None) if args.rounds > 1 else slice(None)
     ratio = statistics.mean(d["round_seconds"] for d in rows(dep)[later]) / statistics.mean(
-        s["round_seconds"] for s in rows(sim)[later])
-    print(f"\nrounds after the first: deployment / simulation = {ratio:.2f}x; final mean Dice: simulation "
-          f"{sim['final']['mean']['dice']:.3f}, deployment {dep['final']['mean']['dice']:.3f}")
+        s["round_seconds"] for s in rows(sim)[later]
+    )
+    print(
+        f"\nrounds after the first: deployment / simulation = {ratio:.2f}x; final mean Dice: simulation "
+        f"{sim['final']['mean']['dice']:.3f}, deployment {dep['final']['mean']['dice']:.3f}"
+    )
 
 
 if __name__ == "__main__":

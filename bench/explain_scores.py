@@ -22,12 +22,12 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 from conftest import write_small_exam_sites  # noqa: E402
 from test_explain import _train  # noqa: E402
 
-from fedscan.common.tasks.local_training import open_site, run_precision  # noqa: E402
 from fedscan.common.config import RunConfig  # noqa: E402
 from fedscan.common.data.layout import SiteDir  # noqa: E402
 from fedscan.common.data.synthetic import synthesize  # noqa: E402
 from fedscan.common.tasks import classification, segmentation  # noqa: E402
 from fedscan.common.tasks.attribution import exam_attention, integrated_gradients, lesion_energy  # noqa: E402
+from fedscan.common.tasks.local_training import open_site, run_precision  # noqa: E402
 
 
 def _site(root: Path, cfg: RunConfig, cache: Path, name: str | None = None):  # noqa: ANN202
@@ -37,11 +37,19 @@ def _site(root: Path, cfg: RunConfig, cache: Path, name: str | None = None):  # 
 
 def gradcam_scores(tmp: Path) -> None:
     root = write_small_exam_sites(tmp / "images", exams=(48,), label_level="image")
-    cfg = RunConfig(task="classification", model="resnet18", image_size=96, batch_size=16, device="cpu",
-                    class_weights="balanced")
+    cfg = RunConfig(
+        task="classification",
+        model="resnet18",
+        image_size=96,
+        batch_size=16,
+        device="cpu",
+        class_weights="balanced",
+    )
     site = _site(root, cfg, tmp / "cache-images")
     model = _train(cfg, site, epochs=4, lr=1e-3, batch_size=16)
-    ev = classification.evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True)
+    ev = classification.evaluate(
+        model, site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True
+    )
     energy, area = ev["gradcam_lesion_energy"], ev["lesion_area_share"]
     print(f"resnet18 on 48 exams' images: validation AUROC {ev['auroc']:.3f}, ECE {ev['ece']:.3f}")
     print(f"  Grad-CAM energy in the lesion {energy:.4f}, lesion area share {area:.4f}: {energy / area:.1f}x")
@@ -69,15 +77,25 @@ def attention_scores(tmp: Path) -> None:
         other.append(attention[~shows].mean())
         top.append(bool(shows[attention.argmax()]))
     ev = classification.evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg))
-    print(f"mil on 100 exams: {len(lesion)} validation exams with a lesion; mean attention per lesion image "
-          f"{np.mean(lesion):.3f}, per other image {np.mean(other):.3f} ({np.mean(lesion) / np.mean(other):.1f}x); "
-          f"most-attended image shows the lesion in {sum(top)} of {len(top)}; exam AUROC {ev['auroc']:.3f}")
+    print(
+        f"mil on 100 exams: {len(lesion)} validation exams with a lesion; mean attention per lesion image "
+        f"{np.mean(lesion):.3f}, per other image {np.mean(other):.3f} "
+        f"({np.mean(lesion) / np.mean(other):.1f}x); "
+        f"most-attended image shows the lesion in {sum(top)} of {len(top)}; exam AUROC {ev['auroc']:.3f}"
+    )
 
 
 def uncertainty_scores(tmp: Path) -> None:
     synthesize(tmp / "segmentation", n_sites=2, seed=0)
-    cfg = RunConfig(task="segmentation", model="unet", image_size=64, base_channels=8, unet_depth=3, batch_size=8,
-                    device="cpu")
+    cfg = RunConfig(
+        task="segmentation",
+        model="unet",
+        image_size=64,
+        base_channels=8,
+        unet_depth=3,
+        batch_size=8,
+        device="cpu",
+    )
     site = _site(tmp / "segmentation", cfg, tmp / "cache-seg", "hospital-b")
     model = _train(cfg, site, epochs=30, lr=3e-3, batch_size=8)
     ev = segmentation.evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True)

@@ -51,8 +51,20 @@ def toml_value(text: str) -> str:
 
 
 # what the script writes into every run's config itself (the flags of this script set them)
-OWN_KEYS = frozenset({"strategy", "rounds", "local_epochs", "image_size", "seed", "proximal_mu", "cache_dir",
-                      "model", "segnet_width", "quality_weighting"})
+OWN_KEYS = frozenset(
+    {
+        "strategy",
+        "rounds",
+        "local_epochs",
+        "image_size",
+        "seed",
+        "proximal_mu",
+        "cache_dir",
+        "model",
+        "segnet_width",
+        "quality_weighting",
+    }
+)
 
 
 def settings(pairs: list[str]) -> dict[str, str]:
@@ -74,15 +86,33 @@ def simulate(data: Path, out: Path, variant: str, args: argparse.Namespace, base
     strategy, _, extra = name.partition("+")
     config = out.parent / f"{variant}.toml"
     values = {
-        "strategy": json.dumps(strategy), "rounds": str(args.rounds), "local_epochs": str(args.local_epochs),
-        "image_size": str(args.image_size), "seed": str(args.seed), "proximal_mu": str(args.mu),
-        "cache_dir": json.dumps(str(out.parent / "cache")), "model": json.dumps(args.model),
-        "segnet_width": str(args.segnet_width), **({"quality_weighting": "true"} if extra == "quality" else {}),
+        "strategy": json.dumps(strategy),
+        "rounds": str(args.rounds),
+        "local_epochs": str(args.local_epochs),
+        "image_size": str(args.image_size),
+        "seed": str(args.seed),
+        "proximal_mu": str(args.mu),
+        "cache_dir": json.dumps(str(out.parent / "cache")),
+        "model": json.dumps(args.model),
+        "segnet_width": str(args.segnet_width),
+        **({"quality_weighting": "true"} if extra == "quality" else {}),
         **settings([*args.set, *own]),
     }
     config.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
-    cmd = [sys.executable, "-m", "fedscan.common.cli", "simulate", "--config", str(config), "--data-root", str(data),
-           "--out", str(out), "--overwrite", *(["--baselines"] if baselines else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedscan.common.cli",
+        "simulate",
+        "--config",
+        str(config),
+        "--data-root",
+        str(data),
+        "--out",
+        str(out),
+        "--overwrite",
+        *(["--baselines"] if baselines else []),
+    ]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -104,25 +134,53 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--mu", type=float, default=0.01, help="FedProx's µ")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default="unet", help="unet or segnet (BatchNorm: FedBN keeps its running statistics local)")
+    ap.add_argument(
+        "--model", default="unet", help="unet or segnet (BatchNorm: FedBN keeps its running statistics local)"
+    )
     ap.add_argument("--segnet-width", type=float, default=1.0)
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
-                    help="strategies to compare (the first also trains the baselines); NAME+quality adds quality "
-                         "weighting, NAME@KEY=VALUE sets a run-config value for that strategy")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a run-config value for every run and the baselines, e.g. lr_schedule=cosine")
+    ap.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(STRATEGIES),
+        help="strategies to compare (the first also trains the baselines); NAME+quality adds quality "
+        "weighting, NAME@KEY=VALUE sets a run-config value for that strategy",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config value for every run and the baselines, e.g. lr_schedule=cosine",
+    )
     args = ap.parse_args()
     strategies = tuple(args.strategies)
     if "@" in strategies[0]:
-        sys.exit(f"{strategies[0]}: the first strategy also trains the baselines, so it takes no settings of its "
-                 "own (list it later, or use --set for every run)")
+        sys.exit(
+            f"{strategies[0]}: the first strategy also trains the baselines, so it takes no settings of its "
+            "own (list it later, or use --set for every run)"
+        )
     out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     data = out / "data"
-    subprocess.run([sys.executable, "-m", "fedscan.common.cli", "synth", "--sites", str(args.sites), "--scenario",
-                    "heterogeneous", "--seed", str(args.seed), "--out", str(data)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedscan.common.cli",
+            "synth",
+            "--sites",
+            str(args.sites),
+            "--scenario",
+            "heterogeneous",
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(data),
+        ],
+        check=True,
+    )
 
     reports = {s: simulate(data, out / s, s, args, baselines=(i == 0)) for i, s in enumerate(strategies)}
     base = reports[strategies[0]]
@@ -135,7 +193,10 @@ def main() -> None:
 
     comparison = {}
     for name, rep in reports.items():
-        rep["cross_site"] = {**{k: v for k, v in rep["cross_site"].items() if k not in baseline_rows}, **baseline_rows}
+        rep["cross_site"] = {
+            **{k: v for k, v in rep["cross_site"].items() if k not in baseline_rows},
+            **baseline_rows,
+        }
         rep["baselines"] = base["baselines"]
         comparison[name] = {s: score(rep, federated_row(rep, s), s) for s in sites}
     comparison["local-only"] = {s: score(base, f"local:{s}", s) for s in sites}
@@ -166,18 +227,25 @@ def main() -> None:
         "best_over_pooled": round(mean(comparison[best]) / pooled_mean, 4),
         "target_098_of_pooled": mean(comparison[best]) >= 0.98 * pooled_mean,
         "best_gain": reports[best]["federated_gain"],
-        "target_gain_every_site": all(g is not None and g >= 0 for g in reports[best]["federated_gain"].values()),
+        "target_gain_every_site": all(
+            g is not None and g >= 0 for g in reports[best]["federated_gain"].values()
+        ),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     width = max(len(n) for n in comparison)
     print(f"{'':{width}}  " + "  ".join(f"{s:>10}" for s in sites) + "        mean")
     for name, row in comparison.items():
-        print(f"{name:{width}}  " + "  ".join(f"{'n/a' if row[s] is None else f'{row[s]:.3f}':>10}" for s in sites)
-              + f"  {mean(row):10.3f}")
-    print(f"best: {best}, {summary['best_over_pooled']:.3f} of pooled (target 0.98: "
-          f"{'met' if summary['target_098_of_pooled'] else 'missed'}); gains "
-          + ", ".join(f"{s} {g:+.3f}" for s, g in summary["best_gain"].items() if g is not None)
-          + f" (every site >= 0: {'met' if summary['target_gain_every_site'] else 'missed'})")
+        print(
+            f"{name:{width}}  "
+            + "  ".join(f"{'n/a' if row[s] is None else f'{row[s]:.3f}':>10}" for s in sites)
+            + f"  {mean(row):10.3f}"
+        )
+    print(
+        f"best: {best}, {summary['best_over_pooled']:.3f} of pooled (target 0.98: "
+        f"{'met' if summary['target_098_of_pooled'] else 'missed'}); gains "
+        + ", ".join(f"{s} {g:+.3f}" for s, g in summary["best_gain"].items() if g is not None)
+        + f" (every site >= 0: {'met' if summary['target_gain_every_site'] else 'missed'})"
+    )
     print(f"reports: {', '.join(str(out / n / 'report.html') for n in strategies)}")
 
 

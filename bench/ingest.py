@@ -56,10 +56,10 @@ from fedscan.common.config import RunConfig
 from fedscan.common.data import cache as cache_mod
 from fedscan.common.data import site_arrays as arrays_mod
 from fedscan.common.data import site_reader as reader_mod
-from fedscan.common.data.site_arrays import build_site_data, prepare_site
 from fedscan.common.data.dicom import list_files
 from fedscan.common.data.labels import MaskIndex
 from fedscan.common.data.layout import SiteDir, discover_sites
+from fedscan.common.data.site_arrays import build_site_data, prepare_site
 from fedscan.common.data.synthetic import make_profiles, synthesize, write_site
 
 SYNTAXES: dict[str, tuple[str, pydicom.uid.UID | None]] = {
@@ -203,10 +203,12 @@ def measure(sites: list[SiteDir], cfg: RunConfig, repeats: int, work: Path, work
             touch(prepare_site(s, cfg, work / f"cache-{i}-{workers[0]}"))  # entries a cold run just wrote
         best["warm"] = min(best["warm"], time.perf_counter() - t0)
     return {
-        "slices": n_slices, "shape": pydicom.dcmread(files[0], stop_before_pixels=True).Rows,
+        "slices": n_slices,
+        "shape": pydicom.dcmread(files[0], stop_before_pixels=True).Rows,
         "mb": sum(f.stat().st_size for f in files) / 1e6,
         **{k: n_slices / t for k, t in best.items()},
-        "cold_s": best.get("cold-1", np.nan), "phases": phases,
+        "cold_s": best.get("cold-1", np.nan),
+        "phases": phases,
     }
 
 
@@ -222,7 +224,7 @@ def profile_cold(sites: list[SiteDir], cfg: RunConfig, work: Path, top: int) -> 
         lines = buf.getvalue().strip().splitlines()
         head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
         print(f"\ncProfile of one cold prepare_site of the first file set, top {top} by {what}:\n\n```")
-        print("\n".join(line.replace(str(Path.cwd()) + "/", "") for line in lines[head:head + top + 1]))
+        print("\n".join(line.replace(str(Path.cwd()) + "/", "") for line in lines[head : head + top + 1]))
         print("```")
 
 
@@ -233,10 +235,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (pydicom decodes on one)")
     ap.add_argument("--syntaxes", nargs="+", default=list(SYNTAXES), choices=list(SYNTAXES))
-    ap.add_argument("--matrix", type=int, nargs="*", default=[],
-                    help="also the same sites rewritten at this matrix (e.g. 512)")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                    help="worker processes for the cold runs (1: in this process; it also gives the profile)")
+    ap.add_argument(
+        "--matrix",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the same sites rewritten at this matrix (e.g. 512)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="worker processes for the cold runs (1: in this process; it also gives the profile)",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile one cold ingestion of the first set")
     ap.add_argument("--top", type=int, default=20, help="functions listed by --profile")
     args = ap.parse_args()
@@ -246,9 +258,13 @@ def main() -> None:
     cfg = RunConfig()  # segmentation, image_size 96
     workers = sorted(set(args.workers) | {1})
     reader_mod.MIN_FILES_PER_WORKER = 1  # the pool whatever the site's size: it is what is measured
-    print(f"python {platform.python_version()}, pydicom {pydicom.__version__}, numpy {np.__version__}, "
-          f"torch {torch.__version__} ({args.threads} thread(s)), {platform.processor() or platform.machine()}; "
-          f"task {cfg.task}, image_size {cfg.image_size}, best of {args.repeats}\n", flush=True)
+    print(
+        f"python {platform.python_version()}, pydicom {pydicom.__version__}, numpy {np.__version__}, "
+        f"torch {torch.__version__} ({args.threads} thread(s)), "
+        f"{platform.processor() or platform.machine()}; "
+        f"task {cfg.task}, image_size {cfg.image_size}, best of {args.repeats}\n",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedscan-ingest-") as tmp:
         tmp = Path(tmp)
@@ -267,32 +283,51 @@ def main() -> None:
                 r = measure(sites, cfg, args.repeats, tmp / f"work-{tag}-{key}", workers)
                 r["name"], r["key"] = name, key
                 rows.append(r)
-                print(f"  {name}, {r['shape']}x{r['shape']}: bare {r['bare']:.0f}/s, "
-                      + ", ".join(f"cold with {w} worker(s) {r[f'cold-{w}']:.0f}/s" for w in workers)
-                      + f", warm {r['warm']:.0f}/s", flush=True)
+                print(
+                    f"  {name}, {r['shape']}x{r['shape']}: bare {r['bare']:.0f}/s, "
+                    + ", ".join(f"cold with {w} worker(s) {r[f'cold-{w}']:.0f}/s" for w in workers)
+                    + f", warm {r['warm']:.0f}/s",
+                    flush=True,
+                )
         cold_cols = " | ".join(f"cold, {w} worker(s) slices/s" for w in workers)
         ratio_cols = " | ".join(f"cold / bare, {w} worker(s)" for w in workers)
-        print(f"\n| transfer syntax | slice size | slices | MB on disk | bare pydicom slices/s | {cold_cols} "
-              f"| warm slices/s | {ratio_cols} | warm / cold |")
+        print(
+            f"\n| transfer syntax | slice size | slices | MB on disk | bare pydicom slices/s | {cold_cols} "
+            f"| warm slices/s | {ratio_cols} | warm / cold |"
+        )
         print("| --- | ---: | ---: | ---: | ---: |" + " ---: |" * (2 * len(workers) + 2))
         for r in rows:
             colds = " | ".join(f"{r[f'cold-{w}']:.0f}" for w in workers)
             ratios = " | ".join(f"{r[f'cold-{w}'] / r['bare']:.2f}" for w in workers)
             fastest = max(r[f"cold-{w}"] for w in workers)
-            print(f"| {r['name']} | {r['shape']}×{r['shape']} | {r['slices']} | {r['mb']:.1f} | {r['bare']:.0f} "
-                  f"| {colds} | {r['warm']:.0f} | {ratios} | {r['warm'] / fastest:.0f} |")
-        print("\nWhere the best cold prepare_site run spent its time, ms per slice (bare pydicom for reference):\n")
+            print(
+                f"| {r['name']} | {r['shape']}×{r['shape']} | {r['slices']} | {r['mb']:.1f} "
+                f"| {r['bare']:.0f} "
+                f"| {colds} | {r['warm']:.0f} | {ratios} | {r['warm'] / fastest:.0f} |"
+            )
+        print(
+            "\nWhere the best cold prepare_site run spent its time, ms per slice "
+            "(bare pydicom for reference):\n"
+        )
         print("| step | " + " | ".join(f"{r['key']} {r['shape']}" for r in rows) + " |")
         print("| --- |" + " ---: |" * len(rows))
         for label, _, _ in PHASES:
-            cells = [f"{1e3 * r['phases'][label] / r['slices']:.2f}" if label in r["phases"] else "n/a" for r in rows]
+            cells = [
+                f"{1e3 * r['phases'][label] / r['slices']:.2f}" if label in r["phases"] else "n/a"
+                for r in rows
+            ]
             print(f"| {label} | " + " | ".join(cells) + " |")
         rest = [1e3 * (r["cold_s"] - sum(r["phases"].values())) / r["slices"] for r in rows]
         print("| rest (file listing, concatenation, ...) | " + " | ".join(f"{v:.2f}" for v in rest) + " |")
-        print("| **cold prepare_site, total** | " + " | ".join(f"**{1e3 / r['cold-1']:.2f}**" for r in rows) + " |")
+        print(
+            "| **cold prepare_site, total** | "
+            + " | ".join(f"**{1e3 / r['cold-1']:.2f}**" for r in rows)
+            + " |"
+        )
         print("| bare pydicom read + decode | " + " | ".join(f"{1e3 / r['bare']:.2f}" for r in rows) + " |")
         if args.profile and first is not None:
             profile_cold(first, cfg, tmp / "profile", args.top)
+
 
 if __name__ == "__main__":
     main()

@@ -72,10 +72,14 @@ def measure(model_name: str, precision: Precision, steps: int, exam_images: int)
     seconds = time.perf_counter() - t0
     per_batch = cfg.batch_size * (exam_images if cfg.model in EXAM_MODELS else 1)
     return {
-        "model": model_name, "task": cfg.task, "image_size": cfg.image_size,
-        "batch_size": cfg.batch_size, "images_per_batch": per_batch,
+        "model": model_name,
+        "task": cfg.task,
+        "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size,
+        "images_per_batch": per_batch,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "steps": steps, "seconds": round(seconds, 2),
+        "steps": steps,
+        "seconds": round(seconds, 2),
         "train_images_per_s": round(per_batch * steps / seconds, 1),
     }
 
@@ -97,13 +101,19 @@ def main() -> None:
         for name in args.models:
             for mode, precision in modes.items():
                 row = measure(name, precision, args.steps, args.exam_images)
-                row.update({
-                    "device": dev, "precision": mode if dev == "cuda" else "fp32",
-                    "amp_dtype": str(precision.amp_dtype).removeprefix("torch.") if precision.amp_dtype else None,
-                    "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else None,
-                    "cpu_threads": args.threads if dev == "cpu" else None,
-                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                })
+                row.update(
+                    {
+                        "device": dev,
+                        "precision": mode if dev == "cuda" else "fp32",
+                        "amp_dtype": str(precision.amp_dtype).removeprefix("torch.")
+                        if precision.amp_dtype
+                        else None,
+                        "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else None,
+                        "cpu_threads": args.threads if dev == "cpu" else None,
+                        "cpu": platform.processor() or platform.machine(),
+                        "torch": torch.__version__,
+                    }
+                )
                 print(json.dumps(row), flush=True)
 
 

@@ -30,12 +30,12 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedscan.client.secagg import secure_train
-from fedscan.common.tasks.local_training import open_site, train_local
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.models.registry import build_model
 from fedscan.common.secagg_numerics import decode_aggregate, error_bound
+from fedscan.common.tasks.local_training import open_site, train_local
 from fedscan.server.secagg import make_workflow, secure_train_round
 
 
@@ -44,8 +44,10 @@ class InProcessSites:
 
     def __init__(self, cfg: RunConfig, trained: dict[int, dict], counts: dict[int, int]) -> None:
         self.cfg, self.trained, self.counts = cfg, trained, counts
-        self.state = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                      for n in trained}
+        self.state = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+            for n in trained
+        }
         self.sent = 0
 
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
@@ -61,7 +63,7 @@ class InProcessSites:
                 model.load_state_dict(self.trained[nid])
                 return model, {"num-examples": self.counts[nid], "train_loss": 0.0}, "site"
 
-            reply = secure_train(msg, self.state[nid], train, lambda: list(self.trained[nid]))
+            reply = secure_train(msg, self.state[nid], train, lambda nid=nid: list(self.trained[nid]))
             replies.append(message_from_proto(message_to_proto(reply)))
         return replies
 
@@ -79,8 +81,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fedscan-secagg-") as tmp:
         synthesize(Path(tmp) / "data", args.sites, seed=1)
-        cfg = RunConfig(image_size=args.image_size, base_channels=args.base_channels, device=args.device, seed=1,
-                        secagg=True)
+        cfg = RunConfig(
+            image_size=args.image_size,
+            base_channels=args.base_channels,
+            device=args.device,
+            seed=1,
+            secagg=True,
+        )
         sites = [open_site(s, cfg, Path(tmp) / "cache") for s in discover_sites(Path(tmp) / "data")]
         torch.manual_seed(1)
         start = build_model(cfg).state_dict()
@@ -99,25 +106,45 @@ def main() -> None:
         plan = cfg.secagg_plan(args.sites)
         ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
         t0 = time.perf_counter()
-        delta, _, _ = secure_train_round(InProcessSites(cfg, trained, counts), ctx, 1, ArrayRecord(start),
-                                         ConfigRecord({}), make_workflow(cfg, plan, args.sites), nodes)
+        delta, _, _ = secure_train_round(
+            InProcessSites(cfg, trained, counts),
+            ctx,
+            1,
+            ArrayRecord(start),
+            ConfigRecord({}),
+            make_workflow(cfg, plan, args.sites),
+            nodes,
+        )
         protocol = time.perf_counter() - t0
 
     secure = decode_aggregate({k: v.numpy() for k, v in start.items()}, delta.to_numpy_ndarrays())
     w = np.array([counts[n] for n in nodes], dtype=np.float64) / sum(counts.values())
     worst = max(
-        float(np.abs(secure[k].astype(np.float64)
-                     - sum(wi * trained[n][k].double().numpy() for wi, n in zip(w, nodes, strict=True))).max())
-        for k in start if start[k].is_floating_point()
+        float(
+            np.abs(
+                secure[k].astype(np.float64)
+                - sum(wi * trained[n][k].double().numpy() for wi, n in zip(w, nodes, strict=True))
+            ).max()
+        )
+        for k in start
+        if start[k].is_floating_point()
     )
-    bound = error_bound(cfg.secagg_clipping_range, plan.quantization_range, cfg.secagg_max_weight,
-                        list(counts.values()))
+    bound = error_bound(
+        cfg.secagg_clipping_range, plan.quantization_range, cfg.secagg_max_weight, list(counts.values())
+    )
     values = sum(v.numel() for v in start.values())
-    print(f"U-Net base_channels {args.base_channels} ({values / 1e6:.2f} M values), {args.sites} sites, "
-          f"{args.epochs} epochs on {args.device}")
-    print(f"secure aggregate against the plaintext mean: largest difference {worst:.3g}, bound {bound:.3g}: "
-          f"{'within' if worst <= bound else 'EXCEEDED'}")
-    print(f"slowest site's training: {slowest:.2f} s; SecAgg+ protocol, all parties in one process: {protocol:.2f} s")
+    print(
+        f"U-Net base_channels {args.base_channels} ({values / 1e6:.2f} M values), {args.sites} sites, "
+        f"{args.epochs} epochs on {args.device}"
+    )
+    print(
+        f"secure aggregate against the plaintext mean: largest difference {worst:.3g}, bound {bound:.3g}: "
+        f"{'within' if worst <= bound else 'EXCEEDED'}"
+    )
+    print(
+        f"slowest site's training: {slowest:.2f} s; "
+        f"SecAgg+ protocol, all parties in one process: {protocol:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -51,18 +51,26 @@ def train(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     with _site_errors("training"):
         if secagg.is_secure(msg):  # the SecAgg+ protocol drives this message
+
             def masked_train(arrays, conf, ctxt):  # noqa: ANN001, ANN202  (the stage that trains)
                 from fedscan.client import site_round
+
                 return site_round.train(arrays, conf, ctxt, cfg, secure=True)
 
             def model_keys() -> list[str]:
                 from fedscan.client import site_round
+
                 return site_round.model_keys(cfg)
 
             return secagg.secure_train(msg, context, masked_train, model_keys)
         from fedscan.client import site_round
-        record, metrics, name = site_round.plain_train(msg.content["arrays"], dict(msg.content["config"]), context, cfg)
-    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name})})
+
+        record, metrics, name = site_round.plain_train(
+            msg.content["arrays"], dict(msg.content["config"]), context, cfg
+        )
+    content = RecordDict(
+        {"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name})}
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -71,6 +79,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     with _site_errors("evaluation"):
         from fedscan.client import site_round
+
         metrics, name = site_round.evaluate(msg.content["arrays"], dict(msg.content["config"]), context, cfg)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name})})
     return Message(content=content, reply_to=msg)

@@ -48,8 +48,9 @@ class SiteConfig(BaseModel):
     data_dir: Path = Field(description="the site folder: images/ and labels/")
     key: Path = Field(description="the node-authentication private key (OpenSSH, 0600)")
     cache_dir: Path = Field(description="where preprocessed arrays are kept")
-    runtime_port: int = Field(9094, ge=1, le=65535,
-                              description="SuperNode's local runtime API port (127.0.0.1)")
+    runtime_port: int = Field(
+        9094, ge=1, le=65535, description="SuperNode's local runtime API port (127.0.0.1)"
+    )
 
 
 def init_site(d: Path, name: str, data: Path, force: bool = False) -> tuple[SiteConfig, str]:
@@ -71,18 +72,19 @@ def init_site(d: Path, name: str, data: Path, force: bool = False) -> tuple[Site
 def load_site(d: Path) -> SiteConfig:
     path = Path(d).expanduser() / SITE_TOML
     if not path.is_file():
-        raise FedscanError(f"{path} does not exist",
-                           hint="run `fedscan site init --dir DIR --name NAME --data DATA`")
+        raise FedscanError(
+            f"{path} does not exist", hint="run `fedscan site init --dir DIR --name NAME --data DATA`"
+        )
     try:
         cfg = SiteConfig.model_validate(tomllib.loads(path.read_text()))
     except (ValueError, ValidationError) as exc:
         raise FedscanError(f"{path} is not a valid site config: {exc}") from None
     if not cfg.key.is_file():
-        raise FedscanError(f"the site key {cfg.key} is missing",
-                           hint="run `fedscan site init` again with --force")
+        raise FedscanError(
+            f"the site key {cfg.key} is missing", hint="run `fedscan site init` again with --force"
+        )
     if cfg.key.stat().st_mode & 0o077:
-        raise FedscanError(f"the site key {cfg.key} is readable by other users",
-                           hint=f"chmod 600 {cfg.key}")
+        raise FedscanError(f"the site key {cfg.key} is readable by other users", hint=f"chmod 600 {cfg.key}")
     return cfg
 
 
@@ -93,12 +95,20 @@ def supernode_command(cfg: SiteConfig, superlink: str, ca: Path) -> list[str]:
     )
     return [
         flower_exe("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(ca),
-        "--auth-supernode-private-key", str(cfg.key),
-        "--node-config", node_config,
-        "--host", "127.0.0.1", "--port", str(cfg.runtime_port),
-        "--isolation", "subprocess",
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca),
+        "--auth-supernode-private-key",
+        str(cfg.key),
+        "--node-config",
+        node_config,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(cfg.runtime_port),
+        "--isolation",
+        "subprocess",
     ]
 
 
@@ -143,8 +153,10 @@ def start_site(
             return 0
         code, refused = result
         if refused:
-            on_line(f"site {cfg.name}: the coordinator refused this site's key ({fp}); it is not registered "
-                    "or was removed. Ask the coordinator to run `fedscan server add-site`.")
+            on_line(
+                f"site {cfg.name}: the coordinator refused this site's key ({fp}); it is not registered "
+                "or was removed. Ask the coordinator to run `fedscan server add-site`."
+            )
             return EXIT_REFUSED
         restarts += 1  # a SuperNode does not end by itself (code 0: the SuperLink ended the session)
         if max_restarts is not None and restarts > max_restarts:
@@ -160,8 +172,9 @@ def start_site(
         backoff = min(backoff * 2, 300.0)
 
 
-def _run_supernode(cmd: list[str], home: Path, log_path: Path, on_line: Callable[[str], None],
-                   threads: int | None = None) -> tuple[int, bool] | None:
+def _run_supernode(
+    cmd: list[str], home: Path, log_path: Path, on_line: Callable[[str], None], threads: int | None = None
+) -> tuple[int, bool] | None:
     """Run the SuperNode, mirroring its output (and its ClientApps', which share the pipe).
 
     Returns (exit code, refused) once the SuperNode process itself has exited, or None when

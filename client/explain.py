@@ -34,17 +34,17 @@ from monai.visualize import blend_images
 from pydantic import BaseModel
 from torch import nn
 
-from fedscan.common.tasks import local_training as training
 from fedscan.client.model_file import load_model_file, personalize, site_precision
 from fedscan.client.site_output import check_out
 from fedscan.common import __version__
 from fedscan.common.config import EXAM_MODELS, RunConfig
+from fedscan.common.data.layout import SiteDir
 from fedscan.common.data.site_arrays import SiteData
 from fedscan.common.data.site_reader import SiteReader
-from fedscan.common.data.layout import SiteDir
 from fedscan.common.errors import FedscanError
 from fedscan.common.html_page import png_bytes
 from fedscan.common.tasks import classification, segmentation
+from fedscan.common.tasks import local_training as training
 from fedscan.common.tasks.attribution import exam_attention, gradcam, integrated_gradients
 from fedscan.common.tasks.precision import Precision
 from fedscan.common.tasks.uncertainty import lesion_confidences, tta_predict, uncertainty_auroc
@@ -70,7 +70,9 @@ class Case(BaseModel):
     id: str
     kind: Literal["series", "image", "exam"]
     series_uid: str
-    slice: int | None = None  # image classifiers: the image's place among its series' labelled images (0-based)
+    slice: int | None = (
+        None  # image classifiers: the image's place among its series' labelled images (0-based)
+    )
     slices: int
     figure: str | None  # cases/<id>.png, for the cases shown
     # classification
@@ -104,7 +106,9 @@ class Explanation(BaseModel):
     shown: int
     scores: dict[str, float | None]  # the site's shareable explanation scores on all its validation cases
     metrics: dict[str, float | None]  # the usual validation metrics, for context
-    cases: list[Case]  # every validation case, the most wrong or uncertain first; the first `shown` have figures
+    cases: list[
+        Case
+    ]  # every validation case, the most wrong or uncertain first; the first `shown` have figures
 
 
 # cases, the site's shareable scores, its validation metrics, and each shown case's figure
@@ -126,8 +130,16 @@ def _series_uids(site: SiteDir) -> list[str]:
 
 
 def explain_site(
-    data: Path, model_file: Path, out: Path, *, n: int = 20, cache_root: Path, use_global: bool = False,
-    device: str = "auto", overwrite: bool = False, on_case: Callable[[int, int], None] | None = None,
+    data: Path,
+    model_file: Path,
+    out: Path,
+    *,
+    n: int = 20,
+    cache_root: Path,
+    use_global: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+    on_case: Callable[[int, int], None] | None = None,
     site_name: str | None = None,
 ) -> Explanation:
     """Explain the model on the site's validation data and write OUT; see the module docstring."""
@@ -135,15 +147,21 @@ def explain_site(
     if n < 1:
         raise FedscanError(f"--n must be at least 1, got {n}")
     if not data.is_dir():
-        raise FedscanError(f"site data folder not found: {data}", hint="give the folder holding images/ and labels/")
+        raise FedscanError(
+            f"site data folder not found: {data}", hint="give the folder holding images/ and labels/"
+        )
     if out.exists() and not out.is_dir():
         raise FedscanError(f"{out} exists and is not a folder", hint="choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FedscanError(f"{out} already exists and is not empty",
-                           hint="choose another --out, or pass --overwrite to replace the explanations in it")
+        raise FedscanError(
+            f"{out} already exists and is not empty",
+            hint="choose another --out, or pass --overwrite to replace the explanations in it",
+        )
     site = SiteDir(site_name or data.resolve().name, data)
     check_out(out, site)
-    site_model = personalize(load_model_file(model_file, device=device), site.name, cache_root, use_global=use_global)
+    site_model = personalize(
+        load_model_file(model_file, device=device), site.name, cache_root, use_global=use_global
+    )
     cfg = site_model.cfg
     precision = site_precision(site_model)
     local = training.open_site(site, cfg, cache_root)
@@ -154,10 +172,17 @@ def explain_site(
     else:
         cases, scores, metrics, figures = _classification(model, local, cfg, precision, uids, n, on_case)
     result = Explanation(
-        fedscan_version=__version__, site=site.name, task=cfg.task, model=cfg.model, strategy=cfg.strategy,
+        fedscan_version=__version__,
+        site=site.name,
+        task=cfg.task,
+        model=cfg.model,
+        strategy=cfg.strategy,
         round=site_model.server_round,
-        weights="personalized" if site_model.kind == "personalized" else "global", validation_cases=len(cases), shown=min(n, len(cases)),
-        scores={k: _clean(v) for k, v in scores.items()}, metrics={k: _clean(v) for k, v in metrics.items()},
+        weights="personalized" if site_model.kind == "personalized" else "global",
+        validation_cases=len(cases),
+        shown=min(n, len(cases)),
+        scores={k: _clean(v) for k, v in scores.items()},
+        metrics={k: _clean(v) for k, v in metrics.items()},
         cases=cases,
     )
     _write(out, result, figures)
@@ -195,12 +220,20 @@ def _write(out: Path, result: Explanation, figures: dict[str, bytes]) -> None:
 # --- segmentation -----------------------------------------------------------------------------
 
 
-def _segmentation(model: nn.Module, local: training.LocalSite, cfg: RunConfig, precision: Precision,
-                  uids: list[str], n: int, on_case: Callable[[int, int], None] | None) -> _Results:
+def _segmentation(
+    model: nn.Module,
+    local: training.LocalSite,
+    cfg: RunConfig,
+    precision: Precision,
+    uids: list[str],
+    n: int,
+    on_case: Callable[[int, int], None] | None,
+) -> _Results:
     data: SiteData = local.data
     idx = np.asarray(local.val_idx)
-    preds, loss, entropy = segmentation.predict(model, data, idx, batch_size=max(cfg.batch_size, 16),
-                                                precision=precision, uncertainty=True)
+    preds, loss, entropy = segmentation.predict(
+        model, data, idx, batch_size=max(cfg.batch_size, 16), precision=precision, uncertainty=True
+    )
     assert entropy is not None
     masks = np.asarray(data.masks)[idx]
     metrics = segmentation.prediction_metrics(preds, loss, entropy, data, idx, cfg)
@@ -218,17 +251,30 @@ def _segmentation(model: nn.Module, local: training.LocalSite, cfg: RunConfig, p
         ranked.append((error, float(unc.mean()), int(s), sel, dice))
     ranked.sort(key=lambda r: (-r[0], -r[1]))
     cases, figures = [], {}
-    for k, (error, mean_unc, s, sel, dice) in enumerate(ranked):
+    for k, (_error, mean_unc, s, sel, dice) in enumerate(ranked):
         case_id = f"c{k + 1:03d}"
         pred, truth, unc = preds[sel], masks[sel], entropy[sel]
-        case = Case(id=case_id, kind="series", series_uid=uids[s], slices=len(sel),
-                    figure=f"{CASES_DIR}/{case_id}.png" if k < n else None,
-                    dice=_clean(dice), wrong_voxels=float((pred != truth).mean()), mean_uncertainty=mean_unc,
-                    uncertainty_auroc=_clean(uncertainty_auroc(unc, pred, truth)), uncertainty=mean_unc)
+        case = Case(
+            id=case_id,
+            kind="series",
+            series_uid=uids[s],
+            slices=len(sel),
+            figure=f"{CASES_DIR}/{case_id}.png" if k < n else None,
+            dice=_clean(dice),
+            wrong_voxels=float((pred != truth).mean()),
+            mean_uncertainty=mean_unc,
+            uncertainty_auroc=_clean(uncertainty_auroc(unc, pred, truth)),
+            uncertainty=mean_unc,
+        )
         if k < n:  # the lesions' confidences and the figure only for the cases shown
-            probs = _tta_probabilities(model, np.asarray(data.images[idx[sel]]), precision, max(cfg.batch_size, 16))
-            case.lesions = [Lesion(slice=j, label=c, pixels=px, confidence=conf)
-                            for j in range(len(sel)) for c, px, conf in lesion_confidences(pred[j], probs[j].numpy())]
+            probs = _tta_probabilities(
+                model, np.asarray(data.images[idx[sel]]), precision, max(cfg.batch_size, 16)
+            )
+            case.lesions = [
+                Lesion(slice=j, label=c, pixels=px, confidence=conf)
+                for j in range(len(sel))
+                for c, px, conf in lesion_confidences(pred[j], probs[j].numpy())
+            ]
             figures[case_id] = _segmentation_figure(np.asarray(data.images[idx[sel]]), truth, pred, unc, case)
             if on_case:
                 on_case(min(k + 1, n), min(len(ranked), n))
@@ -236,19 +282,27 @@ def _segmentation(model: nn.Module, local: training.LocalSite, cfg: RunConfig, p
     return cases, scores, metrics, figures
 
 
-def _tta_probabilities(model: nn.Module, images: np.ndarray, precision: Precision, batch_size: int) -> torch.Tensor:
+def _tta_probabilities(
+    model: nn.Module, images: np.ndarray, precision: Precision, batch_size: int
+) -> torch.Tensor:
     """TTA mean probabilities (n, C, H, W) of a series' slices, in batches."""
     parts = []
     for lo in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[lo:lo + batch_size], dtype=np.float32))[:, None]
+        x = torch.from_numpy(np.array(images[lo : lo + batch_size], dtype=np.float32))[:, None]
         parts.append(tta_predict(model, x, precision)[1])
     return torch.cat(parts)
 
 
 def _blend(image: np.ndarray, label: np.ndarray, alpha: float | np.ndarray, cmap: str) -> np.ndarray:
     """``label`` (H, W, in [0, 1]) over the grey image with MONAI's ``blend_images``: (H, W, 3)."""
-    rgb = blend_images(np.asarray(image, np.float32)[None], np.asarray(label, np.float32)[None], alpha=alpha,
-                       cmap=cmap, rescale_arrays=True, transparent_background=True)
+    rgb = blend_images(
+        np.asarray(image, np.float32)[None],
+        np.asarray(label, np.float32)[None],
+        alpha=alpha,
+        cmap=cmap,
+        rescale_arrays=True,
+        transparent_background=True,
+    )
     return np.clip(np.moveaxis(np.asarray(rgb), 0, -1), 0, 1)
 
 
@@ -271,8 +325,9 @@ def _axes_off(fig: Figure, n: int) -> list[Any]:
     return list(np.atleast_1d(axes))
 
 
-def _segmentation_figure(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, unc: np.ndarray,
-                         case: Case) -> bytes:
+def _segmentation_figure(
+    images: np.ndarray, truth: np.ndarray, pred: np.ndarray, unc: np.ndarray, case: Case
+) -> bytes:
     """The slice with the most lesion and error: image, truth, prediction with lesion confidences,
     uncertainty."""
     weight = (truth > 0).sum((1, 2)) + (pred > 0).sum((1, 2)) + (pred != truth).sum((1, 2))
@@ -289,8 +344,15 @@ def _segmentation_figure(images: np.ndarray, truth: np.ndarray, pred: np.ndarray
         if lesion.slice == j:
             ys, xs = np.nonzero(pred[j] == lesion.label)
             if len(xs):
-                a2.text(float(xs.mean()), float(ys.min()) - 1, f"{lesion.confidence:.2f}", color="yellow",
-                        fontsize=7, ha="center", va="bottom")
+                a2.text(
+                    float(xs.mean()),
+                    float(ys.min()) - 1,
+                    f"{lesion.confidence:.2f}",
+                    color="yellow",
+                    fontsize=7,
+                    ha="center",
+                    va="bottom",
+                )
     shown = a3.imshow(unc[j], cmap="magma", vmin=0, vmax=1)
     a3.set_title("uncertainty (TTA entropy)", fontsize=9)
     fig.colorbar(shown, ax=a3, fraction=0.046, pad=0.04)
@@ -300,8 +362,15 @@ def _segmentation_figure(images: np.ndarray, truth: np.ndarray, pred: np.ndarray
 # --- classification ---------------------------------------------------------------------------
 
 
-def _classification(model: nn.Module, local: training.LocalSite, cfg: RunConfig, precision: Precision,
-                    uids: list[str], n: int, on_case: Callable[[int, int], None] | None) -> _Results:
+def _classification(
+    model: nn.Module,
+    local: training.LocalSite,
+    cfg: RunConfig,
+    precision: Precision,
+    uids: list[str],
+    n: int,
+    on_case: Callable[[int, int], None] | None,
+) -> _Results:
     data: SiteData = local.data
     samples = data.samples_of(local.val_idx)
     targets = np.asarray(data.target)[samples].astype(np.int64)
@@ -322,11 +391,19 @@ def _classification(model: nn.Module, local: training.LocalSite, cfg: RunConfig,
         in_series = np.flatnonzero(np.asarray(data.series) == series)
         case_id = f"c{k + 1:03d}"
         p = probs[i]
-        case = Case(id=case_id, kind="exam" if exam else "image", series_uid=uids[series],
-                    slice=None if exam else int(np.searchsorted(in_series, idx[0])), slices=len(idx),
-                    figure=f"{CASES_DIR}/{case_id}.png" if k < n else None, true_class=int(targets[i]),
-                    predicted_class=int(p.argmax()),
-                    probabilities=[float(v) for v in p], correct=bool(p.argmax() == targets[i]), uncertainty=_entropy(p))
+        case = Case(
+            id=case_id,
+            kind="exam" if exam else "image",
+            series_uid=uids[series],
+            slice=None if exam else int(np.searchsorted(in_series, idx[0])),
+            slices=len(idx),
+            figure=f"{CASES_DIR}/{case_id}.png" if k < n else None,
+            true_class=int(targets[i]),
+            predicted_class=int(p.argmax()),
+            probabilities=[float(v) for v in p],
+            correct=bool(p.argmax() == targets[i]),
+            uncertainty=_entropy(p),
+        )
         if k < n:
             figures[case_id] = _classification_case(model, data, cfg, precision, sample, case)
             if on_case:
@@ -335,19 +412,22 @@ def _classification(model: nn.Module, local: training.LocalSite, cfg: RunConfig,
     return cases, scores, metrics, figures
 
 
-def _classification_case(model: nn.Module, data: SiteData, cfg: RunConfig, precision: Precision, sample: int,
-                         case: Case) -> bytes:
+def _classification_case(
+    model: nn.Module, data: SiteData, cfg: RunConfig, precision: Precision, sample: int, case: Case
+) -> bytes:
     """Grad-CAM and integrated gradients for the predicted class; for ``mil`` also the attention."""
     idx = data.slices_of()[sample]
     images = torch.from_numpy(np.array(data.images[idx], dtype=np.float32))[:, None]
     target = int(case.predicted_class or 0)
     lesion_idx, lesion_masks = classification.lesion_images(data, sample)
-    lesion_of = {int(j): m for j, m in zip(lesion_idx, lesion_masks)}
+    lesion_of = {int(j): m for j, m in zip(lesion_idx, lesion_masks, strict=False)}
     if cfg.model in EXAM_MODELS:
         _, attention = exam_attention(model, precision.place(images))
         case.attention = [float(a) for a in attention]
         if lesion_of:
-            case.lesion_slices = [j for j, s in enumerate(idx) if int(s) in lesion_of and (lesion_of[int(s)] == 1).any()]
+            case.lesion_slices = [
+                j for j, s in enumerate(idx) if int(s) in lesion_of and (lesion_of[int(s)] == 1).any()
+            ]
         j = int(np.argmax(attention))
         cam = gradcam(model, cfg.model, precision.place(images), target)[j]
         ig = np.abs(integrated_gradients(model, cfg.model, precision.place(images), target))[j]
@@ -361,7 +441,9 @@ def _classification_case(model: nn.Module, data: SiteData, cfg: RunConfig, preci
     fig = Figure(figsize=(3.0 * panels, 3.2))
     axes = _axes_off(fig, panels)
     axes[0].imshow(image if truth is None else _mask_overlay(image, truth), cmap="gray")
-    axes[0].set_title("image" + (" (lesion outlined)" if truth is not None and truth.any() else ""), fontsize=9)
+    axes[0].set_title(
+        "image" + (" (lesion outlined)" if truth is not None and truth.any() else ""), fontsize=9
+    )
     axes[1].imshow(_overlay(image, cam, "jet"))
     axes[1].set_title(f"Grad-CAM, class {target}", fontsize=9)
     axes[2].imshow(_overlay(image, ig, "hot"))
@@ -381,4 +463,3 @@ def _classification_case(model: nn.Module, data: SiteData, cfg: RunConfig, preci
 def load_explanation(out: Path) -> Explanation:
     """Read OUT/explain.json back."""
     return Explanation.model_validate(json.loads((Path(out) / EXPLAIN_JSON).read_text()))
-

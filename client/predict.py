@@ -33,11 +33,11 @@ from fedscan.client.model_file import load_model_file, personalize, site_precisi
 from fedscan.client.site_output import check_out
 from fedscan.common.atomic import atomic_write_bytes
 from fedscan.common.config import EXAM_MODELS, RunConfig
-from fedscan.common.data.site_arrays import model_input
-from fedscan.common.data.site_reader import SeriesRecord, SiteReader, log_problems
 from fedscan.common.data.layout import SiteDir, check_images
 from fedscan.common.data.preprocess import unfit_probabilities
 from fedscan.common.data.seg_writer import fedscan_version, write_seg
+from fedscan.common.data.site_arrays import model_input
+from fedscan.common.data.site_reader import SeriesRecord, SiteReader, log_problems
 from fedscan.common.errors import FedscanError
 from fedscan.common.tasks.precision import Precision
 
@@ -113,21 +113,38 @@ def predict_site(
     site = _site_dir(data, site_name)
     check_images(site)
     _check_out(out, site, overwrite)
-    site_model = personalize(load_model_file(Path(model_file), device=device), site.name, Path(cache_root),
-                             use_global=use_global)
+    site_model = personalize(
+        load_model_file(Path(model_file), device=device), site.name, Path(cache_root), use_global=use_global
+    )
     cfg = site_model.cfg
     precision = site_precision(site_model)
     reader = SiteReader(site)
     scan = reader.scan
     if not scan.series:
-        raise FedscanError(f"site '{site.name}': no readable DICOM image series under {site.images}",
-                           hint="run `fedscan site check --data SITE_DIR` to see why each file was not used")
+        raise FedscanError(
+            f"site '{site.name}': no readable DICOM image series under {site.images}",
+            hint="run `fedscan site check --data SITE_DIR` to see why each file was not used",
+        )
     log_problems(site, scan.skipped)
-    summary = PredictSummary(site=site.name, task=cfg.task, model=cfg.model, server_round=site_model.server_round,
-                             kind=site_model.kind, fedscan_version=fedscan_version(), series_found=len(scan.series))
+    summary = PredictSummary(
+        site=site.name,
+        task=cfg.task,
+        model=cfg.model,
+        server_round=site_model.server_round,
+        kind=site_model.kind,
+        fedscan_version=fedscan_version(),
+        series_found=len(scan.series),
+    )
     summary.skipped_files = [SkippedFile(path=_relative(s.path, data), reason=s.reason) for s in scan.skipped]
-    log.info("site %s: predicting %d series with the %s %s model of round %d on %s", site.name, len(scan.series),
-             site_model.kind, cfg.model, site_model.server_round, precision.device)
+    log.info(
+        "site %s: predicting %d series with the %s %s model of round %d on %s",
+        site.name,
+        len(scan.series),
+        site_model.kind,
+        cfg.model,
+        site_model.server_round,
+        precision.device,
+    )
     _clear_out(out, overwrite)
     model = precision.place_model(site_model.model).eval()
     rows: list[list[str]] = []
@@ -136,10 +153,22 @@ def predict_site(
         try:
             written, n_images, series_rows = _predict_series(site, rec, model, cfg, precision, out, summary)
         except Exception as exc:  # one series' problem must not stop the site's other series
-            reason = str(exc) if isinstance(exc, _SeriesFailed) else f"prediction failed: {type(exc).__name__}: {exc}"
-            log.warning("site %s: series %s (%d images) not predicted: %s", site.name, hdr.series_uid, len(hdr),
-                        reason, exc_info=not isinstance(exc, _SeriesFailed) and log.isEnabledFor(logging.DEBUG))
-            summary.skipped_series.append(SkippedSeries(series_uid=hdr.series_uid, images=len(hdr), reason=reason))
+            reason = (
+                str(exc)
+                if isinstance(exc, _SeriesFailed)
+                else f"prediction failed: {type(exc).__name__}: {exc}"
+            )
+            log.warning(
+                "site %s: series %s (%d images) not predicted: %s",
+                site.name,
+                hdr.series_uid,
+                len(hdr),
+                reason,
+                exc_info=not isinstance(exc, _SeriesFailed) and log.isEnabledFor(logging.DEBUG),
+            )
+            summary.skipped_series.append(
+                SkippedSeries(series_uid=hdr.series_uid, images=len(hdr), reason=reason)
+            )
         else:
             summary.series_predicted += 1
             summary.images_predicted += n_images
@@ -151,7 +180,9 @@ def predict_site(
         atomic_write_bytes(out / PREDICTIONS_CSV, _csv_bytes(rows, cfg.num_classes))
         summary.files_written.append(PREDICTIONS_CSV)
     summary.seconds = round(time.monotonic() - start, 2)
-    atomic_write_bytes(out / SUMMARY_JSON, (json.dumps(summary.model_dump(mode="json"), indent=2) + "\n").encode())
+    atomic_write_bytes(
+        out / SUMMARY_JSON, (json.dumps(summary.model_dump(mode="json"), indent=2) + "\n").encode()
+    )
     _log_summary(summary, out)
     if summary.series_predicted == 0:
         raise FedscanError(
@@ -164,11 +195,15 @@ def predict_site(
 def _site_dir(data: Path, name: str | None) -> SiteDir:
     """The site folder ``data``, named ``name`` or as the folder is (the name the site trained under)."""
     if not data.exists():
-        raise FedscanError(f"data folder not found: {data}",
-                           hint="give the site folder that holds images/, the one the site trains with")
+        raise FedscanError(
+            f"data folder not found: {data}",
+            hint="give the site folder that holds images/, the one the site trains with",
+        )
     if not data.is_dir():
-        raise FedscanError(f"data folder {data} is not a folder",
-                           hint="give the site folder that holds images/, the one the site trains with")
+        raise FedscanError(
+            f"data folder {data} is not a folder",
+            hint="give the site folder that holds images/, the one the site trains with",
+        )
     return SiteDir(name or data.resolve().name, data)
 
 
@@ -179,8 +214,10 @@ def _check_out(out: Path, site: SiteDir, overwrite: bool) -> None:
         raise FedscanError(f"output {out} exists and is not a folder", hint="choose a new --out folder")
     check_out(out, site)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FedscanError(f"output folder {out} already exists and is not empty",
-                           hint="choose a new --out, or pass --overwrite to replace the predictions in it")
+        raise FedscanError(
+            f"output folder {out} already exists and is not empty",
+            hint="choose a new --out, or pass --overwrite to replace the predictions in it",
+        )
 
 
 def _clear_out(out: Path, overwrite: bool) -> None:
@@ -208,17 +245,24 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _batches(model: torch.nn.Module, images: np.ndarray, precision: Precision) -> Iterator[tuple[int, np.ndarray]]:
+def _batches(
+    model: torch.nn.Module, images: np.ndarray, precision: Precision
+) -> Iterator[tuple[int, np.ndarray]]:
     """Softmax probabilities (b, C, ...) of the model for consecutive batches of (n, H, W) images."""
     for lo in range(0, images.shape[0], BATCH_IMAGES):
-        x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + BATCH_IMAGES], dtype=np.float32))[:, None]
+        x = torch.from_numpy(np.ascontiguousarray(images[lo : lo + BATCH_IMAGES], dtype=np.float32))[:, None]
         with torch.no_grad(), precision.autocast():
             logits = model(precision.place(x))
         yield lo, torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
 def _predict_series(
-    site: SiteDir, rec: SeriesRecord, model: torch.nn.Module, cfg: RunConfig, precision: Precision, out: Path,
+    site: SiteDir,
+    rec: SeriesRecord,
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    precision: Precision,
+    out: Path,
     summary: PredictSummary,
 ) -> tuple[list[str], int, list[list[str]]]:
     """Predict one series: write its SEG, or make its CSV rows. Returns the files written, the number
@@ -229,8 +273,9 @@ def _predict_series(
     kept = set() if decoded is None else set(decoded[0].files)
     for path in dict.fromkeys(hdr.files):
         if path not in kept:
-            summary.skipped_files.append(SkippedFile(path=_relative(path, site.path),
-                                                     reason="pixel data could not be decoded"))
+            summary.skipped_files.append(
+                SkippedFile(path=_relative(path, site.path), reason="pixel data could not be decoded")
+            )
     if decoded is None:
         raise _SeriesFailed("no image of the series could be decoded")
     used, pixels = decoded
@@ -239,11 +284,16 @@ def _predict_series(
         labels = np.zeros((len(used), *used.shape), dtype=np.uint8)
         for lo, probs in _batches(model, images, precision):
             full = unfit_probabilities(probs, used.shape, used.spacing, cfg.image_size, cfg.pixel_spacing)
-            labels[lo:lo + probs.shape[0]] = full.argmax(axis=1)
+            labels[lo : lo + probs.shape[0]] = full.argmax(axis=1)
         name = f"{SEG_DIR}/{_SAFE_NAME.sub('_', used.series_uid)}.dcm"
         write_seg(out / name, used, labels, num_classes=cfg.num_classes, model=cfg.model)
-        log.debug("series %s: %d of %d slices hold foreground -> %s", used.series_uid,
-                  int(labels.reshape(len(used), -1).any(axis=1).sum()), len(used), name)
+        log.debug(
+            "series %s: %d of %d slices hold foreground -> %s",
+            used.series_uid,
+            int(labels.reshape(len(used), -1).any(axis=1).sum()),
+            len(used),
+            name,
+        )
         return [name], len(used), []
     if cfg.model in EXAM_MODELS:
         bag = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
@@ -255,8 +305,15 @@ def _predict_series(
     for lo, probs in _batches(model, images, precision):
         for j, p in enumerate(probs):
             frame = used.frames[lo + j]
-            rows.append([used.study_uid, used.series_uid, used.sop_uids[lo + j],
-                         "" if frame is None else str(frame + 1), *_class_values(p)])
+            rows.append(
+                [
+                    used.study_uid,
+                    used.series_uid,
+                    used.sop_uids[lo + j],
+                    "" if frame is None else str(frame + 1),
+                    *_class_values(p),
+                ]
+            )
     return [], len(used), rows
 
 
@@ -267,19 +324,42 @@ def _class_values(probs: np.ndarray) -> list[str]:
 def _csv_bytes(rows: list[list[str]], num_classes: int) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameNumber", "predicted_class",
-                     *(f"prob_class{c}" for c in range(num_classes))])
+    writer.writerow(
+        [
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "FrameNumber",
+            "predicted_class",
+            *(f"prob_class{c}" for c in range(num_classes)),
+        ]
+    )
     writer.writerows(rows)
     return buf.getvalue().encode()
 
 
 def _log_summary(summary: PredictSummary, out: Path) -> None:
-    log.info("site %s: %d of %d series predicted (%d images) in %.1f s; %d file(s) written to %s", summary.site,
-             summary.series_predicted, summary.series_found, summary.images_predicted, summary.seconds,
-             len(summary.files_written), out)
+    log.info(
+        "site %s: %d of %d series predicted (%d images) in %.1f s; %d file(s) written to %s",
+        summary.site,
+        summary.series_predicted,
+        summary.series_found,
+        summary.images_predicted,
+        summary.seconds,
+        len(summary.files_written),
+        out,
+    )
     if summary.skipped_series:
-        log.warning("site %s: %d series not predicted (reasons above and in %s)", summary.site,
-                    len(summary.skipped_series), SUMMARY_JSON)
+        log.warning(
+            "site %s: %d series not predicted (reasons above and in %s)",
+            summary.site,
+            len(summary.skipped_series),
+            SUMMARY_JSON,
+        )
     if summary.skipped_files:
-        log.warning("site %s: %d file(s) under images/ not predicted (see %s)", summary.site,
-                    len(summary.skipped_files), SUMMARY_JSON)
+        log.warning(
+            "site %s: %d file(s) under images/ not predicted (see %s)",
+            summary.site,
+            len(summary.skipped_files),
+            SUMMARY_JSON,
+        )

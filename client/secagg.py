@@ -59,20 +59,31 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         local = model.state_dict()
         for k, a in zip(model_keys, global_np, strict=True):  # the arrays pair with the names by position
             if tuple(local[k].shape) != tuple(np.shape(a)):
-                raise ValueError(f"the server's array for {k} has shape {np.shape(a)}, the model's {tuple(local[k].shape)}")
+                raise ValueError(
+                    f"the server's array for {k} has shape {np.shape(a)}, the model's {tuple(local[k].shape)}"
+                )
         params = ctxt.state.config_records[RECORD_KEY_STATE]  # saved by the mod at setup
         clip, max_weight = float(params["clipping_range"]), float(params["max_weight"])
         n = int(metrics["num-examples"])
         if QUALITY_FACTOR in metrics:  # quality weighting: the masked weight is count x quality factor
             n = max(1, round(n * float(metrics[QUALITY_FACTOR])))
         if n > max_weight:
-            log.warning("this site's %d examples count as secagg_max_weight = %g (its weight is capped)", n, max_weight)
+            log.warning(
+                "this site's %d examples count as secagg_max_weight = %g (its weight is capped)",
+                n,
+                max_weight,
+            )
             n = int(max_weight)
-        delta, clipped = encode_update(global_np, [local[k].detach().cpu().numpy() for k in model_keys], clip,
-                                       n / max_weight)
+        delta, clipped = encode_update(
+            global_np, [local[k].detach().cpu().numpy() for k in model_keys], clip, n / max_weight
+        )
         if clipped:
-            log.warning("%.2g%% of this update's values exceed the SecAgg+ clipping range of +-%g and are cut; "
-                        "raise secagg_clipping_range", 100 * clipped, clip)
+            log.warning(
+                "%.2g%% of this update's values exceed the SecAgg+ clipping range of +-%g and are cut; "
+                "raise secagg_clipping_range",
+                100 * clipped,
+                clip,
+            )
         scalars = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
         scalars[CLIPPED_FRACTION] = clipped
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), n, scalars)

@@ -101,8 +101,14 @@ def _check_series(rec: SeriesRecord) -> _SeriesCheck:
     hdr, pixels = decoded
     sample = pixels[sample_indices(len(pixels))]
     p1, p99 = (float(v) for v in np.percentile(sample, [1, 99])) if pixels.size else (None, None)
-    out = _SeriesCheck(hdr, series_snr(pixels), float(pixels.min()) if pixels.size else None,
-                       float(pixels.max()) if pixels.size else None, p1, p99)
+    out = _SeriesCheck(
+        hdr,
+        series_snr(pixels),
+        float(pixels.min()) if pixels.size else None,
+        float(pixels.max()) if pixels.size else None,
+        p1,
+        p99,
+    )
     mask = rec.load_mask(hdr)
     if mask is not None:
         out.fg_slices = float((mask.reshape(len(mask), -1) > 0).any(axis=1).mean())
@@ -112,8 +118,9 @@ def _check_series(rec: SeriesRecord) -> _SeriesCheck:
     return out
 
 
-def _profile(sid: str, res: _SeriesCheck, source: str, classes: list[int | None],
-             samples: dict[str, int]) -> SeriesProfile:
+def _profile(
+    sid: str, res: _SeriesCheck, source: str, classes: list[int | None], samples: dict[str, int]
+) -> SeriesProfile:
     """``classes``: each slice's class (None: unlabelled); ``samples``: the labelled samples
     first counted at this series (an exam counts once however many series it has)."""
     hdr = res.hdr
@@ -130,18 +137,34 @@ def _profile(sid: str, res: _SeriesCheck, source: str, classes: list[int | None]
         for c in samples.values():
             counts[str(c)] = counts.get(str(c), 0) + 1
     return SeriesProfile(
-        id=sid, modality=hdr.modality, manufacturer=hdr.manufacturer or "unknown",
-        slices=len(hdr), rows=hdr.shape[0], columns=hdr.shape[1], patient_geometry=hdr.geometry,
-        pixel_spacing_mm=hdr.spacing, slice_thickness_mm=hdr.thickness, slice_spacing_mm=hdr.slice_spacing,
-        snr=res.snr, intensity_min=res.lo, intensity_max=res.hi, intensity_p1=res.p1, intensity_p99=res.p99,
-        labelled_slice_fraction=labelled, label_source=source_name,
-        foreground_slice_fraction=res.fg_slices, foreground_pixel_fraction=res.fg_pixels,
-        class_counts=counts, warnings=list(hdr.warnings),
+        id=sid,
+        modality=hdr.modality,
+        manufacturer=hdr.manufacturer or "unknown",
+        slices=len(hdr),
+        rows=hdr.shape[0],
+        columns=hdr.shape[1],
+        patient_geometry=hdr.geometry,
+        pixel_spacing_mm=hdr.spacing,
+        slice_thickness_mm=hdr.thickness,
+        slice_spacing_mm=hdr.slice_spacing,
+        snr=res.snr,
+        intensity_min=res.lo,
+        intensity_max=res.hi,
+        intensity_p1=res.p1,
+        intensity_p99=res.p99,
+        labelled_slice_fraction=labelled,
+        label_source=source_name,
+        foreground_slice_fraction=res.fg_slices,
+        foreground_pixel_fraction=res.fg_pixels,
+        class_counts=counts,
+        warnings=list(hdr.warnings),
     )
 
 
 def check_site_data(
-    data: Path, on_series: Callable[[int, int], None] | None = None, workers: int | None = 1,
+    data: Path,
+    on_series: Callable[[int, int], None] | None = None,
+    workers: int | None = 1,
 ) -> tuple[SiteCheck, dict[str, Path]]:
     """Check a site folder. Returns the report and, for the console only, problem ids -> paths.
     ``workers``: processes that read the series (0 or None: one per core, at most 4)."""
@@ -155,7 +178,9 @@ def check_site_data(
         return _check(reader, on_series)
 
 
-def _check(reader: SiteReader, on_series: Callable[[int, int], None] | None) -> tuple[SiteCheck, dict[str, Path]]:
+def _check(
+    reader: SiteReader, on_series: Callable[[int, int], None] | None
+) -> tuple[SiteCheck, dict[str, Path]]:
     scan, masks, table = reader.scan, reader.masks, reader.labels
     profiles: list[SeriesProfile] = []
     used_files: set[Path] = set()
@@ -164,7 +189,9 @@ def _check(reader: SiteReader, on_series: Callable[[int, int], None] | None) -> 
     studies: set[str] = set()
     counted: set[str] = set()  # labelled samples already counted
     # rows that match an image at this site, whether or not its pixels decode
-    matched_uids = {k for h in scan.series for k in _label_keys(h, table)} & set(table.labels if table else ())
+    matched_uids = {k for h in scan.series for k in _label_keys(h, table)} & set(
+        table.labels if table else ()
+    )
     mismatched = unlabelled = 0
     records = reader.records()
     results = reader.map(_check_series, ((r, ()) for r in records))
@@ -182,7 +209,11 @@ def _check(reader: SiteReader, on_series: Callable[[int, int], None] | None) -> 
         mismatched += res.mask_failed
         keys = _label_keys(hdr, table)
         classes: list[int | None] = [table.labels.get(u) for u in keys] if table else [None] * len(hdr)
-        new = {u: table.labels[u] for u in dict.fromkeys(keys) if table and u in table.labels and u not in counted}
+        new = {
+            u: table.labels[u]
+            for u in dict.fromkeys(keys)
+            if table and u in table.labels and u not in counted
+        }
         counted.update(new)
         if res.fg_pixels is None and rec.mask_source is None and all(c is None for c in classes):
             unlabelled += 1
@@ -219,7 +250,11 @@ def _check(reader: SiteReader, on_series: Callable[[int, int], None] | None) -> 
         label_rows_for_unknown_uids=(len(table.labels) - len(matched_uids)) if table else 0,
     )
     report = SiteCheck(
-        ready=inventory.labelled_series > 0, inventory=inventory, mismatches=mismatches,
-        site=site_profile(profiles), series=profiles, problems=listed,
+        ready=inventory.labelled_series > 0,
+        inventory=inventory,
+        mismatches=mismatches,
+        site=site_profile(profiles),
+        series=profiles,
+        problems=listed,
     )
     return report, ids

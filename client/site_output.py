@@ -15,8 +15,12 @@ def check_out(out: Path, site: SiteDir) -> None:
     resolved, data = Path(out).resolve(), site.path.resolve()
     for inside in (site.images, site.labels):
         if resolved == inside.resolve() or inside.resolve() in resolved.parents:
-            raise FedscanError(f"output folder {out} is inside the site's {inside.name}/ folder",
-                               hint="choose an --out folder outside images/ and labels/")
+            raise FedscanError(
+                f"output folder {out} is inside the site's {inside.name}/ folder",
+                hint="choose an --out folder outside images/ and labels/",
+            )
     if resolved == data or resolved in data.parents:
-        raise FedscanError(f"output folder {out} holds the site's data folder {site.path}",
-                           hint="choose an --out folder of its own, outside the site's data")
+        raise FedscanError(
+            f"output folder {out} holds the site's data folder {site.path}",
+            hint="choose an --out folder of its own, outside the site's data",
+        )

@@ -64,8 +64,9 @@ def local_layers_of(context: Context, cfg: AppConfig, site: str) -> LocalLayers 
     return LocalLayers(cache_root(context, cfg), cfg.run, site) if cfg.run.strategy == "fedbn" else None
 
 
-def injected_fault(record: ArrayRecord, global_arrays: ArrayRecord, context: Context, cfg: AppConfig,
-                   site: str) -> ArrayRecord:
+def injected_fault(
+    record: ArrayRecord, global_arrays: ArrayRecord, context: Context, cfg: AppConfig, site: str
+) -> ArrayRecord:
     """Simulation only (``fault_site``, ``fault_kind``): make this site's update faulty, to test
     how a strategy copes. ``scale``: the update (local minus global) times ``fault_scale``;
     ``nan``: every floating-point value NaN. A deployed site never does this."""
@@ -73,7 +74,9 @@ def injected_fault(record: ArrayRecord, global_arrays: ArrayRecord, context: Con
     simulated = "partition-id" in context.node_config and "data-dir" not in context.node_config
     if run.fault_site != site or not simulated:
         return record
-    log.warning("site %s: sending a faulty update on purpose (%s), as the simulation asks", site, run.fault_kind)
+    log.warning(
+        "site %s: sending a faulty update on purpose (%s), as the simulation asks", site, run.fault_kind
+    )
     out = to_state(record)
     glob = to_state(global_arrays, set(out))
     for key, local in out.items():
@@ -86,8 +89,9 @@ def injected_fault(record: ArrayRecord, global_arrays: ArrayRecord, context: Con
     return from_state(out)
 
 
-def train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig,
-          secure: bool = False) -> tuple[Any, dict[str, float], str]:
+def train(
+    arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig, secure: bool = False
+) -> tuple[Any, dict[str, float], str]:
     """Local training from the global ``arrays``: the model, its metrics and the site's name.
     Under SecAgg+ (``secure``) with FedBN, the model's normalization layers go back to the global
     ones after they are stored here, so that their masked update is zero: they are never sent."""
@@ -101,7 +105,9 @@ def train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig,
         local_layers.forget_from(server_round)  # left by an earlier run, or by this round interrupted
         local_layers.apply(model, server_round - 1)
     metrics = local_training.train_local(
-        model, site, cfg.run,
+        model,
+        site,
+        cfg.run,
         server_round=server_round,
         epochs=int(conf.get("local-epochs", cfg.run.local_epochs)),
         lr=float(conf.get("lr", cfg.run.learning_rate)),
@@ -114,12 +120,20 @@ def train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig,
         if secure:
             restore_global(model, arrays, norm_keys(model))
     steps = metrics.pop("steps", 0.0)  # kept here: it would tell the exact count despite count_rounding
-    log.info("site %s round %s: trained on %d examples (%d steps), loss %.4f", site.name,
-             conf["server-round"], int(metrics["num-examples"]), int(steps), metrics["train_loss"])
+    log.info(
+        "site %s round %s: trained on %d examples (%d steps), loss %.4f",
+        site.name,
+        conf["server-round"],
+        int(metrics["num-examples"]),
+        int(steps),
+        metrics["train_loss"],
+    )
     # the example count the site discloses (for the weighting), rounded as the run asks
     metrics["num-examples"] = round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     if cfg.run.quality_weighting:  # the server weights this site by count x this factor
-        metrics[QUALITY_FACTOR] = quality_factor(site.snr(), cfg.run.quality_snr_reference, cfg.run.quality_floor)
+        metrics[QUALITY_FACTOR] = quality_factor(
+            site.snr(), cfg.run.quality_snr_reference, cfg.run.quality_floor
+        )
     metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     return model, metrics, site.name
 
@@ -136,7 +150,9 @@ def restore_global(model: Any, arrays: ArrayRecord, keys: set[str] | frozenset[s
     copy_into(model, to_state(arrays, keys), keys)
 
 
-def evaluate(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) -> tuple[dict[str, float], str]:
+def evaluate(
+    arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig
+) -> tuple[dict[str, float], str]:
     """The global ``arrays`` on this site's validation split: its metrics and the site's name.
     Under FedBN the site evaluates its personalized model (its own normalization layers)."""
     t0 = time.perf_counter()
@@ -148,14 +164,17 @@ def evaluate(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) 
     if local_layers is not None:  # FedBN: the site's personalized model is what it evaluates
         local_layers.apply(model, server_round)
     # the final round also scores the explanations: single numbers, no image content
-    metrics = local_training.evaluate_local(model, site, cfg.run,
-                                            scores=cfg.run.explain_scores and server_round >= cfg.run.rounds)
+    metrics = local_training.evaluate_local(
+        model, site, cfg.run, scores=cfg.run.explain_scores and server_round >= cfg.run.rounds
+    )
     metrics["num-examples"] = round_count(int(metrics["num-examples"]), cfg.run.count_rounding)
     metrics[COMPUTE_SECONDS] = time.perf_counter() - t0
     return metrics, site.name
 
 
-def plain_train(arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig) -> tuple[ArrayRecord, dict[str, float], str]:
+def plain_train(
+    arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig
+) -> tuple[ArrayRecord, dict[str, float], str]:
     """Train without secure aggregation: the update as it is sent, its metrics and the site's name."""
     model, metrics, name = train(arrays, conf, context, cfg)
     # FedBN: the normalization layers stay here

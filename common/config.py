@@ -27,7 +27,14 @@ else:  # pragma: no cover
 TASKS: tuple[str, ...] = ("segmentation", "classification")
 MODELS: tuple[str, ...] = ("unet", "segnet", "densenet121", "resnet18", "mil")
 STRATEGIES: tuple[str, ...] = (
-    "fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "fedmedian", "fedtrimmedavg", "fedbn",
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedprox",
+    "fedmedian",
+    "fedtrimmedavg",
+    "fedbn",
 )
 # aggregators that need every site's own update: no robustness is left on SecAgg+'s single sum
 ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg")
@@ -81,23 +88,30 @@ class SecureAggregationSettings(BaseModel):
         None, ge=2, le=1024, description="SecAgg+: sites each site shares its secrets with (default: all)"
     )
     threshold: int | None = Field(
-        None, ge=2, le=1024, description="SecAgg+: shares needed to reconstruct (default: a majority of "
-                                         "the shares)"
+        None,
+        ge=2,
+        le=1024,
+        description="SecAgg+: shares needed to reconstruct (default: a majority of the shares)",
     )
     clipping_range: float = Field(8.0, gt=0, le=1e6, description="SecAgg+: updates are clipped to +-this")
     quantization_range: int | None = Field(
-        None, ge=2**8, le=2**31,
+        None,
+        ge=2**8,
+        le=2**31,
         description="SecAgg+: quantization levels (default: the most the 2^32 modulus allows for the "
-                    "round's sites)",
+        "round's sites)",
     )
     max_weight: float = Field(
-        10_000.0, ge=1, description="SecAgg+: above every site's example count (weights are count / "
-                                    "max_weight)"
+        10_000.0,
+        ge=1,
+        description="SecAgg+: above every site's example count (weights are count / max_weight)",
     )
     timeout: float = Field(
-        600.0, gt=0, le=7 * 86400,
+        600.0,
+        gt=0,
+        le=7 * 86400,
         description="SecAgg+: seconds each protocol stage waits (the stage that trains waits "
-                    "round_timeout, if longer)",
+        "round_timeout, if longer)",
     )
 
     def plan(self, n_sites: int, *, strict: bool = False) -> SecAggPlan:
@@ -111,28 +125,34 @@ class SecureAggregationSettings(BaseModel):
           large for this many sites is lowered to what they allow, or refused when ``strict``.
         """
         if n_sites < 2:
-            raise ValueError(f"secure aggregation needs at least 2 sites in a round, got {n_sites} "
-                             "(for a single site, turn it off: --no-secagg or secagg = false)")
+            raise ValueError(
+                f"secure aggregation needs at least 2 sites in a round, got {n_sites} "
+                "(for a single site, turn it off: --no-secagg or secagg = false)"
+            )
         shares = min(self.shares or n_sites, n_sites)
         if shares < n_sites:
             shares = max(3, shares + (1 - shares % 2))  # odd, at least 3
             shares = min(shares, n_sites)
         threshold = self.threshold or max(2, shares // 2 + 1)
         if threshold > shares:
-            raise ValueError(f"secagg_threshold {threshold} exceeds the {shares} shares of a round of "
-                             f"{n_sites} sites")
+            raise ValueError(
+                f"secagg_threshold {threshold} exceeds the {shares} shares of a round of {n_sites} sites"
+            )
         if 2 * threshold <= shares:
             raise ValueError(f"secagg_threshold {threshold} must be more than half of the {shares} shares")
         if shares < n_sites and threshold == shares:
-            raise ValueError(f"secagg_threshold must be below secagg_shares ({shares}) when fewer than "
-                             f"all sites share")
+            raise ValueError(
+                f"secagg_threshold must be below secagg_shares ({shares}) when fewer than all sites share"
+            )
         most = quantization_range(n_sites)
         q_range = self.quantization_range or most
         if q_range > most:
             if strict:
-                raise ValueError(f"secagg_quantization_range {q_range} is too large for {n_sites} "
-                                 f"sites: their sum "
-                                 f"must stay below 2^32, so at most {most}")
+                raise ValueError(
+                    f"secagg_quantization_range {q_range} is too large for {n_sites} "
+                    f"sites: their sum "
+                    f"must stay below 2^32, so at most {most}"
+                )
             q_range = most
         return SecAggPlan(shares, threshold, q_range)
 
@@ -143,18 +163,24 @@ class AggregationSettings(BaseModel):
     model_config = _GROUP_CONFIG
 
     strategy: str = Field("fedavg", description=f"one of: {', '.join(STRATEGIES)}")
-    proximal_mu: float = Field(0.01, ge=0, le=100, description="fedprox: weight µ of the proximal term "
-                                                               "µ/2·‖w − w_global‖²")
+    proximal_mu: float = Field(
+        0.01, ge=0, le=100, description="fedprox: weight µ of the proximal term µ/2·‖w − w_global‖²"
+    )
     server_learning_rate: float | None = Field(
-        None, gt=0, le=10, description="fedavgm, fedadam, fedyogi: server learning rate (default 1.0 "
-                                       "for fedavgm, 0.01 otherwise)"
+        None,
+        gt=0,
+        le=10,
+        description="fedavgm, fedadam, fedyogi: server learning rate (default 1.0 "
+        "for fedavgm, 0.01 otherwise)",
     )
     server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum")
     server_tau: float = Field(1e-3, gt=0, le=1, description="fedadam, fedyogi: adaptivity τ")
     trimmed_fraction: float | None = Field(
-        None, ge=0, lt=0.5,
+        None,
+        ge=0,
+        lt=0.5,
         description="fedtrimmedavg: fraction of the sites' values cut at each end, per coordinate "
-                    "(default: one site's)",
+        "(default: one site's)",
     )
     quality_weighting: bool = Field(
         False, description="weight sites by example count x data-quality factor (see quality_snr_reference)"
@@ -181,22 +207,27 @@ class DataSettings(BaseModel):
     data_root: Path | None = Field(None, description="folder of site folders")
     cache_dir: Path | None = Field(None, description="preprocessed-data cache")
     workers: int = Field(
-        1, ge=0, le=64, description="worker processes that read and preprocess a site's DICOM on a cold "
-                                    "cache "
-                                    "(0: one per core, at most 4); a machine-local setting",
+        1,
+        ge=0,
+        le=64,
+        description="worker processes that read and preprocess a site's DICOM on a cold "
+        "cache "
+        "(0: one per core, at most 4); a machine-local setting",
     )
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="patients held out")
     image_size: int = Field(96, ge=32, le=1024, description="square side, multiple of 16")
     pixel_spacing: float | None = Field(
-        None, gt=0.0, le=50.0,
+        None,
+        gt=0.0,
+        le=50.0,
         description="resample in-plane to this spacing (mm), then centre-crop or pad to image_size; "
-                    "unset: pad to square and resize to image_size",
+        "unset: pad to square and resize to image_size",
     )
     ct_window: tuple[float, float] = Field((40.0, 400.0), description="(level, width) HU")
     ct_normalization: Literal["window", "foreground"] = Field(
         "window",
         description="CT intensities: the HU window, or a z-score over each series' body (foreground), "
-                    "which undoes differences in scanner calibration between sites",
+        "which undoes differences in scanner calibration between sites",
     )
     intensity_percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="MR and other non-CT series: clip to these percentiles, then z-score"
@@ -281,8 +312,9 @@ class _InGroup(Generic[_T]):
         return value
 
     def __set__(self, obj: object, value: object) -> None:
-        raise AttributeError(f"set {self.group}.{self.field}, the group's field, or make a copy with "
-                             f"model_copy")
+        raise AttributeError(
+            f"set {self.group}.{self.field}, the group's field, or make a copy with model_copy"
+        )
 
 
 def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -340,17 +372,20 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, ignored_types=(_InGroup,))
 
     task: str = Field("segmentation", description=f"one of: {', '.join(TASKS)}")
-    fault_site: str | None = Field(None, description="simulation only: the site whose updates are made "
-                                                     "faulty")
+    fault_site: str | None = Field(
+        None, description="simulation only: the site whose updates are made faulty"
+    )
     fault_kind: Literal["scale", "nan"] | None = Field(
         None, description="simulation only: scale (the update times fault_scale) or nan (all values NaN)"
     )
     fault_scale: float = Field(100.0, description="simulation only: the factor of a 'scale' fault")
     rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
     local_epochs: int = Field(
-        6, ge=0, le=1000,
+        6,
+        ge=0,
+        le=1000,
         description="local epochs per round (0: no training, the sites send the global weights back: "
-                    "times the protocol alone)",
+        "times the protocol alone)",
     )
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -358,23 +393,28 @@ class RunConfig(BaseModel):
         description="the learning rate over the rounds: constant, or cosine decay to lr_final_fraction",
     )
     lr_final_fraction: float = Field(
-        0.05, ge=0.0, le=1.0, description="cosine schedule: the last round's learning rate, as a "
-                                          "fraction of learning_rate"
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="cosine schedule: the last round's learning rate, as a fraction of learning_rate",
     )
     batch_size: int = Field(4, ge=1, le=4096)
     class_weights: list[float] | Literal["balanced"] | None = Field(
         None, description="classification loss weights per class, or 'balanced' (per site)"
     )
     explain_scores: bool = Field(
-        True, description="final round: each site also computes the shareable explanation scores "
-                          "(uncertainty AUROC; Grad-CAM energy in the lesion)",
+        True,
+        description="final round: each site also computes the shareable explanation scores "
+        "(uncertainty AUROC; Grad-CAM energy in the lesion)",
     )
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")
     channels_last: bool = Field(True, description="channels_last memory layout on CUDA")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     sites: int = Field(
-        3, ge=1, le=64, description="synthetic hospitals in simulation; in deployment, the sites a run "
-                                    "waits for"
+        3,
+        ge=1,
+        le=64,
+        description="synthetic hospitals in simulation; in deployment, the sites a run waits for",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output: Path = Field(Path("fedscan-out"), description="output folder")
@@ -491,23 +531,30 @@ class RunConfig(BaseModel):
             )
         if self.strategy == "fedtrimmedavg" and self.sites < 3:
             raise ValueError(f"fedtrimmedavg needs at least 3 sites to cut one at each end, got {self.sites}")
-        if (self.strategy == "fedtrimmedavg" and self.trimmed_fraction is not None
-                and int(self.trimmed_fraction * self.sites) == 0):
+        if (
+            self.strategy == "fedtrimmedavg"
+            and self.trimmed_fraction is not None
+            and int(self.trimmed_fraction * self.sites) == 0
+        ):
             raise ValueError(
                 f"trimmed_fraction {self.trimmed_fraction:g} cuts no site's values with {self.sites} sites "
                 f"(it cuts int(fraction x sites) at each end): use at least {1 / self.sites:.3g}, or "
                 f"leave it unset"
             )
         if (self.fault_site is None) != (self.fault_kind is None):
-            raise ValueError("fault_site and fault_kind go together: set both to make a site's updates "
-                             "faulty, or neither")
+            raise ValueError(
+                "fault_site and fault_kind go together: set both to make a site's updates faulty, or neither"
+            )
         if self.fault_site is not None and self.secagg:
-            raise ValueError("fault injection works on plaintext updates: turn secure aggregation off "
-                             "(--no-secagg)")
+            raise ValueError(
+                "fault injection works on plaintext updates: turn secure aggregation off (--no-secagg)"
+            )
         if self.quality_weighting and self.strategy in ROBUST_STRATEGIES:
-            raise ValueError(f"strategy {self.strategy} does not weight the sites: quality_weighting "
-                             f"has no effect "
-                             "with it; turn it off or choose an averaging strategy")
+            raise ValueError(
+                f"strategy {self.strategy} does not weight the sites: quality_weighting "
+                f"has no effect "
+                "with it; turn it off or choose an averaging strategy"
+            )
         if self.secagg:  # the explicit SecAgg+ settings must fit the run's (minimum) number of sites
             self.secagg_plan(self.sites, strict=True)
             if self.strategy in ROBUST_STRATEGIES:
@@ -614,8 +661,10 @@ def read_toml(path: Path) -> dict[str, Any]:
     def key(k: object) -> str:
         return str(k).replace("-", "_")
 
-    return {key(k): {key(f): x for f, x in v.items()} if key(k) in GROUPS and isinstance(v, dict) else v
-            for k, v in data.items()}
+    return {
+        key(k): {key(f): x for f, x in v.items()} if key(k) in GROUPS and isinstance(v, dict) else v
+        for k, v in data.items()
+    }
 
 
 def load_run_config(

@@ -158,8 +158,13 @@ class FlowerProcess:
     The end of the process is taken from the process, never from its output (a child that lingers
     may keep the pipe open). Leaving the ``with`` block stops it and everything it started."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path,
-                 on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
         self.cmd = cmd
         self.env = env
         self.log_path = Path(log_path)
@@ -174,8 +179,13 @@ class FlowerProcess:
         self._log = open(self.log_path, "a", encoding="utf-8")  # closed in __exit__
         try:
             self.proc = subprocess.Popen(
-                self.cmd, env=self.env, stdout=subprocess.PIPE if self.on_line else self._log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                self.cmd,
+                env=self.env,
+                stdout=subprocess.PIPE if self.on_line else self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
                 start_new_session=True,
             )
         except BaseException:
@@ -197,8 +207,9 @@ class FlowerProcess:
                 self.on_line(line.rstrip("\n"))
             except Exception:  # a bug in a handler must not stop the pipe from draining
                 if not failed:
-                    log.exception("handling the output of %s failed; it is still logged",
-                                  Path(self.cmd[0]).name)
+                    log.exception(
+                        "handling the output of %s failed; it is still logged", Path(self.cmd[0]).name
+                    )
                 failed = True
 
     def poll(self) -> int | None:
@@ -238,15 +249,23 @@ class RunNotFollowed(FedscanError):
     """Following a run was given up: it said nothing for too long (see :func:`follow_run`)."""
 
 
-def flwr_json(args: list[str], home: Path, timeout: float = 60, hint: str | None = None,
-              log_path: Path | None = None) -> dict[str, Any]:
+def flwr_json(
+    args: list[str], home: Path, timeout: float = 60, hint: str | None = None, log_path: Path | None = None
+) -> dict[str, Any]:
     """Run a `flwr` CLI command with ``--format json``; its answer, the JSON object it prints, or a
     FedscanError (with ``hint``) when it fails, times out or answers no such object."""
     cmd = [flower_exe("flwr"), *args, "--format", "json"]
     what = " ".join(args[:2])
     try:
-        res = subprocess.run(cmd, env=offline_env(home), capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL, check=False)
+        res = subprocess.run(
+            cmd,
+            env=offline_env(home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         raise FedscanError(f"`flwr {what}` did not answer within {timeout:.0f}s", hint=hint) from None
     if log_path is not None:
@@ -265,8 +284,17 @@ def flwr_json(args: list[str], home: Path, timeout: float = 60, hint: str | None
     return data
 
 
-def submit_run(app_dir: Path, connection: str, home: Path, run_config: Path, log_path: Path, *,
-               federation_config: str | None = None, timeout: float = 120, hint: str | None = None) -> int:
+def submit_run(
+    app_dir: Path,
+    connection: str,
+    home: Path,
+    run_config: Path,
+    log_path: Path,
+    *,
+    federation_config: str | None = None,
+    timeout: float = 120,
+    hint: str | None = None,
+) -> int:
     """Submit the app with `flwr run --format json`; the run ID, which Flower answers as data."""
     args = ["run", str(app_dir), connection, "--run-config", str(run_config)]
     if federation_config is not None:
@@ -283,8 +311,10 @@ def event_reader(on_event: Callable[[RunEvent], None]) -> Callable[[str], None]:
         try:
             event = decode(line)
         except ValueError as exc:
-            log.warning("a run event from the ServerApp could not be read (%s); waiting for the next one",
-                        str(exc).splitlines()[0])
+            log.warning(
+                "a run event from the ServerApp could not be read (%s); waiting for the next one",
+                str(exc).splitlines()[0],
+            )
             return
         if event is not None:
             on_event(event)
@@ -292,8 +322,14 @@ def event_reader(on_event: Callable[[RunEvent], None]) -> Callable[[str], None]:
     return on_line
 
 
-def follow_run(run_id: int, connection: str, home: Path, log_path: Path, on_event: Callable[[RunEvent], None],
-               give_up: Callable[[], bool] | None = None) -> None:
+def follow_run(
+    run_id: int,
+    connection: str,
+    home: Path,
+    log_path: Path,
+    on_event: Callable[[RunEvent], None],
+    give_up: Callable[[], bool] | None = None,
+) -> None:
     """Follow a run with `flwr log RUN --stream` until it ends: its whole output goes to the log, and
     every run event the ServerApp writes (``fedscan.common.run_events``) to ``on_event``.
 

@@ -69,26 +69,30 @@ def figure(png: bytes | None, alt: str, caption: str, img_id: str | None = None)
         return ""
     src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     id_attr = f' id="{escape(img_id)}"' if img_id else ""
-    return (f'<figure><img{id_attr} src="{src}" alt="{escape(alt)}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img{id_attr} src="{src}" alt="{escape(alt)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
 
 
 def page(title: str, heading: str, sections: list[str], footer: str) -> str:
     """An HTML5 page; ``title`` and ``heading`` are escaped here, ``sections`` and ``footer`` are HTML."""
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title>",
-        f"<style>{CSS}</style>",
-        "</head>",
-        "<body>",
-        f"<h1>{escape(heading)}</h1>",
-        *(s for s in sections if s),
-        f"<footer>{footer}</footer>",
-        "</body>",
-        "</html>",
-        "",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{escape(title)}</title>",
+            f"<style>{CSS}</style>",
+            "</head>",
+            "<body>",
+            f"<h1>{escape(heading)}</h1>",
+            *(s for s in sections if s),
+            f"<footer>{footer}</footer>",
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )

@@ -46,8 +46,10 @@ class RunStarted(_Event):
 
     def text(self) -> str:
         if self.resumed_after:
-            return (f"resuming from round {self.resumed_after} ({self.checkpoint}): {self.sites} sites, "
-                    f"rounds {self.resumed_after + 1} to {self.rounds}")
+            return (
+                f"resuming from round {self.resumed_after} ({self.checkpoint}): {self.sites} sites, "
+                f"rounds {self.resumed_after + 1} to {self.rounds}"
+            )
         return f"run started: {self.sites} sites, {self.rounds} rounds"
 
 
@@ -73,9 +75,11 @@ class SecureAggregation(_Event):
     quantization_bits: int
 
     def text(self) -> str:
-        return (f"secure aggregation (SecAgg+): each round over the sites it reaches (with {self.sites}: "
-                f"{self.threshold} needed to unmask); updates clipped to +-{self.clipping_range:g}, "
-                f"quantized to 2^{self.quantization_bits} levels")
+        return (
+            f"secure aggregation (SecAgg+): each round over the sites it reaches (with {self.sites}: "
+            f"{self.threshold} needed to unmask); updates clipped to +-{self.clipping_range:g}, "
+            f"quantized to 2^{self.quantization_bits} levels"
+        )
 
 
 class RunWarning(_Event):
@@ -157,8 +161,16 @@ class RunFailed(_Event):
 
 
 RunEvent = Annotated[
-    RunStarted | WaitingForSites | SecureAggregation | RunWarning | UpdateRejected | EvaluationsMissing
-    | RoundFinished | ReportUpdated | RunFinished | RunFailed,
+    RunStarted
+    | WaitingForSites
+    | SecureAggregation
+    | RunWarning
+    | UpdateRejected
+    | EvaluationsMissing
+    | RoundFinished
+    | ReportUpdated
+    | RunFinished
+    | RunFailed,
     Field(discriminator=EVENT_KEY),
 ]
 _EVENTS: TypeAdapter[RunEvent] = TypeAdapter(RunEvent)

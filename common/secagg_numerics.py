@@ -44,7 +44,11 @@ def encode_update(
     for g, loc in zip(global_arrays, local_arrays, strict=True):
         if g.shape != loc.shape:
             raise ValueError(f"a local array has shape {loc.shape}, the global one {g.shape}")
-        delta = np.zeros(g.size) if _is_counter(g.dtype) else (loc.astype(np.float64) - g.astype(np.float64)).reshape(-1)
+        delta = (
+            np.zeros(g.size)
+            if _is_counter(g.dtype)
+            else (loc.astype(np.float64) - g.astype(np.float64)).reshape(-1)
+        )
         if not np.isfinite(delta).all():  # it would corrupt everyone's sum; the site drops out instead
             raise ValueError("the update holds NaN or infinite values")
         clipped += int(np.count_nonzero(np.abs(delta) * min(weight_ratio, 1.0) > clip))
@@ -53,7 +57,9 @@ def encode_update(
     return out, clipped / max(total, 1)
 
 
-def decode_aggregate(global_arrays: dict[str, np.ndarray], aggregate: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def decode_aggregate(
+    global_arrays: dict[str, np.ndarray], aggregate: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
     """global + the aggregated delta, array by array, in each array's own dtype and shape
     (integer buffers keep their global value)."""
     if len(aggregate) != len(global_arrays):

@@ -53,8 +53,9 @@ def load_state(model: nn.Module, state: StateValues) -> None:
     missing = set(own) - set(state)
     extra = set(state) - set(own)
     if missing or extra:
-        raise ValueError(f"weights do not match the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(extra)[:3]}")
+        raise ValueError(
+            f"weights do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+        )
     fixed = {}
     for name, value in state.items():
         ref = own[name]

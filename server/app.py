@@ -49,8 +49,14 @@ class DeadlineGrid:
     than ``timeout`` seconds, asking for the nodes raises SitesMissing. Flower's strategies wait
     for their minimum number of nodes without a limit; this puts one on every such wait."""
 
-    def __init__(self, grid: Grid, needed: int, timeout: float, clock: Callable[[], float] = time.monotonic,
-                 emit: Callable[[RunEvent], None] = write_event):
+    def __init__(
+        self,
+        grid: Grid,
+        needed: int,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        emit: Callable[[RunEvent], None] = write_event,
+    ):
         self._grid = grid
         self.needed = needed
         self.timeout = timeout
@@ -109,19 +115,28 @@ def resume_point(cfg: AppConfig, strategy: PerSiteEvaluation, initial: ArrayReco
     assert cfg.resume_from is not None
     run = cfg.run
     resumed = checkpoint.load_resume(cfg.resume_from)
-    saved = {"task": resumed.config.get("task"), "model": resumed.config.get("model"),
-             "strategy": resumed.strategy}
+    saved = {
+        "task": resumed.config.get("task"),
+        "model": resumed.config.get("model"),
+        "strategy": resumed.strategy,
+    }
     ours = {"task": run.task, "model": run.model, "strategy": run.strategy}
     if saved != ours:
-        raise FedscanError(f"the checkpoint {cfg.resume_from} is of another run ({saved}, this run: {ours})",
-                           hint="resume a run with the config it was started with (its run_config.toml)")
+        raise FedscanError(
+            f"the checkpoint {cfg.resume_from} is of another run ({saved}, this run: {ours})",
+            hint="resume a run with the config it was started with (its run_config.toml)",
+        )
     shapes = {k: tuple(v.shape) for k, v in initial.items()}
     if {k: tuple(v.shape) for k, v in resumed.arrays.items()} != shapes:
-        raise FedscanError(f"the weights in {cfg.resume_from} do not fit this run's {run.model}",
-                           hint="resume a run with the config it was started with (its run_config.toml)")
+        raise FedscanError(
+            f"the weights in {cfg.resume_from} do not fit this run's {run.model}",
+            hint="resume a run with the config it was started with (its run_config.toml)",
+        )
     if not 1 <= resumed.server_round < run.rounds:
-        raise FedscanError(f"the checkpoint {cfg.resume_from} is of round {resumed.server_round}; "
-                           f"this run has {run.rounds} rounds, so there is nothing left to resume")
+        raise FedscanError(
+            f"the checkpoint {cfg.resume_from} is of round {resumed.server_round}; "
+            f"this run has {run.rounds} rounds, so there is nothing left to resume"
+        )
     strategy.load_state(resumed.strategy_state)
     strategy.round_offset = resumed.server_round
     return resumed
@@ -163,12 +178,21 @@ def main(grid: Grid, context: Context) -> None:
             write_event(RunFailed(message=str(exc)))
             hint = "change the secagg_ settings, or run with --no-secagg"
             raise FedscanError(str(exc), hint=hint) from None
-        train_grid = SecureTrainGrid(deadline_grid, context, run,
-                                     progress=lambda msg, *args: write_event(RunWarning(message=msg % args)))
+        train_grid = SecureTrainGrid(
+            deadline_grid,
+            context,
+            run,
+            progress=lambda msg, *args: write_event(RunWarning(message=msg % args)),
+        )
         rounds.sites_aggregated = train_grid.sites_aggregated
-        write_event(SecureAggregation(sites=n_sites, threshold=plan.threshold,
-                                      clipping_range=run.secagg_clipping_range,
-                                      quantization_bits=plan.quantization_range.bit_length() - 1))
+        write_event(
+            SecureAggregation(
+                sites=n_sites,
+                threshold=plan.threshold,
+                clipping_range=run.secagg_clipping_range,
+                quantization_bits=plan.quantization_range.bit_length() - 1,
+            )
+        )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:

@@ -68,7 +68,8 @@ def pool_sites(sites: list[LocalSite]) -> LocalSite:
     if all(d.sample is not None for d in datas):  # classification: sample k of site i follows site i-1's
         sample_starts = np.cumsum([0] + [d.n_samples for d in datas[:-1]])
         fields["sample"] = np.concatenate(
-            [np.asarray(d.sample) + o for d, o in zip(datas, sample_starts, strict=True)]).astype(np.int32)
+            [np.asarray(d.sample) + o for d, o in zip(datas, sample_starts, strict=True)]
+        ).astype(np.int32)
     starts = np.cumsum([0] + [len(d) for d in datas[:-1]])
     train = np.concatenate([s.train_idx + o for s, o in zip(sites, starts, strict=True)])
     val = np.concatenate([s.val_idx + o for s, o in zip(sites, starts, strict=True)])
@@ -82,9 +83,17 @@ def train_like_federation(model: nn.Module, site: LocalSite, run: RunConfig) -> 
     task = get_task(run.task)
     steps = 0
     for r in range(1, run.rounds + 1):
-        metrics = task.train(model, site.data, site.train_idx, run, epochs=run.local_epochs, lr=round_lr(run, r),
-                             batch_size=run.batch_size, seed=site_seed(run.seed, site.name, r),
-                             precision=run_precision(run))
+        metrics = task.train(
+            model,
+            site.data,
+            site.train_idx,
+            run,
+            epochs=run.local_epochs,
+            lr=round_lr(run, r),
+            batch_size=run.batch_size,
+            seed=site_seed(run.seed, site.name, r),
+            precision=run_precision(run),
+        )
         steps += int(metrics.get("steps", 0))
         model.to("cpu", memory_format=torch.contiguous_format)
     return steps
@@ -107,13 +116,17 @@ def federated_models(run: RunConfig, out: Path, site_names: list[str]) -> dict[s
             model = build_model(run)
             model.load_state_dict(state)
             if LocalLayers(run.cache_dir, run, name).apply(model, run.rounds) is None:
-                log.warning("FedBN: no local layers of site %s were found; its personalized model is left out", name)
+                log.warning(
+                    "FedBN: no local layers of site %s were found; its personalized model is left out", name
+                )
                 continue
             models[f"personalized:{name}"] = model
     return models
 
 
-def run_baselines(run: RunConfig, sites: list[LocalSite], say: Callable[[str], None]) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+def run_baselines(
+    run: RunConfig, sites: list[LocalSite], say: Callable[[str], None]
+) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """Train the local-only and pooled baselines; the models and a summary of their budget."""
     models: dict[str, nn.Module] = {}
     steps: dict[str, int] = {}
@@ -129,15 +142,19 @@ def run_baselines(run: RunConfig, sites: list[LocalSite], say: Callable[[str], N
     summary = {
         "steps_per_site": steps,
         "pooled_steps": pooled_steps,
-        "note": (f"same split, seed and initial weights as the federation; each model trained {run.rounds} rounds x "
-                 f"{run.local_epochs} local epochs at the federation's learning rate of each round: local-only "
-                 "models take the optimizer steps each site took in the federation, the pooled model about their sum"),
+        "note": (
+            f"same split, seed and initial weights as the federation; each model trained {run.rounds} "
+            f"rounds x {run.local_epochs} local epochs at the federation's learning rate of each round: "
+            "local-only models take the optimizer steps each site took in the federation, "
+            "the pooled model about their sum"
+        ),
     }
     return models, summary
 
 
-def cross_site_matrix(models: dict[str, nn.Module], sites: list[LocalSite], run: RunConfig,
-                      say: Callable[[str], None]) -> dict[str, dict[str, dict[str, float | None]]]:
+def cross_site_matrix(
+    models: dict[str, nn.Module], sites: list[LocalSite], run: RunConfig, say: Callable[[str], None]
+) -> dict[str, dict[str, dict[str, float | None]]]:
     """Every model evaluated on every site's validation split: {model: {site: {metric: value}}}."""
     say(f"cross-site evaluation: {len(models)} models on {len(sites)} sites")
     matrix: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -146,8 +163,9 @@ def cross_site_matrix(models: dict[str, nn.Module], sites: list[LocalSite], run:
     return matrix
 
 
-def federated_gain(matrix: dict[str, dict[str, dict[str, float | None]]], site_names: list[str],
-                   main: str, fedbn: bool) -> tuple[dict[str, float | None], dict[str, str]]:
+def federated_gain(
+    matrix: dict[str, dict[str, dict[str, float | None]]], site_names: list[str], main: str, fedbn: bool
+) -> tuple[dict[str, float | None], dict[str, str]]:
     """Per site: the federated model's main metric there minus its local-only model's. Under FedBN
     the federated model of a site is its personalized model."""
     gain: dict[str, float | None] = {}
@@ -161,7 +179,9 @@ def federated_gain(matrix: dict[str, dict[str, dict[str, float | None]]], site_n
     return gain, used
 
 
-def quality_summary(run: RunConfig, sites: list[LocalSite], report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def quality_summary(
+    run: RunConfig, sites: list[LocalSite], report: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Each site's quality profile summary: SNR, quality factor, its share of the last round's
     aggregate (under quality weighting) and its training images."""
     shares = {}

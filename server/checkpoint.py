@@ -56,8 +56,15 @@ def _to_arrays(value: Any) -> Any:
 def _payload(arrays: ArrayRecord, cfg: RunConfig, server_round: int, **extra: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(
-        {"round": server_round, "model": cfg.model, "task": cfg.task, "strategy": cfg.strategy,
-         "config": cfg.to_toml_dict(), "state_dict": to_state(arrays), **extra},
+        {
+            "round": server_round,
+            "model": cfg.model,
+            "task": cfg.task,
+            "strategy": cfg.strategy,
+            "config": cfg.to_toml_dict(),
+            "state_dict": to_state(arrays),
+            **extra,
+        },
         buf,
     )
     return buf.getvalue()
@@ -67,13 +74,27 @@ def checkpoint_path(out: Path, server_round: int) -> Path:
     return Path(out) / CHECKPOINTS / f"round-{server_round:03d}.pt"
 
 
-def save_round(out: Path, server_round: int, arrays: ArrayRecord, cfg: RunConfig,
-               strategy_state: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None) -> Path:
+def save_round(
+    out: Path,
+    server_round: int,
+    arrays: ArrayRecord,
+    cfg: RunConfig,
+    strategy_state: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> Path:
     """Save the global model after ``server_round``: with the strategy's state and the report's
     history as checkpoints/round-NNN.pt, and alone as global_model.pt."""
     ckpt = checkpoint_path(out, server_round)
-    atomic_write_bytes(ckpt, _payload(arrays, cfg, server_round, strategy_state=_to_tensors(strategy_state or {}),
-                                      history=list(history or [])))
+    atomic_write_bytes(
+        ckpt,
+        _payload(
+            arrays,
+            cfg,
+            server_round,
+            strategy_state=_to_tensors(strategy_state or {}),
+            history=list(history or []),
+        ),
+    )
     atomic_write_bytes(Path(out) / GLOBAL_MODEL, _payload(arrays, cfg, server_round))
     return ckpt
 
@@ -91,8 +112,11 @@ class Resume(NamedTuple):
 
 def latest_checkpoint(out: Path) -> Path | None:
     """OUT/checkpoints/round-NNN.pt of the highest round, or None when there is none."""
-    found = [(int(m.group(1)), p) for p in (Path(out) / CHECKPOINTS).glob("round-*.pt")
-             if (m := _ROUND_FILE.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in (Path(out) / CHECKPOINTS).glob("round-*.pt")
+        if (m := _ROUND_FILE.fullmatch(p.name))
+    ]
     return max(found)[1] if found else None
 
 
@@ -101,9 +125,11 @@ def load_resume(path: Path) -> Resume:
     try:
         ckpt = load_checkpoint(path)
     except Exception as exc:  # unreadable, truncated, or holding more than weights and plain values
-        raise FedscanError(f"cannot read the checkpoint {path}: it is truncated, damaged or not a fedscan "
-                           f"checkpoint ({type(exc).__name__})",
-                           hint="remove it to resume from the round before, or start the run anew") from None
+        raise FedscanError(
+            f"cannot read the checkpoint {path}: it is truncated, damaged or not a fedscan "
+            f"checkpoint ({type(exc).__name__})",
+            hint="remove it to resume from the round before, or start the run anew",
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "strategy_state" not in ckpt:
         raise FedscanError(
             f"{path} is not a checkpoint fedscan can resume from (it holds no strategy state)",
@@ -119,8 +145,10 @@ def load_resume(path: Path) -> Resume:
             config=dict(ckpt["config"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise FedscanError(f"{path} is not a complete fedscan checkpoint (missing or wrong {exc})",
-                           hint="remove it to resume from the round before, or start the run anew") from None
+        raise FedscanError(
+            f"{path} is not a complete fedscan checkpoint (missing or wrong {exc})",
+            hint="remove it to resume from the round before, or start the run anew",
+        ) from None
 
 
 def save_run_config(out: Path, cfg: RunConfig) -> Path:

@@ -63,9 +63,17 @@ REGISTRY = "sites.json"
 
 def _paths(d: Path) -> dict[str, Path]:
     d = Path(d)
-    return {"ca_crt": d / "ca.crt", "ca_key": d / "ca.key", "crt": d / "server.crt", "key": d / "server.key",
-            "conf": d / "server.toml", "registry": d / REGISTRY, "db": d / "state.db", "logs": d / "logs",
-            "home": d / "flwr-home"}
+    return {
+        "ca_crt": d / "ca.crt",
+        "ca_key": d / "ca.key",
+        "crt": d / "server.crt",
+        "key": d / "server.key",
+        "conf": d / "server.toml",
+        "registry": d / REGISTRY,
+        "db": d / "state.db",
+        "logs": d / "logs",
+        "home": d / "flwr-home",
+    }
 
 
 def init_server(d: Path, hosts: list[str], port: int = DEFAULT_PORT, force: bool = False) -> dict[str, Path]:
@@ -74,8 +82,10 @@ def init_server(d: Path, hosts: list[str], port: int = DEFAULT_PORT, force: bool
     p = _paths(d)
     for key in ("ca_key", "key"):
         if p[key].exists() and not force:
-            raise FedscanError(f"{p[key]} already exists; not overwriting a key",
-                               hint="pass --force to make new keys (every site must then get the new ca.crt)")
+            raise FedscanError(
+                f"{p[key]} already exists; not overwriting a key",
+                hint="pass --force to make new keys (every site must then get the new ca.crt)",
+            )
     names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
     ca_key, ca_cert = pki.make_ca()
     key, cert = pki.make_server_cert(ca_key, ca_cert, names)
@@ -95,8 +105,10 @@ def _write_conf(d: Path, port: int, host: str = "0.0.0.0") -> None:
 def _read_conf(d: Path) -> dict[str, Any]:
     p = _paths(d)
     if not p["crt"].is_file() or not p["key"].is_file():
-        raise FedscanError(f"{d} is not a coordinator folder (no server.crt/server.key)",
-                           hint="run `fedscan server init --dir DIR --host NAME` first")
+        raise FedscanError(
+            f"{d} is not a coordinator folder (no server.crt/server.key)",
+            hint="run `fedscan server init --dir DIR --host NAME` first",
+        )
     try:
         return tomllib.loads(p["conf"].read_text())
     except (OSError, ValueError):
@@ -107,12 +119,21 @@ def superlink_command(d: Path, host: str, port: int) -> list[str]:
     p = _paths(d)
     return [
         flower_exe("flower-superlink"),
-        "--host", host, "--port", str(port),
-        "--ssl-ca-certfile", str(p["ca_crt"]), "--ssl-certfile", str(p["crt"]),
-        "--ssl-keyfile", str(p["key"]),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--ssl-ca-certfile",
+        str(p["ca_crt"]),
+        "--ssl-certfile",
+        str(p["crt"]),
+        "--ssl-keyfile",
+        str(p["key"]),
         "--enable-supernode-auth",
-        "--database", str(p["db"]),
-        "--isolation", "subprocess",
+        "--database",
+        str(p["db"]),
+        "--isolation",
+        "subprocess",
         "--disable-runtime-dependency-installation",
     ]
 
@@ -148,10 +169,13 @@ def _control_home(d: Path) -> Path:
     p["home"].mkdir(exist_ok=True)
     host = str(conf.get("host", "0.0.0.0"))
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    connection = {"address": f"{host}:{int(conf.get('port', DEFAULT_PORT))}",
-                  "root-certificates": str(p["ca_crt"].resolve())}
+    connection = {
+        "address": f"{host}:{int(conf.get('port', DEFAULT_PORT))}",
+        "root-certificates": str(p["ca_crt"].resolve()),
+    }
     (p["home"] / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+    )
     return p["home"]
 
 
@@ -181,8 +205,10 @@ def add_site(d: Path, name: str, public_key: Path) -> dict[str, Any]:
     key = pki.load_site_public_key(public_key)
     reg = _load_registry(d)
     if name in reg:
-        raise FedscanError(f"a site named '{name}' is already registered",
-                           hint="remove it first (`fedscan server remove-site`) to register a new key")
+        raise FedscanError(
+            f"a site named '{name}' is already registered",
+            hint="remove it first (`fedscan server remove-site`) to register a new key",
+        )
     fp = pki.fingerprint(key)
     clash = [n for n, e in reg.items() if e.get("fingerprint") == fp]
     if clash:
@@ -190,10 +216,14 @@ def add_site(d: Path, name: str, public_key: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:  # flwr reads the key from a file
         keyfile = Path(tmp) / "site.pub"
         keyfile.write_bytes(key)
-        data = _flwr_json(["supernode", "register", str(keyfile), CONNECTION, "--name", name],
-                          _control_home(d))
-    entry = {"node_id": str(data["node-id"]), "fingerprint": fp,
-             "added": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        data = _flwr_json(
+            ["supernode", "register", str(keyfile), CONNECTION, "--name", name], _control_home(d)
+        )
+    entry = {
+        "node_id": str(data["node-id"]),
+        "fingerprint": fp,
+        "added": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     reg[name] = entry
     _save_registry(d, reg)
     return {"name": name, **entry}
@@ -202,8 +232,9 @@ def add_site(d: Path, name: str, public_key: Path) -> dict[str, Any]:
 def remove_site(d: Path, name: str) -> dict[str, Any]:
     reg = _load_registry(d)
     if name not in reg:
-        raise FedscanError(f"no site named '{name}' is registered",
-                           hint=f"registered: {', '.join(sorted(reg)) or 'none'}")
+        raise FedscanError(
+            f"no site named '{name}' is registered", hint=f"registered: {', '.join(sorted(reg)) or 'none'}"
+        )
     _flwr_json(["supernode", "unregister", reg[name]["node_id"], CONNECTION], _control_home(d))
     entry = reg.pop(name)
     _save_registry(d, reg)
@@ -218,8 +249,14 @@ def list_sites(d: Path) -> list[dict[str, Any]]:
     rows = []
     for name, entry in sorted(reg.items()):
         node = nodes.get(entry["node_id"], {})
-        rows.append({"name": name, **entry, "status": node.get("status", "unknown"),
-                     "online_at": node.get("online-at", "N/A")})
+        rows.append(
+            {
+                "name": name,
+                **entry,
+                "status": node.get("status", "unknown"),
+                "online_at": node.get("online-at", "N/A"),
+            }
+        )
     return rows
 
 
@@ -247,12 +284,16 @@ def run_deployment(
     from fedscan.server.simulate import check_output, clear_output
 
     if cfg.fault_site is not None:
-        raise FedscanError("fault_site and fault_kind are for simulation only; a deployed site never sends a "
-                           "faulty update on purpose", hint="remove them from the run config")
+        raise FedscanError(
+            "fault_site and fault_kind are for simulation only; a deployed site never sends a "
+            "faulty update on purpose",
+            hint="remove them from the run config",
+        )
     ca = Path(ca).expanduser().resolve()
     if not ca.is_file():
-        raise FedscanError(f"CA certificate {ca} does not exist",
-                           hint="use the ca.crt from `fedscan server init`")
+        raise FedscanError(
+            f"CA certificate {ca} does not exist", hint="use the ca.crt from `fedscan server init`"
+        )
     if ":" not in superlink:
         raise FedscanError(f"--superlink {superlink!r} must be HOST:PORT")
     out = Path(cfg.output).expanduser().resolve()
@@ -295,15 +336,30 @@ def run_deployment(
         (home / "config.toml").write_text(tomli_w.dumps(conf))
         overrides = tmp_path / "run-config.toml"
         overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
-        on_stage(f"submitting the run to {superlink}: waiting for {run.sites} sites "
-                 f"(up to {run.wait_timeout:.0f}s), {run.rounds} rounds")
+        on_stage(
+            f"submitting the run to {superlink}: waiting for {run.sites} sites "
+            f"(up to {run.wait_timeout:.0f}s), {run.rounds} rounds"
+        )
         t0 = time.monotonic()
-        run_id = submit_run(write_app_dir(tmp_path / "app"), CONNECTION, home, overrides, flower_log,
-                            timeout=STARTUP_TIMEOUT, hint=not_started.hint)
+        run_id = submit_run(
+            write_app_dir(tmp_path / "app"),
+            CONNECTION,
+            home,
+            overrides,
+            flower_log,
+            timeout=STARTUP_TIMEOUT,
+            hint=not_started.hint,
+        )
         log.debug("submitted run %s", run_id)
         try:
-            follow_run(run_id, CONNECTION, home, flower_log, on_run_event,
-                       give_up=lambda: not started.is_set() and time.monotonic() - t0 > STARTUP_TIMEOUT)
+            follow_run(
+                run_id,
+                CONNECTION,
+                home,
+                flower_log,
+                on_run_event,
+                give_up=lambda: not started.is_set() and time.monotonic() - t0 > STARTUP_TIMEOUT,
+            )
         except BaseException as exc:
             if latest.get("status") not in ("complete", "failed"):
                 _stop_run(run_id, home)  # do not leave it training at the sites
@@ -315,8 +371,10 @@ def run_deployment(
                 raise
         if failure:
             message = failure[-1].message or "run failed"
-            raise FedscanError(message[:1].upper() + message[1:],
-                               hint=failure[-1].hint or f"see {flower_log} and the SuperLink's log")
+            raise FedscanError(
+                message[:1].upper() + message[1:],
+                hint=failure[-1].hint or f"see {flower_log} and the SuperLink's log",
+            )
         log.info("run finished in %.1fs", time.monotonic() - t0)
     if latest.get("status") != "complete":
         raise FedscanError(

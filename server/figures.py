@@ -58,8 +58,10 @@ def curves_png(rep: dict[str, Any]) -> bytes | None:
     ax.plot(rounds, mean, linestyle="--", color="black", linewidth=2, label="mean")
     ax.set_xlabel("round")
     ax.set_ylabel(metric_title(main))
-    ax.set_title(f"{metric_title(main)} at each site" + (" (personalized models)" if rep.get("strategy") == "fedbn"
-                                                          else " (global model)"))
+    ax.set_title(
+        f"{metric_title(main)} at each site"
+        + (" (personalized models)" if rep.get("strategy") == "fedbn" else " (global model)")
+    )
     step = max(1, -(-len(rounds) // 12))  # at most about 12 labelled rounds
     ax.set_xticks(rounds[::step])
     ax.grid(alpha=0.3)
@@ -69,8 +71,12 @@ def curves_png(rep: dict[str, Any]) -> bytes | None:
 
 def _site_ticks(ax: Any, sites: list[str]) -> None:
     slanted = len(sites) > 4 or max((len(s) for s in sites), default=0) > 10
-    ax.set_xticks(range(len(sites)), [_label(s) for s in sites], rotation=30 if slanted else 0,
-                  ha="right" if slanted else "center")
+    ax.set_xticks(
+        range(len(sites)),
+        [_label(s) for s in sites],
+        rotation=30 if slanted else 0,
+        ha="right" if slanted else "center",
+    )
 
 
 def cross_site_png(rep: dict[str, Any]) -> bytes | None:
@@ -90,12 +96,14 @@ def cross_site_png(rep: dict[str, Any]) -> bytes | None:
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    fig = Figure(figsize=(max(4.5, 2.6 + 1.0 * len(sites)), max(2.6, 1.3 + 0.45 * len(models))),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(4.5, 2.6 + 1.0 * len(sites)), max(2.6, 1.3 + 0.45 * len(models))), layout="constrained"
+    )
     ax = fig.add_subplot()
     cmap = colormaps[CMAP].with_extremes(bad="#d9d9d9")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=lo, vmax=hi, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        np.ma.masked_invalid(values), cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest"
+    )
     _site_ticks(ax, sites)
     ax.set_yticks(range(len(models)), [_label(m) for m in models])
     ax.set_xlabel("evaluated at site")
@@ -109,8 +117,9 @@ def cross_site_png(rep: dict[str, Any]) -> bytes | None:
                 continue
             r, g, b, _ = cmap(image.norm(v))
             dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=9,
-                    color="white" if dark else "black")
+            ax.text(
+                j, i, f"{v:.3f}", ha="center", va="center", fontsize=9, color="white" if dark else "black"
+            )
     fig.colorbar(image, ax=ax, label=metric_title(main))
     return _png(fig)
 
@@ -119,20 +128,31 @@ def quality_png(rep: dict[str, Any]) -> bytes | None:
     """Bars per site of the SNR estimate and of the quality factor, for those the report holds."""
     quality = rep.get("quality") or {}
     sites = [s for s in report_sites(rep, {"quality": quality}) if s in quality]
-    panels = [(key, title, spec) for key, title, spec in (("snr", "SNR estimate", ".1f"),
-                                                          ("quality_factor", "quality factor", ".2f"))
-              if any(number((quality[s] or {}).get(key)) is not None for s in sites)]
+    panels = [
+        (key, title, spec)
+        for key, title, spec in (("snr", "SNR estimate", ".1f"), ("quality_factor", "quality factor", ".2f"))
+        if any(number((quality[s] or {}).get(key)) is not None for s in sites)
+    ]
     if not panels:
         return None
     fig = Figure(figsize=(max(3.6, 1.6 + 0.8 * len(sites)) * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (key, title, spec), color in zip(axes, panels, ("#4c72b0", "#dd8452")):
+    for ax, (key, title, spec), color in zip(
+        axes, panels, ("#4c72b0", "#dd8452"), strict=False
+    ):  # 1 or 2 panels
         vals = [number((quality[s] or {}).get(key)) for s in sites]
         xs = np.arange(len(sites))
         ax.bar(xs, [v or 0.0 for v in vals], color=color)
-        for x, v in zip(xs, vals):
-            ax.annotate("n/a" if v is None else f"{v:{spec}}", (x, v or 0.0), ha="center", va="bottom",
-                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+        for x, v in zip(xs, vals, strict=True):
+            ax.annotate(
+                "n/a" if v is None else f"{v:{spec}}",
+                (x, v or 0.0),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
         _site_ticks(ax, sites)
         ax.set_title(title)
         ax.margins(y=0.15)

@@ -46,10 +46,17 @@ log = logging.getLogger(__name__)
 
 # How report.md labels the metrics; metrics not listed keep their own name.
 _TITLES = {
-    "dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "lesion_sensitivity": "lesion sensitivity",
-    "lesion_fp_per_image": "lesion FP / image", "auroc": "AUROC",
-    "balanced_accuracy": "balanced accuracy", "sensitivity": "sensitivity",
-    "specificity": "specificity", "f1": "F1", "accuracy": "accuracy",
+    "dice": "Dice",
+    "iou": "IoU",
+    "hd95": "HD95 (mm)",
+    "lesion_sensitivity": "lesion sensitivity",
+    "lesion_fp_per_image": "lesion FP / image",
+    "auroc": "AUROC",
+    "balanced_accuracy": "balanced accuracy",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "f1": "F1",
+    "accuracy": "accuracy",
 }
 
 
@@ -100,8 +107,11 @@ def summarize(per_site: dict[str, dict[str, Any]], task: str = "segmentation") -
 def explanation_scores(per_site: dict[str, dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
     """The shareable explanation scores each site sent with its final evaluation (single numbers)."""
     names = task_scores(task)
-    return {site: {k: row[k] for k in names if k in row} for site, row in per_site.items()
-            if any(k in row for k in names)}
+    return {
+        site: {k: row[k] for k in names if k in row}
+        for site, row in per_site.items()
+        if any(k in row for k in names)
+    }
 
 
 class RunRecorder:
@@ -115,9 +125,13 @@ class RunRecorder:
         self.sites: list[str] = list(cfg.site_names)
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    def record_round(self, server_round: int, per_site: dict[str, dict[str, float]],
-                     timing: dict[str, Any] | None = None,
-                     aggregation: dict[str, Any] | None = None) -> dict[str, Any]:
+    def record_round(
+        self,
+        server_round: int,
+        per_site: dict[str, dict[str, float]],
+        timing: dict[str, Any] | None = None,
+        aggregation: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "round": server_round,
             "per_site": {s: site_row(m, self.cfg.run.task) for s, m in sorted(per_site.items())},
@@ -150,14 +164,23 @@ class RunRecorder:
             "sites": list(self.sites),
             "started": self.started,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metrics": {"main": main, "names": list(task_metrics(run.task)[0]),
-                        "mean": "unweighted over sites", "undefined": "null",
-                        **({"hd95_unit": "mm"} if run.task == "segmentation" else {})},
+            "metrics": {
+                "main": main,
+                "names": list(task_metrics(run.task)[0]),
+                "mean": "unweighted over sites",
+                "undefined": "null",
+                **({"hd95_unit": "mm"} if run.task == "segmentation" else {}),
+            },
             "history": self.history,
             "final": final,
             # the sites' explanation scores, once the final round is in
-            **({"explanation_scores": scores} if self.history and self.history[-1]["round"] >= run.rounds
-               and (scores := explanation_scores(final["per_site"], run.task)) else {}),
+            **(
+                {"explanation_scores": scores}
+                if self.history
+                and self.history[-1]["round"] >= run.rounds
+                and (scores := explanation_scores(final["per_site"], run.task))
+                else {}
+            ),
         }
 
     def write(self, status: str = "running") -> dict[str, Any]:
@@ -245,7 +268,8 @@ def load_report(out: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(rep, dict):
         raise FedscanError(
-            f"{path} is not a fedscan report: it holds a JSON {type(rep).__name__}, not an object")
+            f"{path} is not a fedscan report: it holds a JSON {type(rep).__name__}, not an object"
+        )
     metrics = rep.get("metrics")
     if "task" in rep and "metrics" in rep and not (isinstance(metrics, dict) and "main" in metrics):
         names, main = task_metrics(str(rep["task"]))  # an unknown task is a FedscanError
@@ -310,8 +334,10 @@ def _secagg_lines(rep: dict[str, Any]) -> list[str]:
         lines[0] += "; sites in each round's sum: " + ", ".join(_fmt(n) for _, n in counts)
     failed = [str(r) for r, n in counts if n == 0]
     if failed:
-        lines.append(f"- round(s) {', '.join(failed)}: too few sites finished the secure aggregation; "
-                     "the global model did not change")
+        lines.append(
+            f"- round(s) {', '.join(failed)}: too few sites finished the secure aggregation; "
+            "the global model did not change"
+        )
     return lines
 
 
@@ -335,6 +361,7 @@ def mean_of(values: list[Any]) -> float | None:
 
 def model_order(keys: Any) -> list[str]:
     """Cross-site model keys in report order: global, personalized:*, pooled, local:*, then others."""
+
     def rank(key: str) -> tuple[int, str]:
         if key == "global":
             return (0, "")
@@ -362,18 +389,28 @@ def report_sites(rep: dict[str, Any], *tables: Any) -> list[str]:
 # What each kind of cross-site model is: (key prefix, how it is written, what it is).
 MODEL_KINDS = (
     ("global", "global", "the federated model, trained across all sites"),
-    ("personalized:", "personalized:<site>",
-     "the federated model with that site's own normalization layers (FedBN)"),
-    ("pooled", "pooled", "one model trained on all sites' training data put together (a reference: "
-     "a federation exists because this pooling is not allowed)"),
+    (
+        "personalized:",
+        "personalized:<site>",
+        "the federated model with that site's own normalization layers (FedBN)",
+    ),
+    (
+        "pooled",
+        "pooled",
+        "one model trained on all sites' training data put together (a reference: "
+        "a federation exists because this pooling is not allowed)",
+    ),
     ("local:", "local:<site>", "trained on that site's training data alone"),
 )
 
 
 def model_kinds(models: list[str]) -> list[tuple[str, str]]:
     """(label, description) of each kind of model present in a cross-site matrix."""
-    return [(label, text) for prefix, label, text in MODEL_KINDS
-            if any(m == prefix or (prefix.endswith(":") and m.startswith(prefix)) for m in models)]
+    return [
+        (label, text)
+        for prefix, label, text in MODEL_KINDS
+        if any(m == prefix or (prefix.endswith(":") and m.startswith(prefix)) for m in models)
+    ]
 
 
 def cross_site_table(rep: dict[str, Any]) -> tuple[list[str], list[str], list[list[float | None]]]:
@@ -400,8 +437,10 @@ def federated_gains(rep: dict[str, Any]) -> list[tuple[str, float | None, str]]:
 
 def gain_warning(site: str, gain: float, model: str, main: str) -> str:
     """The sentence that flags a site the federation did not help."""
-    return (f"Joining the federation did not help {site}: its own local model scores {abs(gain):.3f} "
-            f"{metric_title(main)} higher there than the federated model ({model}).")
+    return (
+        f"Joining the federation did not help {site}: its own local model scores {abs(gain):.3f} "
+        f"{metric_title(main)} higher there than the federated model ({model})."
+    )
 
 
 # The quality columns: (key, title, format).
@@ -428,8 +467,9 @@ def quality_table(rep: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list
     """The quality columns that hold a value somewhere, and a formatted row per site."""
     quality = rep.get("quality") or {}
     sites = [s for s in report_sites(rep, {"quality": quality}) if s in quality]
-    cols = [c for c in QUALITY_COLUMNS
-            if any(number((quality[s] or {}).get(c[0])) is not None for s in sites)]
+    cols = [
+        c for c in QUALITY_COLUMNS if any(number((quality[s] or {}).get(c[0])) is not None for s in sites)
+    ]
     rows = [(s, [format_quality((quality[s] or {}).get(key), spec) for key, _, spec in cols]) for s in sites]
     return cols, rows
 
@@ -440,8 +480,10 @@ def baselines_text(rep: dict[str, Any]) -> str:
     parts = []
     steps = base.get("steps_per_site") or {}
     if steps:
-        parts.append("local models trained for " + ", ".join(
-            f"{steps[s]} steps at {s}" for s in report_sites(rep, {"steps": steps}) if s in steps))
+        parts.append(
+            "local models trained for "
+            + ", ".join(f"{steps[s]} steps at {s}" for s in report_sites(rep, {"steps": steps}) if s in steps)
+        )
     if base.get("pooled_steps") is not None:
         parts.append(f"the pooled model for {base['pooled_steps']} steps")
     text = ("Baselines: " + "; ".join(parts) + ".") if parts else ""
@@ -463,8 +505,11 @@ def explanation_table(rep: dict[str, Any]) -> tuple[list[str], list[tuple[str, l
     """Score titles, and per site its explanation scores in that order."""
     scores = rep.get("explanation_scores") or {}
     names = list(dict.fromkeys(k for row in scores.values() if isinstance(row, dict) for k in row))
-    rows = [(str(site), [number(row.get(k)) for k in names])
-            for site, row in scores.items() if isinstance(row, dict)]
+    rows = [
+        (str(site), [number(row.get(k)) for k in names])
+        for site, row in scores.items()
+        if isinstance(row, dict)
+    ]
     return [SCORE_TITLES.get(k, k) for k in names], rows
 
 
@@ -473,15 +518,24 @@ def strategy_comparison(rep: dict[str, Any]) -> tuple[list[str], list[tuple[str,
     comp = rep.get("strategy_comparison") or {}
     sites = report_sites(rep, comp)
     sites = [s for s in sites if any(isinstance(r, dict) and s in r for r in comp.values())]
-    rows = [(str(name), [number((r if isinstance(r, dict) else {}).get(s)) for s in sites])
-            for name, r in comp.items()]
+    rows = [
+        (str(name), [number((r if isinstance(r, dict) else {}).get(s)) for s in sites])
+        for name, r in comp.items()
+    ]
     return sites, rows
 
 
 def _md_cell(text: Any) -> str:
     """Text for a Markdown table cell: no cell break, no line break, no raw HTML."""
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("|", "\\|").replace("\n", " ").replace("\r", " "))
+    return (
+        str(text)
+        .replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("|", "\\|")
+        .replace("\n", " ")
+        .replace("\r", " ")
+    )
 
 
 def _optional_sections(rep: dict[str, Any]) -> list[str]:
@@ -491,21 +545,36 @@ def _optional_sections(rep: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if rep.get("cross_site"):
         models, sites, values = cross_site_table(rep)
-        lines += ["", "## Cross-site evaluation", "",
-                  f"{title} of each model (rows) on each site's validation data (columns); the mean is "
-                  "unweighted over sites.", ""]
+        lines += [
+            "",
+            "## Cross-site evaluation",
+            "",
+            f"{title} of each model (rows) on each site's validation data (columns); the mean is "
+            "unweighted over sites.",
+            "",
+        ]
         lines += [f"- `{label}`: {text}" for label, text in model_kinds(models)]
-        lines += ["", "| model | " + " | ".join(_md_cell(s) for s in sites) + " | mean |",
-                  "| --- | " + " | ".join("---:" for _ in sites) + " | ---: |"]
-        for model, row in zip(models, values):
-            lines.append(f"| {_md_cell(model)} | " + " | ".join(_fmt(v) for v in row)
-                         + f" | {_fmt(mean_of(row))} |")
+        lines += [
+            "",
+            "| model | " + " | ".join(_md_cell(s) for s in sites) + " | mean |",
+            "| --- | " + " | ".join("---:" for _ in sites) + " | ---: |",
+        ]
+        for model, row in zip(models, values, strict=False):
+            lines.append(
+                f"| {_md_cell(model)} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(mean_of(row))} |"
+            )
     gains = federated_gains(rep)
     if gains:
-        lines += ["", "## Federated gain per site", "",
-                  f"{title} of the federated model at each site minus that of the site's own local model "
-                  "there: above 0, joining the federation helped the site.", "",
-                  "| site | gain | federated model |", "| --- | ---: | --- |"]
+        lines += [
+            "",
+            "## Federated gain per site",
+            "",
+            f"{title} of the federated model at each site minus that of the site's own local model "
+            "there: above 0, joining the federation helped the site.",
+            "",
+            "| site | gain | federated model |",
+            "| --- | ---: | --- |",
+        ]
         for site, gain, model in gains:
             val = "n/a" if gain is None else f"{gain:+.3f}"
             flag = "⚠ " if gain is not None and gain < 0 else ""
@@ -516,28 +585,47 @@ def _optional_sections(rep: dict[str, Any]) -> list[str]:
     if rep.get("quality"):
         cols, rows = quality_table(rep)
         if rows and cols:
-            lines += ["", "## Site quality", "",
-                      "| site | " + " | ".join(t for _, t, _ in cols) + " |",
-                      "| --- | " + " | ".join("---:" for _ in cols) + " |"]
+            lines += [
+                "",
+                "## Site quality",
+                "",
+                "| site | " + " | ".join(t for _, t, _ in cols) + " |",
+                "| --- | " + " | ".join("---:" for _ in cols) + " |",
+            ]
             lines += [f"| {_md_cell(s)} | " + " | ".join(vals) + " |" for s, vals in rows]
     if rep.get("explanation_scores"):
         head, rows = explanation_table(rep)
-        lines += ["", "## Explanation scores", "", EXPLANATION_NOTE, "",
-                  "| site | " + " | ".join(head) + " |", "| --- | " + " | ".join("---:" for _ in head) + " |"]
+        lines += [
+            "",
+            "## Explanation scores",
+            "",
+            EXPLANATION_NOTE,
+            "",
+            "| site | " + " | ".join(head) + " |",
+            "| --- | " + " | ".join("---:" for _ in head) + " |",
+        ]
         lines += [f"| {_md_cell(site)} | " + " | ".join(_fmt(v) for v in vals) + " |" for site, vals in rows]
     text = baselines_text(rep)
     if text:
         lines += ["", "## Baselines", "", text]
     if rep.get("strategy_comparison"):
         sites, rows = strategy_comparison(rep)
-        lines += ["", "## Strategy comparison", "",
-                  f"{title} of each strategy's federated model at each site.", "",
-                  "| strategy | " + " | ".join(_md_cell(s) for s in sites) + " | mean | worst |",
-                  "| --- | " + " | ".join("---:" for _ in sites) + " | ---: | ---: |"]
+        lines += [
+            "",
+            "## Strategy comparison",
+            "",
+            f"{title} of each strategy's federated model at each site.",
+            "",
+            "| strategy | " + " | ".join(_md_cell(s) for s in sites) + " | mean | worst |",
+            "| --- | " + " | ".join("---:" for _ in sites) + " | ---: | ---: |",
+        ]
         for name, vals in rows:
             defined = [v for v in vals if v is not None]
-            lines.append(f"| {_md_cell(name)} | " + " | ".join(_fmt(v) for v in vals)
-                         + f" | {_fmt(mean_of(vals))} | {_fmt(min(defined) if defined else None)} |")
+            lines.append(
+                f"| {_md_cell(name)} | "
+                + " | ".join(_fmt(v) for v in vals)
+                + f" | {_fmt(mean_of(vals))} | {_fmt(min(defined) if defined else None)} |"
+            )
     return lines
 
 
@@ -576,16 +664,25 @@ def report_markdown(rep: dict[str, Any]) -> str:
     mean = final["mean"]
     lines.append("| **mean** | " + " | ".join(_fmt(mean.get(m), digits.get(m, 3)) for m in names) + " | |")
     if any(row.get(m) is None for row in final["per_site"].values() for m in names):
-        lines += ["", ("n/a: undefined at that site (for example AUROC on a validation set holding "
-                       "one class, or Dice without any lesion); left out of the mean.")]
+        lines += [
+            "",
+            (
+                "n/a: undefined at that site (for example AUROC on a validation set holding "
+                "one class, or Dice without any lesion); left out of the mean."
+            ),
+        ]
     worst = final["worst"]
     if worst:
         lines += ["", f"Worst site: **{worst['site']}** ({_TITLES.get(main, main)} {_fmt(worst.get(main))})."]
     if rep["history"]:
         sites = rep["sites"] or sorted(rep["history"][-1]["per_site"])
-        lines += ["", f"## {_TITLES.get(main, main)} per round", "",
-                  "| round | " + " | ".join(sites) + " | mean |",
-                  "| ---: | " + " | ".join("---:" for _ in sites) + " | ---: |"]
+        lines += [
+            "",
+            f"## {_TITLES.get(main, main)} per round",
+            "",
+            "| round | " + " | ".join(sites) + " | mean |",
+            "| ---: | " + " | ".join("---:" for _ in sites) + " | ---: |",
+        ]
         for h in rep["history"]:
             vals = [h["per_site"].get(s, {}).get(main) for s in sites]
             m = summarize(h["per_site"], task)["mean"][main]

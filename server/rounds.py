@@ -52,11 +52,14 @@ def timing(round_seconds: float, compute: dict[str, dict[str, float]]) -> dict[s
     return {
         "round_seconds": round(round_seconds, 3),
         # under SecAgg+ training time comes for the round (the slowest site), not per site
-        "site_seconds": {s: round(train.get(s, 0.0) + evaluate.get(s, 0.0), 3)
-                         for s in sorted({*train, *evaluate} - {SECURE_AGGREGATE})},
+        "site_seconds": {
+            s: round(train.get(s, 0.0) + evaluate.get(s, 0.0), 3)
+            for s in sorted({*train, *evaluate} - {SECURE_AGGREGATE})
+        },
         "slowest_compute_seconds": round(bound, 3),
-        "overhead_fraction": (round(max(round_seconds - bound, 0.0) / round_seconds, 4)
-                              if round_seconds > 0 else None),
+        "overhead_fraction": (
+            round(max(round_seconds - bound, 0.0) / round_seconds, 4) if round_seconds > 0 else None
+        ),
     }
 
 
@@ -72,11 +75,17 @@ class RunRounds:
     round waited for sites to connect (not part of its cost); ``sites_aggregated`` is, under
     SecAgg+, how many sites each round's secure sum holds."""
 
-    def __init__(self, cfg: AppConfig, ledger: RoundLedger, emit: Callable[[RunEvent], None], *,
-                 write: Callable[[str, Callable[[], object]], None] = _write_now,
-                 clock: Callable[[], float] = time.monotonic,
-                 waited: Callable[[], float] = lambda: 0.0,
-                 sites_aggregated: dict[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AppConfig,
+        ledger: RoundLedger,
+        emit: Callable[[RunEvent], None],
+        *,
+        write: Callable[[str, Callable[[], object]], None] = _write_now,
+        clock: Callable[[], float] = time.monotonic,
+        waited: Callable[[], float] = lambda: 0.0,
+        sites_aggregated: dict[int, int] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run = cfg.run
         self.ledger = ledger
@@ -108,8 +117,14 @@ class RunRounds:
     def start(self, sites: int, checkpoint: Path | None = None) -> None:
         """The rounds begin (after the checkpoint's round for a resumed run)."""
         done = self.ledger.round_offset
-        self.emit(RunStarted(sites=sites, rounds=self.run.rounds, resumed_after=done,
-                             checkpoint=str(checkpoint) if done and checkpoint is not None else None))
+        self.emit(
+            RunStarted(
+                sites=sites,
+                rounds=self.run.rounds,
+                resumed_after=done,
+                checkpoint=str(checkpoint) if done and checkpoint is not None else None,
+            )
+        )
 
     def begin(self) -> None:
         """Flower's round 0 (the initial model): the first round's clock starts now."""
@@ -125,8 +140,12 @@ class RunRounds:
         rejected = ledger.rejected.get(server_round, {})
         for site, reason in rejected.items():
             self.emit(UpdateRejected(round=server_round, site=site, reason=reason))
-        agg: dict[str, Any] = {"secure": secure, "records_seen_by_strategy": seen, "sites_aggregated": sites,
-                               "rejected": rejected}
+        agg: dict[str, Any] = {
+            "secure": secure,
+            "records_seen_by_strategy": seen,
+            "sites_aggregated": sites,
+            "rejected": rejected,
+        }
         if server_round in ledger.weight_shares:  # quality weighting
             agg["weight_share"] = {s: round(v, 4) for s, v in ledger.weight_shares[server_round].items()}
         return agg
@@ -144,10 +163,12 @@ class RunRounds:
             raise FedscanError(
                 f"round {server_round}: no site returned an evaluation within {self.run.round_timeout:.0f}s",
                 hint="check the sites' logs; for slow sites raise --round-timeout (round_timeout in a run "
-                     "config)",
+                "config)",
             )
         summary = self.recorder.record_round(
-            server_round, per_site, timing(elapsed, self.ledger.compute_seconds.get(server_round, {})),
+            server_round,
+            per_site,
+            timing(elapsed, self.ledger.compute_seconds.get(server_round, {})),
             self.aggregation(server_round),
         )
         # all a resumed run needs: the model, the server optimizer's state, the history so far
@@ -157,10 +178,15 @@ class RunRounds:
         missing = self.history[-1].get("missing_sites")
         if missing:
             self.emit(EvaluationsMissing(round=server_round, sites=list(missing)))
-        self.emit(RoundFinished(
-            round=server_round, rounds=self.run.rounds, metric=self.metric, mean=summary["mean"][self.metric],
-            per_site={s: r.get(self.metric) for s, r in summary["per_site"].items()},
-        ))
+        self.emit(
+            RoundFinished(
+                round=server_round,
+                rounds=self.run.rounds,
+                metric=self.metric,
+                mean=summary["mean"][self.metric],
+                per_site={s: r.get(self.metric) for s, r in summary["per_site"].items()},
+            )
+        )
         return summary
 
     def fail(self, exc: BaseException | None = None, *, publish: bool = True) -> None:

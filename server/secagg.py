@@ -65,7 +65,9 @@ class _OneAggregate(LegacyStrategy):
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
         return [(proxy, FitIns(parameters, dict(self.config))) for proxy in client_manager.all().values()]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]):
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ):
         # SecAggPlusWorkflow puts the same unmasked aggregate into every surviving result
         if results:
             self.aggregate = results[0][1].parameters
@@ -109,7 +111,11 @@ def secure_train_round(
     workflow(grid, legacy)
     if strategy.aggregate is None or strategy.num_examples <= 0:  # no weight at all: no mean either
         return None, 0, []
-    return parameters_to_arrayrecord(strategy.aggregate, keep_input=True), strategy.num_examples, strategy.metrics
+    return (
+        parameters_to_arrayrecord(strategy.aggregate, keep_input=True),
+        strategy.num_examples,
+        strategy.metrics,
+    )
 
 
 class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
@@ -155,9 +161,13 @@ def make_workflow(run: RunConfig, plan: SecAggPlan, n_sites: int) -> SecAggPlusW
     Flower takes integer share counts only above 2."""
     settings = run.secure_aggregation
     return DropoutSafeSecAggPlus(
-        num_shares=1.0 if plan.shares >= n_sites else plan.shares, reconstruction_threshold=plan.threshold,
-        max_weight=settings.max_weight, clipping_range=settings.clipping_range,
-        quantization_range=plan.quantization_range, modulus_range=MODULUS, timeout=settings.timeout,
+        num_shares=1.0 if plan.shares >= n_sites else plan.shares,
+        reconstruction_threshold=plan.threshold,
+        max_weight=settings.max_weight,
+        clipping_range=settings.clipping_range,
+        quantization_range=plan.quantization_range,
+        modulus_range=MODULUS,
+        timeout=settings.timeout,
         train_timeout=run.round_timeout,
     )
 
@@ -175,7 +185,9 @@ def _summary(metrics: list[dict[str, Scalar]], n: int) -> dict[str, float | int]
     weights = [float(m.get("num-examples", 0) or 0) for m in metrics]
     names = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float))} - {"num-examples"}
     out: dict[str, float | int] = {
-        k: float(np.average([float(m.get(k, 0.0)) for m in metrics], weights=weights if sum(weights) else None))
+        k: float(
+            np.average([float(m.get(k, 0.0)) for m in metrics], weights=weights if sum(weights) else None)
+        )
         for k in sorted(names - {COMPUTE_SECONDS})
     }
     if COMPUTE_SECONDS in names:
@@ -191,8 +203,9 @@ class SecureTrainGrid:
     counts the aggregated records handed to the strategy and ``sites_aggregated`` the sites whose
     masked updates are in the aggregate (0 when the round failed)."""
 
-    def __init__(self, grid: Grid, context: Context, run: Any,
-                 progress: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self, grid: Grid, context: Context, run: Any, progress: Callable[..., None] | None = None
+    ) -> None:
         self._grid = grid
         self._context = context
         self.run = run
@@ -200,7 +213,9 @@ class SecureTrainGrid:
         self.aggregates: dict[int, int] = {}
         self.sites_aggregated: dict[int, int] = {}
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
             return self._grid.send_and_receive(messages, timeout=timeout)
@@ -212,22 +227,39 @@ class SecureTrainGrid:
         try:
             plan = self.run.secagg_plan(len(nodes))  # for the sites this round really has
         except ValueError as exc:
-            raise FedscanError(f"round {server_round}: {exc}", hint="change the secagg_ settings in the run config") from None
-        log.info("round %d: SecAgg+ over %d sites (%d needed to unmask)", server_round, len(nodes), plan.threshold)
-        delta, n, metrics = secure_train_round(self._grid, self._context, server_round, global_arrays, config,
-                                               make_workflow(self.run, plan, len(nodes)), nodes)
+            raise FedscanError(
+                f"round {server_round}: {exc}", hint="change the secagg_ settings in the run config"
+            ) from None
+        log.info(
+            "round %d: SecAgg+ over %d sites (%d needed to unmask)", server_round, len(nodes), plan.threshold
+        )
+        delta, n, metrics = secure_train_round(
+            self._grid,
+            self._context,
+            server_round,
+            global_arrays,
+            config,
+            make_workflow(self.run, plan, len(nodes)),
+            nodes,
+        )
         self.sites_aggregated[server_round] = len(metrics)
         problems = []
         if delta is None:
-            problems.append(f"round {server_round}: secure aggregation did not complete: fewer than {plan.threshold} "
-                            "sites took part to the end; the global model is unchanged")
+            problems.append(
+                f"round {server_round}: secure aggregation did not complete: fewer than {plan.threshold} "
+                "sites took part to the end; the global model is unchanged"
+            )
         elif len(metrics) < len(nodes):
-            problems.append(f"round {server_round}: {len(nodes) - len(metrics)} of {len(nodes)} sites dropped out "
-                            f"during SecAgg+; the aggregate is the other {len(metrics)}'s")
+            problems.append(
+                f"round {server_round}: {len(nodes) - len(metrics)} of {len(nodes)} sites dropped out "
+                f"during SecAgg+; the aggregate is the other {len(metrics)}'s"
+            )
         clipped = [float(m.get(CLIPPED_FRACTION, 0.0)) for m in metrics]
         if any(clipped):
-            problems.append(f"round {server_round}: the SecAgg+ clipping range (+-{self.run.secagg_clipping_range:g}) "
-                            f"cut up to {100 * max(clipped):.2g}% of a site's update; raise secagg_clipping_range")
+            problems.append(
+                f"round {server_round}: the SecAgg+ clipping range (+-{self.run.secagg_clipping_range:g}) "
+                f"cut up to {100 * max(clipped):.2g}% of a site's update; raise secagg_clipping_range"
+            )
         for text in problems:
             log.warning("%s", text)
             if self._progress:
@@ -237,12 +269,16 @@ class SecureTrainGrid:
         try:
             new_global = _decode(global_arrays, delta)
         except ValueError as exc:
-            raise FedscanError(f"round {server_round}: the secure aggregate does not fit the model: {exc}") from None
-        content = RecordDict({
-            "arrays": new_global,
-            "metrics": MetricRecord(_summary(metrics, n)),
-            "site": ConfigRecord({"name": SECURE_AGGREGATE}),
-        })
+            raise FedscanError(
+                f"round {server_round}: the secure aggregate does not fit the model: {exc}"
+            ) from None
+        content = RecordDict(
+            {
+                "arrays": new_global,
+                "metrics": MetricRecord(_summary(metrics, n)),
+                "site": ConfigRecord({"name": SECURE_AGGREGATE}),
+            }
+        )
         self.aggregates[server_round] = self.aggregates.get(server_round, 0) + 1
         return [Message(content=content, reply_to=first)]
 

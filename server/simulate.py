@@ -55,8 +55,16 @@ from fedscan.server.report import (
 
 log = logging.getLogger("fedscan.simulate")
 
-OUTPUT_NAMES = (REPORT_JSON, PER_SITE_CSV, REPORT_MD, REPORT_HTML, FIGURES_DIR, "global_model.pt",
-                "run_config.toml", "checkpoints")
+OUTPUT_NAMES = (
+    REPORT_JSON,
+    PER_SITE_CSV,
+    REPORT_MD,
+    REPORT_HTML,
+    FIGURES_DIR,
+    "global_model.pt",
+    "run_config.toml",
+    "checkpoints",
+)
 CONNECTION = "fedscan-sim"
 
 
@@ -74,9 +82,15 @@ class LocalSuperLink:
         self.port = free_port()
         self.home.mkdir(parents=True, exist_ok=True)
         cmd = [
-            flower_exe("flower-superlink"), "--insecure", "--simulation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--isolation", "subprocess",
+            flower_exe("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--isolation",
+            "subprocess",
             "--disable-runtime-dependency-installation",
         ]
         self.process = FlowerProcess(cmd, offline_env(self.home), self.log_file)
@@ -95,8 +109,9 @@ class LocalSuperLink:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise FedscanError(f"the Flower SuperLink exited at start (code {code})",
-                                   hint=f"see {self.log_file}")
+                raise FedscanError(
+                    f"the Flower SuperLink exited at start (code {code})", hint=f"see {self.log_file}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=1) as resp:
                     if resp.status == 200:
@@ -232,9 +247,15 @@ def run_simulation(
             with LocalSuperLink(home, logs / "superlink.log") as link:
                 link.write_connection()
                 flower_log = logs / "flower.log"
-                run_id = submit_run(app_dir, CONNECTION, home, overrides, flower_log,
-                                    federation_config=_federation_config(client_resources(run, len(sites))),
-                                    hint=f"see {flower_log} and {link.log_file}")
+                run_id = submit_run(
+                    app_dir,
+                    CONNECTION,
+                    home,
+                    overrides,
+                    flower_log,
+                    federation_config=_federation_config(client_resources(run, len(sites))),
+                    hint=f"see {flower_log} and {link.log_file}",
+                )
                 follow_run(run_id, CONNECTION, home, flower_log, on_event or (lambda event: None))
         except KeyboardInterrupt:
             _mark_unfinished(out, "interrupted")
@@ -257,8 +278,14 @@ def run_simulation(
     return compare_sites(run, out, local_sites, report, baselines, say)
 
 
-def compare_sites(run: RunConfig, out: Path, sites: list, report: dict[str, Any], baselines: bool,
-                  say: Callable[[str], None]) -> dict[str, Any]:
+def compare_sites(
+    run: RunConfig,
+    out: Path,
+    sites: list,
+    report: dict[str, Any],
+    baselines: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     """Add to a finished run's report each site's quality summary and the cross-site matrix: from
     the federated evaluation alone, or with ``baselines`` every model on every site. Rewrites
     the report files."""
@@ -276,11 +303,14 @@ def compare_sites(run: RunConfig, out: Path, sites: list, report: dict[str, Any]
         matrix = bl.cross_site_matrix(models, sites, run, say)
         report["cross_site"] = matrix
         report["federated_gain"], report["federated_gain_model"] = bl.federated_gain(
-            matrix, names, main, run.strategy == "fedbn")
+            matrix, names, main, run.strategy == "fedbn"
+        )
         worse = [s for s, g in report["federated_gain"].items() if g is not None and g < 0]
         for s in worse:
-            say(f"warning: at {s} the federated model is worse than {s}'s local-only model "
-                f"({main} {report['federated_gain'][s]:+.3f})")
+            say(
+                f"warning: at {s} the federated model is worse than {s}'s local-only model "
+                f"({main} {report['federated_gain'][s]:+.3f})"
+            )
     else:  # the federated evaluation: the global model at every site (FedBN: each site's own model)
         key = "global" if run.strategy != "fedbn" else None
         metrics = set(report["metrics"]["names"]) | {"loss"}
@@ -315,8 +345,10 @@ def find_resume(out: Path) -> tuple[RunConfig, Path, int]:
         )
     data_root = Path(cfg.data_root) if cfg.data_root is not None else None
     if data_root is None or not data_root.is_dir():
-        raise FedscanError(f"cannot resume the run in {out}: its data_root {data_root} is missing",
-                           hint=f"put the sites back where {out / RUN_CONFIG} says they are")
+        raise FedscanError(
+            f"cannot resume the run in {out}: its data_root {data_root} is missing",
+            hint=f"put the sites back where {out / RUN_CONFIG} says they are",
+        )
     known = {s for h in resumed.history for s in (*h["per_site"], *h.get("missing_sites", []))}
     found = {site.name for site in discover_sites(data_root)}
     if known and found != known:

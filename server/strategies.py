@@ -157,7 +157,9 @@ class PerSiteEvaluation(Strategy):
             return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
         # quality weighting: the training replies are weighted by the weights written here (the
         # evaluation replies, which carry none, keep Flower's weighting by example count)
-        self.weight_shares[server_round] = _quality_weights(replies, self.quality_max_share, self.quality_floor)
+        self.weight_shares[server_round] = _quality_weights(
+            replies, self.quality_max_share, self.quality_floor
+        )
         by_count, self.weighted_by_key = self.weighted_by_key, QUALITY_WEIGHT  # type: ignore[attr-defined]
         try:
             return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
@@ -271,7 +273,9 @@ class PerSiteFedTrimmedAvg(PerSiteEvaluation, FedTrimmedAvg):
         if self.auto_trim and replies:
             self.beta = min(1.0001 / len(replies), 0.4999)
             if len(replies) < 3:
-                log.warning("fedtrimmedavg: only %d update(s) this round: nothing to cut, a plain mean", len(replies))
+                log.warning(
+                    "fedtrimmedavg: only %d update(s) this round: nothing to cut, a plain mean", len(replies)
+                )
 
 
 class PerSiteFedBN(PerSiteFedAvg):
@@ -287,7 +291,9 @@ class PerSiteFedBN(PerSiteFedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         self._round_arrays = arrays
         messages = super().configure_train(server_round, arrays, config, grid)
-        self._global_shapes = {k: v for k, v in (self._global_shapes or {}).items() if k not in self.local_keys}
+        self._global_shapes = {
+            k: v for k, v in (self._global_shapes or {}).items() if k not in self.local_keys
+        }
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
@@ -295,7 +301,9 @@ class PerSiteFedBN(PerSiteFedAvg):
         for msg in replies:  # a secure aggregate holds them (unchanged): the shared layers only
             if not msg.has_error() and "arrays" in msg.content.array_records:
                 arrays = msg.content["arrays"]
-                msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in arrays if k not in self.local_keys})
+                msg.content["arrays"] = ArrayRecord(
+                    {k: arrays[k] for k in arrays if k not in self.local_keys}
+                )
         shared, metrics = super().aggregate_train(server_round, replies)
         if shared is None or self._round_arrays is None:
             return shared, metrics
@@ -304,8 +312,13 @@ class PerSiteFedBN(PerSiteFedAvg):
 
 
 _STRATEGIES: dict[str, type[PerSiteEvaluation]] = {
-    "fedavg": PerSiteFedAvg, "fedavgm": PerSiteFedAvgM, "fedadam": PerSiteFedAdam, "fedyogi": PerSiteFedYogi,
-    "fedprox": PerSiteFedProx, "fedmedian": PerSiteFedMedian, "fedtrimmedavg": PerSiteFedTrimmedAvg,
+    "fedavg": PerSiteFedAvg,
+    "fedavgm": PerSiteFedAvgM,
+    "fedadam": PerSiteFedAdam,
+    "fedyogi": PerSiteFedYogi,
+    "fedprox": PerSiteFedProx,
+    "fedmedian": PerSiteFedMedian,
+    "fedtrimmedavg": PerSiteFedTrimmedAvg,
     "fedbn": PerSiteFedBN,
 }
 
@@ -320,11 +333,17 @@ def _options(agg: AggregationSettings, n_sites: int) -> dict[str, float]:
     if agg.strategy == "fedprox":
         return {"proximal_mu": agg.proximal_mu}
     if agg.strategy == "fedtrimmedavg":  # by default one site's values at each end
-        return {"beta": agg.trimmed_fraction if agg.trimmed_fraction is not None else min(1.0001 / n_sites, 0.4999)}
+        return {
+            "beta": agg.trimmed_fraction
+            if agg.trimmed_fraction is not None
+            else min(1.0001 / n_sites, 0.4999)
+        }
     return {}
 
 
-def build_strategy(cfg: RunConfig, n_sites: int, local_keys: frozenset[str] = frozenset()) -> PerSiteEvaluation:
+def build_strategy(
+    cfg: RunConfig, n_sites: int, local_keys: frozenset[str] = frozenset()
+) -> PerSiteEvaluation:
     """The run's strategy; every site trains and evaluates in every round. ``local_keys``: the
     model's normalization layers, which FedBN leaves at the sites."""
     cls = _STRATEGIES[cfg.strategy]

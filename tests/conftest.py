@@ -32,10 +32,14 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_small_exam_sites(root: Path, exams: tuple[int, ...], label_level: str, seed: int = 0) -> Path:
     """Classification sites like `fedscan synth --task classification`, with fewer exams (faster)."""
-    profiles = [p.model_copy(update={"n_patients": n, "lesion_prevalence": 0.5})
-                for p, n in zip(make_profiles(len(exams), seed, "classification"), exams)]
+    profiles = [
+        p.model_copy(update={"n_patients": n, "lesion_prevalence": 0.5})
+        for p, n in zip(make_profiles(len(exams), seed, "classification"), exams, strict=True)
+    ]
     counts = {p.name: write_site(root, p, seed, i, label_level) for i, p in enumerate(profiles)}
-    manifest = Manifest(seed=seed, task="classification", label_level=label_level, sites=profiles, counts=counts)
+    manifest = Manifest(
+        seed=seed, task="classification", label_level=label_level, sites=profiles, counts=counts
+    )
     (root / "manifest.json").write_text(manifest.model_dump_json(indent=2))
     return root
 

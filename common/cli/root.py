@@ -72,8 +72,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug messages."),
 ) -> None:
     _setup_logging(verbose)

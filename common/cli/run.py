@@ -16,8 +16,9 @@ from fedscan.common.config import read_toml
 def run_cmd(
     ctx: typer.Context,
     superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, HOST:PORT."),
-    ca: Path = typer.Option(..., "--ca",
-                            help="The federation's CA certificate (ca.crt from `fedscan server init`)."),
+    ca: Path = typer.Option(
+        ..., "--ca", help="The federation's CA certificate (ca.crt from `fedscan server init`)."
+    ),
     config: Path | None = opt.CONFIG,
     sites: int | None = opt.option("sites", "Registered sites to wait for before round 1."),
     rounds: int | None = opt.ROUNDS,
@@ -31,10 +32,12 @@ def run_cmd(
     batch_size: int | None = opt.BATCH_SIZE,
     image_size: int | None = opt.IMAGE_SIZE,
     device: str | None = opt.option("device", "auto, cpu or cuda (at each site)."),
-    wait_timeout: float | None = opt.option("wait_timeout",
-                                            "Seconds to wait for the sites a round needs (default 600)."),
-    round_timeout: float | None = opt.option("round_timeout",
-                                             "Seconds a round waits for the sites' replies (default 3600)."),
+    wait_timeout: float | None = opt.option(
+        "wait_timeout", "Seconds to wait for the sites a round needs (default 600)."
+    ),
+    round_timeout: float | None = opt.option(
+        "round_timeout", "Seconds a round waits for the sites' replies (default 3600)."
+    ),
     secagg: bool | None = opt.option("secagg", "Secure aggregation (SecAgg+). Default: on in deployment."),
     overwrite: bool = opt.OVERWRITE,
 ) -> None:
@@ -51,6 +54,12 @@ def run_cmd(
         from fedscan.server.coordinator import run_deployment
 
         with round_progress(cfg.rounds) as on_event:
-            report = run_deployment(cfg, superlink, ca, overwrite=overwrite, on_event=on_event,
-                                    on_stage=lambda line: console.print(f"  {line}", highlight=False))
+            report = run_deployment(
+                cfg,
+                superlink,
+                ca,
+                overwrite=overwrite,
+                on_event=on_event,
+                on_stage=lambda line: console.print(f"  {line}", highlight=False),
+            )
         print_result(report, Path(cfg.output))

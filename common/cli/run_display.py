@@ -19,8 +19,12 @@ def round_progress(rounds: int, done: int = 0) -> Iterator[Callable[[RunEvent], 
     """A progress bar over the rounds (``done`` of them before it starts), fed with the
     ServerApp's run events; each event's text is printed above it."""
     progress = Progress(
-        TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("[bold]federated rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     )
     task_id = progress.add_task("rounds", total=rounds, completed=done)
 

@@ -9,8 +9,10 @@ import typer
 from fedscan.common.cli.root import app, out_console, user_errors
 
 server_app = typer.Typer(
-    name="server", help="Commands the coordinator runs: certificates, the SuperLink, site registration.",
-    no_args_is_help=True, rich_markup_mode="markdown",
+    name="server",
+    help="Commands the coordinator runs: certificates, the SuperLink, site registration.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
 )
 app.add_typer(server_app, name="server")
 
@@ -18,19 +20,22 @@ app.add_typer(server_app, name="server")
 @server_app.command("init")
 def server_init(
     dir: Path = typer.Option(..., "--dir", help="The coordinator folder to create."),
-    host: list[str] = typer.Option(..., "--host",
-                                   help="DNS name or IP sites use to reach the server (repeat)."),
+    host: list[str] = typer.Option(
+        ..., "--host", help="DNS name or IP sites use to reach the server (repeat)."
+    ),
     port: int = typer.Option(9092, "--port", help="The SuperLink's port (the one port sites connect to)."),
-    force: bool = typer.Option(False, "--force",
-                               help="Replace existing keys (sites then need the new ca.crt)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace existing keys (sites then need the new ca.crt)."
+    ),
 ) -> None:
     """Create the federation's CA and the SuperLink's TLS certificate (keys written 0600)."""
     with user_errors():
         from fedscan.server.coordinator import init_server
 
         p = init_server(dir, host, port=port, force=force)
-        out_console.print(f"wrote the CA ({p['ca_crt']}) and the SuperLink certificate for "
-                          f"{', '.join(host)} into {dir}")
+        out_console.print(
+            f"wrote the CA ({p['ca_crt']}) and the SuperLink certificate for {', '.join(host)} into {dir}"
+        )
         out_console.print(f"give every site {p['ca_crt']}; keep {p['ca_key']} private (offline if you can)")
 
 
@@ -44,8 +49,9 @@ def server_start(
     with user_errors():
         from fedscan.server.coordinator import start_server
 
-        code = start_server(dir, host, port, on_line=lambda line: out_console.print(line, highlight=False,
-                                                                                    markup=False))
+        code = start_server(
+            dir, host, port, on_line=lambda line: out_console.print(line, highlight=False, markup=False)
+        )
         raise typer.Exit(code)
 
 

@@ -30,16 +30,21 @@ def simulate(
     image_size: int | None = opt.IMAGE_SIZE,
     device: str | None = opt.option("device", "auto, cpu or cuda."),
     secagg: bool | None = opt.option(
-        "secagg", "Secure aggregation (SecAgg+): the server learns only the sum. Default: off."),
+        "secagg", "Secure aggregation (SecAgg+): the server learns only the sum. Default: off."
+    ),
     baselines: bool = typer.Option(
-        False, "--baselines",
+        False,
+        "--baselines",
         help="Also train each site alone and all data pooled, at the same compute, and evaluate every model "
-             "at every site (cross-site matrix, federated gain)."),
+        "at every site (cross-site matrix, federated gain).",
+    ),
     overwrite: bool = opt.OVERWRITE,
     resume: Path | None = typer.Option(
-        None, "--resume", metavar="OUT",
+        None,
+        "--resume",
+        metavar="OUT",
         help="Continue the stopped run in the output folder OUT after its last completed round, with the "
-             "settings it was started with (OUT/run_config.toml).",
+        "settings it was started with (OUT/run_config.toml).",
     ),
 ) -> None:
     """Simulate a federation of hospitals on this machine and report results per site.
@@ -51,16 +56,20 @@ def simulate(
     with user_errors():
         settings = opt.given_settings(ctx.params)
         if resume is not None:
-            given = [k for k, v in {**settings, "config": config, "overwrite": overwrite or None}.items()
-                     if v is not None]
+            given = [
+                k
+                for k, v in {**settings, "config": config, "overwrite": overwrite or None}.items()
+                if v is not None
+            ]
             _resume(resume, given, baselines)
             return
         cfg = opt.run_config(config, settings)
         from fedscan.server.simulate import run_simulation
 
         with round_progress(cfg.rounds) as on_event:
-            report = run_simulation(cfg, overwrite=overwrite, on_event=on_event, on_stage=stage,
-                                    baselines=baselines)
+            report = run_simulation(
+                cfg, overwrite=overwrite, on_event=on_event, on_stage=stage, baselines=baselines
+            )
         print_result(report, Path(cfg.output))
 
 

@@ -15,14 +15,18 @@ def synth(
     sites: int = typer.Option(3, "--sites", help="Number of hospitals to create."),
     out: Path = typer.Option(..., "--out", help="Folder to write the hospitals into."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same files."),
-    task: str = typer.Option("segmentation", "--task",
-                             help="segmentation (masks) or classification (labels.csv)."),
+    task: str = typer.Option(
+        "segmentation", "--task", help="segmentation (masks) or classification (labels.csv)."
+    ),
     label_level: str = typer.Option(
-        "exam", "--label-level", help="Classification: label whole exams (exam) or single images (image)."),
+        "exam", "--label-level", help="Classification: label whole exams (exam) or single images (image)."
+    ),
     scenario: str = typer.Option(
-        "default", "--scenario",
+        "default",
+        "--scenario",
         help="default, or heterogeneous (at least 4 sites: a clean one, heavy noise, another intensity "
-             "calibration, a small one)."),
+        "calibration, a small one).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
 ) -> None:
     """Create synthetic hospitals: CT-like DICOM series with labels, one folder per site.
@@ -38,9 +42,16 @@ def synth(
         from fedscan.common.data.synthetic import synthesize
 
         with console.status("writing synthetic hospitals") as status:
-            manifest = synthesize(out, sites, seed, overwrite=overwrite, task=task.strip().lower(),
-                                  label_level=label_level.strip().lower(), scenario=scenario.strip().lower(),
-                                  on_site=lambda name: status.update(f"writing {name}"))
+            manifest = synthesize(
+                out,
+                sites,
+                seed,
+                overwrite=overwrite,
+                task=task.strip().lower(),
+                label_level=label_level.strip().lower(),
+                scenario=scenario.strip().lower(),
+                on_site=lambda name: status.update(f"writing {name}"),
+            )
         for prof in manifest.sites:
             c = manifest.counts[prof.name]
             if manifest.task == "classification":

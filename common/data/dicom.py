@@ -35,8 +35,8 @@ import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag
 from pydicom.pixels import apply_modality_lut
+from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,9 @@ class SeriesHeader:
     value_range: np.ndarray  # (n, 2) rescaled range of the stored values, for inversion
     lut: np.ndarray  # (n,) bool: the file has a Modality LUT Sequence
     transfer_syntaxes: list[str] = field(default_factory=list)  # names, one per slice
-    native: list[tuple[int, str, int, bool] | None] = field(default_factory=list)  # per slice, see read_series
+    native: list[tuple[int, str, int, bool] | None] = field(
+        default_factory=list
+    )  # per slice, see read_series
     geometry: bool = True
     warnings: list[str] = field(default_factory=list)  # fedscan's wording, like Skipped.reason
 
@@ -115,9 +117,16 @@ class SeriesHeader:
             return [seq[i] for i in idx]
 
         return replace(
-            self, files=pick(self.files), frames=pick(self.frames), sop_uids=pick(self.sop_uids),
-            positions=self.positions[idx], slopes=self.slopes[idx], intercepts=self.intercepts[idx],
-            invert=self.invert[idx], value_range=self.value_range[idx], lut=self.lut[idx],
+            self,
+            files=pick(self.files),
+            frames=pick(self.frames),
+            sop_uids=pick(self.sop_uids),
+            positions=self.positions[idx],
+            slopes=self.slopes[idx],
+            intercepts=self.intercepts[idx],
+            invert=self.invert[idx],
+            value_range=self.value_range[idx],
+            lut=self.lut[idx],
             transfer_syntaxes=pick(self.transfer_syntaxes) if self.transfer_syntaxes else [],
             native=pick(self.native) if self.native else [],
             warnings=list(self.warnings),
@@ -154,12 +163,14 @@ class _Slice:
 
 # DICOM's defined terms (PS3.3 C.7.3.1.1.1); anything else is reported as "other"
 _MODALITIES = frozenset(
-    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG "
-    "MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT "
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO "
+    "LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE "
+    "RTIMAGE RTINTENT "
     "RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC".split()
 )
 _COLOUR_MODELS = frozenset(
-    "RGB YBR_FULL YBR_FULL_422 YBR_PARTIAL_422 YBR_PARTIAL_420 YBR_ICT YBR_RCT HSV ARGB CMYK".split() + ["PALETTE COLOR"]
+    "RGB YBR_FULL YBR_FULL_422 YBR_PARTIAL_422 YBR_PARTIAL_420 YBR_ICT YBR_RCT HSV ARGB CMYK".split()
+    + ["PALETTE COLOR"]
 )
 
 
@@ -241,7 +252,8 @@ def list_files(images_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
@@ -279,7 +291,11 @@ def _native_layout(ds: Dataset) -> tuple[int, str, int, bool] | None:
     """(offset, dtype, bits stored, explicit VR) when the pixels can be read straight from the
     file: uncompressed little endian, one frame, one sample. None means: let pydicom decode."""
     syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
-    if syntax not in _NATIVE_SYNTAXES or "NumberOfFrames" in ds or int(_value(ds, "SamplesPerPixel", 1) or 1) != 1:
+    if (
+        syntax not in _NATIVE_SYNTAXES
+        or "NumberOfFrames" in ds
+        or int(_value(ds, "SamplesPerPixel", 1) or 1) != 1
+    ):
         return None
     bits = int(_value(ds, "BitsAllocated", 0) or 0)
     if bits not in (8, 16, 32) or "ModalityLUTSequence" in ds:
@@ -312,7 +328,9 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
     sop = str(_value(ds, "SOPInstanceUID", ""))
     if not sop:
         return "image without SOPInstanceUID"
-    syntax = uid_name(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""), "unknown transfer syntax")
+    syntax = uid_name(
+        getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""), "unknown transfer syntax"
+    )
     invert = str(_value(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     lut = "ModalityLUTSequence" in ds
     lo_hi = _bits_range(ds)
@@ -332,9 +350,23 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
 
     def make(frame: int | None, ipp, iop, spacing, thick, slope, icpt) -> _Slice:
         vals = sorted((lo_hi[0] * slope + icpt, lo_hi[1] * slope + icpt))
-        return _Slice(path, frame, sop, shape, ipp, iop, None if spacing is None else tuple(spacing), thick,
-                      slope, icpt, invert, (vals[0], vals[1]), lut, syntax,
-                      _native_layout(ds) if frame is None else None)
+        return _Slice(
+            path,
+            frame,
+            sop,
+            shape,
+            ipp,
+            iop,
+            None if spacing is None else tuple(spacing),
+            thick,
+            slope,
+            icpt,
+            invert,
+            (vals[0], vals[1]),
+            lut,
+            syntax,
+            _native_layout(ds) if frame is None else None,
+        )
 
     if "NumberOfFrames" not in ds:
         return [make(None, top_ipp, top_iop, top_spacing, top_thick, top_slope, top_icpt)]
@@ -349,8 +381,15 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
         def group(seq: str, fg: Dataset | None = fg) -> Dataset | None:
             return _item(fg, seq) or _item(shared, seq)
 
-        pos, ori, meas, pvt = (group(s) for s in ("PlanePositionSequence", "PlaneOrientationSequence",
-                                                  "PixelMeasuresSequence", "PixelValueTransformationSequence"))
+        pos, ori, meas, pvt = (
+            group(s)
+            for s in (
+                "PlanePositionSequence",
+                "PlaneOrientationSequence",
+                "PixelMeasuresSequence",
+                "PixelValueTransformationSequence",
+            )
+        )
         ipp = _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
         if ipp is None and n_frames == 1:
             ipp = top_ipp
@@ -429,12 +468,16 @@ def scan_file(path: Path, seg_only: bool = False) -> FileScan:
             if result is None:
                 return FileScan(path, seg_refs=_seg_references(ds))
     except Exception as exc:  # noqa: BLE001 - a malformed header must not stop the scan
-        return FileScan(path, skipped=Skipped(path, "unreadable image header", f"{type(exc).__name__}: {exc}"))
+        return FileScan(
+            path, skipped=Skipped(path, "unreadable image header", f"{type(exc).__name__}: {exc}")
+        )
     if isinstance(result, str):
         return FileScan(path, skipped=Skipped(path, result))
     meta = SeriesMeta(
-        series_uid=str(_value(ds, "SeriesInstanceUID")), study_uid=str(_value(ds, "StudyInstanceUID", "")),
-        patient_id=str(_value(ds, "PatientID", "")), modality=standard_modality(_value(ds, "Modality", "")),
+        series_uid=str(_value(ds, "SeriesInstanceUID")),
+        study_uid=str(_value(ds, "StudyInstanceUID", "")),
+        patient_id=str(_value(ds, "PatientID", "")),
+        modality=standard_modality(_value(ds, "Modality", "")),
         manufacturer=str(ds.get("Manufacturer", "")).strip()[:64],
     )
     return FileScan(path, slices=result, series=meta)
@@ -445,7 +488,9 @@ def scan_files(paths: list[Path], seg_only: bool = False) -> list[FileScan]:
     return [scan_file(p, seg_only) for p in paths]
 
 
-def group_series(entries: list[FileScan], extra: list[FileScan] | None = None, n_files: int | None = None) -> SiteScan:
+def group_series(
+    entries: list[FileScan], extra: list[FileScan] | None = None, n_files: int | None = None
+) -> SiteScan:
     """Group scanned files (in the site's file order) into ordered series; ``extra`` are the
     scans of files looked at for DICOM SEG objects only."""
     scan = SiteScan(n_files=len(entries) if n_files is None else n_files)
@@ -463,7 +508,9 @@ def group_series(entries: list[FileScan], extra: list[FileScan] | None = None, n
         assert entry.series is not None
         sop = entry.slices[0].sop
         if sop in seen_sop:
-            scan.skipped.append(Skipped(entry.path, "the same image (SOPInstanceUID) as another file; ignored"))
+            scan.skipped.append(
+                Skipped(entry.path, "the same image (SOPInstanceUID) as another file; ignored")
+            )
             continue
         seen_sop[sop] = entry.path
         groups.setdefault(entry.series.series_uid, []).extend(entry.slices)
@@ -477,7 +524,9 @@ def group_series(entries: list[FileScan], extra: list[FileScan] | None = None, n
             header = _assemble(meta[uid], slices, scan.skipped)
         except Exception as exc:  # noqa: BLE001
             for path in dict.fromkeys(s.path for s in slices):
-                scan.skipped.append(Skipped(path, "series could not be assembled", f"{type(exc).__name__}: {exc}"))
+                scan.skipped.append(
+                    Skipped(path, "series could not be assembled", f"{type(exc).__name__}: {exc}")
+                )
             continue
         if header is not None:
             scan.series.append(header)
@@ -501,13 +550,21 @@ def _skip_files(slices: list[_Slice], reason: str, skipped: list[Skipped]) -> No
 
 def _assemble(meta: SeriesMeta, slices: list[_Slice], skipped: list[Skipped]) -> SeriesHeader | None:
     """Keep the series' largest consistent group of slices, ordered; report the rest."""
-    geometric = [s for s in slices if s.position is not None and s.orientation is not None
-                 and s.spacing is not None and np.linalg.norm(np.cross(s.orientation[:3], s.orientation[3:])) > 0.5]
+    geometric = [
+        s
+        for s in slices
+        if s.position is not None
+        and s.orientation is not None
+        and s.spacing is not None
+        and np.linalg.norm(np.cross(s.orientation[:3], s.orientation[3:])) > 0.5
+    ]
     if geometric and len(geometric) < len(slices):
         in_geo = {id(s) for s in geometric}
-        _skip_files([s for s in slices if id(s) not in in_geo],
-                    "no usable ImagePositionPatient/ImageOrientationPatient while the rest of its series has them",
-                    skipped)
+        _skip_files(
+            [s for s in slices if id(s) not in in_geo],
+            "no usable ImagePositionPatient/ImageOrientationPatient while the rest of its series has them",
+            skipped,
+        )
     pool = geometric or slices
 
     def key(s: _Slice) -> tuple:
@@ -536,15 +593,21 @@ def _assemble(meta: SeriesMeta, slices: list[_Slice], skipped: list[Skipped]) ->
         d = np.diff(proj)
         if (d < SAME_POSITION_MM).any():
             n_dup = int((d < SAME_POSITION_MM).sum())
-            _skip_files(kept, f"inconsistent series: {n_dup} slice position(s) hold more than one image "
-                        "(repeated or multi-echo acquisition?); the series is not used", skipped)
+            _skip_files(
+                kept,
+                f"inconsistent series: {n_dup} slice position(s) hold more than one image "
+                "(repeated or multi-echo acquisition?); the series is not used",
+                skipped,
+            )
             return None
         if d.size >= 2:
             med = float(np.median(d))
             gaps = d > GAP_FACTOR * med
             if gaps.any():
-                warn.append(f"gap: {int(gaps.sum())} place(s) where slices are up to {d.max():.1f} mm apart "
-                            f"(median spacing {med:.1f} mm); slices may be missing")
+                warn.append(
+                    f"gap: {int(gaps.sum())} place(s) where slices are up to {d.max():.1f} mm apart "
+                    f"(median spacing {med:.1f} mm); slices may be missing"
+                )
         positions = np.stack([np.asarray(s.position) for s in kept])
         spacing = first.spacing or (1.0, 1.0)  # set: every geometric slice has one
     else:
@@ -623,8 +686,11 @@ def _decode(path: Path, need_dataset: bool) -> tuple[np.ndarray, Dataset | None]
             implicit, little = ds.original_encoding
             ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = (
-                pydicom.uid.ImplicitVRLittleEndian if implicit
-                else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+                pydicom.uid.ImplicitVRLittleEndian
+                if implicit
+                else pydicom.uid.ExplicitVRLittleEndian
+                if little
+                else pydicom.uid.ExplicitVRBigEndian
             )
         return ds.pixel_array, ds
 

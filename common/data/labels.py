@@ -55,8 +55,10 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
     Raises FedscanError when the mask does not cover the series or sits off its grid.
     """
     if not series.geometry:
-        raise FedscanError(f"mask {path.name}: its series has no patient geometry to place a NIfTI mask on",
-                           hint="label images without ImagePositionPatient with a DICOM SEG object")
+        raise FedscanError(
+            f"mask {path.name}: its series has no patient geometry to place a NIfTI mask on",
+            hint="label images without ImagePositionPatient with a DICOM SEG object",
+        )
     try:
         img = _read_nifti(path)
         data = np.asanyarray(img.dataobj)
@@ -75,8 +77,10 @@ def load_mask(path: Path, series: SeriesHeader) -> np.ndarray:
         raise FedscanError(f"mask {path.name} holds values outside 0..255; expected class indices")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise FedscanError(f"mask {path.name} has no usable affine (singular or not finite)",
-                           hint="write the mask with the voxel-to-world affine of its series")
+        raise FedscanError(
+            f"mask {path.name} has no usable affine (singular or not finite)",
+            hint="write the mask with the voxel-to-world affine of its series",
+        )
     inv = np.linalg.inv(affine)
     fast = _map_on_grid(data, inv, series)
     return fast if fast is not None else _map_pixel_by_pixel(data, inv, series, path)
@@ -96,8 +100,11 @@ def _map_on_grid(data: np.ndarray, inv: np.ndarray, series: SeriesHeader) -> np.
     v = m @ (dr * series.col_dir)
     base = series.positions @ m.T + inv[:3, 3]
     ui, vi, bi = np.rint(u), np.rint(v), np.rint(base)
-    err = (np.abs(base - bi).max(initial=0.0) + (cols - 1) * np.abs(u - ui).max()
-           + (rows - 1) * np.abs(v - vi).max())
+    err = (
+        np.abs(base - bi).max(initial=0.0)
+        + (cols - 1) * np.abs(u - ui).max()
+        + (rows - 1) * np.abs(v - vi).max()
+    )
     if not err <= _TOLERANCE_VOX:  # also for NaN
         return None
     ui, vi, bi = ui.astype(np.int64), vi.astype(np.int64), bi.astype(np.int64)
@@ -123,8 +130,9 @@ def _axis_slice(start: int, step: int, n: int) -> slice:
     return slice(start, None if stop < 0 else stop, step)
 
 
-def _planar_slices(data: np.ndarray, ui: np.ndarray, vi: np.ndarray, bi: np.ndarray,
-                   rows: int, cols: int) -> np.ndarray | None:
+def _planar_slices(
+    data: np.ndarray, ui: np.ndarray, vi: np.ndarray, bi: np.ndarray, rows: int, cols: int
+) -> np.ndarray | None:
     """``_map_on_grid``'s result by plain slicing, when columns and rows each step along one
     voxel axis (series and mask acquired in the same plane: the usual case); None otherwise.
     The same voxels as the general gather, at 0.05 instead of 1.2 ms per 512x512 slice."""
@@ -195,7 +203,9 @@ def load_seg(path: Path, series: SeriesHeader) -> np.ndarray:
         if all(f is None for f in series.frames):
             return seg.get_pixels_by_source_instance(source_sop_instance_uids=series.sop_uids, **kw)
         parts = [  # frames of multi-frame sources, one slice at a time (they are in geometric order)
-            seg.get_pixels_by_source_frame(source_sop_instance_uid=sop, source_frame_numbers=[cast(int, frame) + 1], **kw)
+            seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=sop, source_frame_numbers=[cast(int, frame) + 1], **kw
+            )
             for sop, frame in zip(series.sop_uids, series.frames, strict=True)
         ]
         return np.concatenate(parts)
@@ -217,8 +227,9 @@ def load_seg(path: Path, series: SeriesHeader) -> np.ndarray:
             hint="the SEG must reference the series' images (ReferencedSeriesSequence / SourceImageSequence)",
         ) from None
     if arr.shape != (len(series), *series.shape):
-        raise FedscanError(f"DICOM SEG {path.name} has frames of shape {arr.shape[1:]}, its series "
-                           f"{series.shape}")
+        raise FedscanError(
+            f"DICOM SEG {path.name} has frames of shape {arr.shape[1:]}, its series {series.shape}"
+        )
     if arr.max(initial=0) > 255:
         raise FedscanError(f"DICOM SEG {path.name} has more than 255 segments")
     return arr.astype(np.uint8)
@@ -255,7 +266,9 @@ def index_masks(labels_dir: Path, scan: SiteScan) -> MaskIndex:
     sources: dict[str, Path] = {}
     problems: list[Skipped] = []
     labels_dir = Path(labels_dir)
-    niftis = sorted(labels_dir.glob("*.nii.gz")) + sorted(labels_dir.glob("*.nii")) if labels_dir.is_dir() else []
+    niftis = (
+        sorted(labels_dir.glob("*.nii.gz")) + sorted(labels_dir.glob("*.nii")) if labels_dir.is_dir() else []
+    )
     for path in niftis:
         uid = path.name.removesuffix(".gz").removesuffix(".nii")
         if uid not in known:

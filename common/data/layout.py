@@ -59,7 +59,8 @@ def discover_sites(data_root: Path) -> list[SiteDir]:
     if not sites and (root / "images").is_dir():
         raise FedscanError(
             f"{root} looks like a single site folder; --data-root takes the folder that holds "
-            "the site folders", hint=LAYOUT_HINT,
+            "the site folders",
+            hint=LAYOUT_HINT,
         )
     if not sites:
         raise FedscanError(f"no site folders with an images/ folder under {root}", hint=LAYOUT_HINT)

@@ -85,8 +85,13 @@ def foreground_zscore(values: np.ndarray, low_pct: float, high_pct: float) -> np
     return out
 
 
-def normalize(values: np.ndarray, modality: str, ct_window: tuple[float, float],
-              percentiles: tuple[float, float], ct_normalization: str = "window") -> np.ndarray:
+def normalize(
+    values: np.ndarray,
+    modality: str,
+    ct_window: tuple[float, float],
+    percentiles: tuple[float, float],
+    ct_normalization: str = "window",
+) -> np.ndarray:
     """CT: windowed HU in [0, 1], or the foreground z-score; anything else: percentile clip and
     z-score per series."""
     if modality == "CT":
@@ -144,19 +149,24 @@ def resize_labels(stack: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return out.argmax(dim=1).numpy().astype(np.uint8)
 
 
-def grid_plan(shape: tuple[int, int], spacing: tuple[float, float], size: int,
-              target_spacing: float | None) -> tuple[tuple[int, int], tuple[float, float]]:
+def grid_plan(
+    shape: tuple[int, int], spacing: tuple[float, float], size: int, target_spacing: float | None
+) -> tuple[tuple[int, int], tuple[float, float]]:
     """The intermediate (rows, cols) a series is resampled to, and its spacing at model size."""
     rows, cols = shape
     if target_spacing is not None:
-        hw = (max(1, round(rows * spacing[0] / target_spacing)), max(1, round(cols * spacing[1] / target_spacing)))
+        hw = (
+            max(1, round(rows * spacing[0] / target_spacing)),
+            max(1, round(cols * spacing[1] / target_spacing)),
+        )
         return hw, (target_spacing, target_spacing)
     side = max(rows, cols)
     return (rows, cols), (spacing[0] * side / size, spacing[1] * side / size)
 
 
-def fit_images(stack: np.ndarray, spacing: tuple[float, float], size: int,
-               target_spacing: float | None) -> tuple[np.ndarray, tuple[float, float]]:
+def fit_images(
+    stack: np.ndarray, spacing: tuple[float, float], size: int, target_spacing: float | None
+) -> tuple[np.ndarray, tuple[float, float]]:
     """Put a normalized stack on the model grid; padding takes the stack's minimum (background)."""
     fill = float(stack.min()) if stack.size else 0.0
     hw, model_spacing = grid_plan(stack.shape[-2:], spacing, size, target_spacing)
@@ -165,8 +175,9 @@ def fit_images(stack: np.ndarray, spacing: tuple[float, float], size: int,
     return resize_images(pad_to_square(stack, fill), size), model_spacing
 
 
-def fit_labels(stack: np.ndarray, spacing: tuple[float, float], size: int,
-               target_spacing: float | None) -> np.ndarray:
+def fit_labels(
+    stack: np.ndarray, spacing: tuple[float, float], size: int, target_spacing: float | None
+) -> np.ndarray:
     """The same geometric transform as ``fit_images``, for a label stack."""
     hw, _ = grid_plan(stack.shape[-2:], spacing, size, target_spacing)
     if target_spacing is not None:
@@ -174,8 +185,13 @@ def fit_labels(stack: np.ndarray, spacing: tuple[float, float], size: int,
     return resize_labels(pad_to_square(stack, 0), size)
 
 
-def unfit_probabilities(probs: np.ndarray, shape: tuple[int, int], spacing: tuple[float, float], size: int,
-                        target_spacing: float | None) -> np.ndarray:
+def unfit_probabilities(
+    probs: np.ndarray,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    size: int,
+    target_spacing: float | None,
+) -> np.ndarray:
     """The inverse of ``fit_images`` for per-class probabilities: (n, C, size, size) on the model
     grid back to (n, C, rows, cols) on the source grid of ``shape`` and ``spacing``.
 

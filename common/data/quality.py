@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field
 
+
 def noise_sigma(img: np.ndarray) -> float:
     """Immerkaer's estimate of additive Gaussian noise in a 2D image.
 
@@ -136,8 +137,11 @@ class SiteProfile(BaseModel):
 
     def shareable(self) -> dict[str, float]:
         """Only the numbers (no standard names either) for a later quality weighting."""
-        out = {k: float(v) for k, v in self.model_dump(exclude={"class_fractions"}).items()
-               if isinstance(v, (int, float)) and v is not None}
+        out = {
+            k: float(v)
+            for k, v in self.model_dump(exclude={"class_fractions"}).items()
+            if isinstance(v, (int, float)) and v is not None
+        }
         out.update({f"class_fraction_{k}": float(v) for k, v in self.class_fractions.items()})
         return out
 
@@ -166,12 +170,16 @@ def site_profile(series: list[SeriesProfile]) -> SiteProfile:
         intensity_min=min(mins) if mins else None,
         intensity_max=max(maxs) if maxs else None,
         foreground_slice_fraction=(
-            sum((s.foreground_slice_fraction or 0.0) * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
-            if seg_slices else None
+            sum((s.foreground_slice_fraction or 0.0) * s.slices * s.labelled_slice_fraction for s in seg)
+            / seg_slices
+            if seg_slices
+            else None
         ),
         foreground_pixel_fraction=(
-            sum((s.foreground_pixel_fraction or 0.0) * s.slices * s.labelled_slice_fraction for s in seg) / seg_slices
-            if seg_slices else None
+            sum((s.foreground_pixel_fraction or 0.0) * s.slices * s.labelled_slice_fraction for s in seg)
+            / seg_slices
+            if seg_slices
+            else None
         ),
         class_fractions={k: v / total for k, v in sorted(counts.items())} if total else {},
     )

@@ -50,19 +50,23 @@ def fedscan_version() -> str:
 def segment_descriptions(num_classes: int, model: str) -> list[hd.seg.SegmentDescription]:
     """One segment per foreground class 1..num_classes-1, numbered as the classes are."""
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"fedscan {model}", family=codes.cid7162.ArtificialIntelligence, version=fedscan_version(),
+        name=f"fedscan {model}",
+        family=codes.cid7162.ArtificialIntelligence,
+        version=fedscan_version(),
     )
     out = []
     for c in range(1, num_classes):
         lesion = num_classes == 2
-        out.append(hd.seg.SegmentDescription(
-            segment_number=c,
-            segment_label="lesion" if lesion else f"class {c}",
-            segmented_property_category=LESION_CATEGORY if lesion else GENERIC,
-            segmented_property_type=LESION_TYPE if lesion else GENERIC,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        ))
+        out.append(
+            hd.seg.SegmentDescription(
+                segment_number=c,
+                segment_label="lesion" if lesion else f"class {c}",
+                segmented_property_category=LESION_CATEGORY if lesion else GENERIC,
+                segmented_property_type=LESION_TYPE if lesion else GENERIC,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
     return out
 
 
@@ -77,8 +81,10 @@ def _sources(hdr: SeriesHeader, labels: np.ndarray) -> tuple[list[Dataset], np.n
         frames = np.zeros((int(ds.NumberOfFrames), *labels.shape[1:]), dtype=labels.dtype)
         frames[[int(f) for f in hdr.frames]] = labels  # type: ignore[arg-type]
         return [ds], frames
-    raise ValueError(f"the series' slices come from {len(files)} multi-frame files; a SEG can reference "
-                     "the frames of one multi-frame image only")
+    raise ValueError(
+        f"the series' slices come from {len(files)} multi-frame files; a SEG can reference "
+        "the frames of one multi-frame image only"
+    )
 
 
 @contextmanager
@@ -97,10 +103,13 @@ def build_seg(hdr: SeriesHeader, labels: np.ndarray, *, num_classes: int, model:
     """The BINARY SEG of ``labels`` (uint8 (n_slices, rows, cols), 0 = background) over ``hdr``'s images."""
     labels = np.asarray(labels)
     if labels.shape != (len(hdr), *hdr.shape):
-        raise ValueError(f"label map of shape {labels.shape} does not match the series' "
-                         f"{len(hdr)} slices of {hdr.shape}")
+        raise ValueError(
+            f"label map of shape {labels.shape} does not match the series' {len(hdr)} slices of {hdr.shape}"
+        )
     if labels.size and int(labels.max()) >= num_classes:
-        raise ValueError(f"label map holds class {int(labels.max())}, but the model has {num_classes} classes")
+        raise ValueError(
+            f"label map holds class {int(labels.max())}, but the model has {num_classes} classes"
+        )
     sources, frames = _sources(hdr, labels.astype(np.uint8))
     name = f"fedscan {model}"
     with _quiet_highdicom():

@@ -74,13 +74,15 @@ class SiteData:
         sample = np.asarray(self.sample)
         order = np.argsort(sample, kind="stable")
         bounds = np.searchsorted(sample[order], np.arange(self.n_samples + 1))
-        return [order[bounds[k]:bounds[k + 1]] for k in range(self.n_samples)]
+        return [order[bounds[k] : bounds[k + 1]] for k in range(self.n_samples)]
 
     def site_snr(self) -> float | None:
         """The site's SNR, as its quality profile gives it: the median over its series."""
         if self.snr is None:
             return None
-        per_series = np.unique(np.stack([np.asarray(self.series, np.float64), np.asarray(self.snr, np.float64)]), axis=1)
+        per_series = np.unique(
+            np.stack([np.asarray(self.series, np.float64), np.asarray(self.snr, np.float64)]), axis=1
+        )
         values = per_series[1][np.isfinite(per_series[1])]
         return float(np.median(values)) if values.size else None
 
@@ -93,15 +95,23 @@ NO_MASK = 255  # SiteData.lesion on slices whose series has no mask
 
 
 def preprocess_params(cfg: RunConfig) -> dict[str, object]:
-    params = {"task": cfg.task, "image_size": cfg.image_size, "ct_window": list(cfg.ct_window),
-              "num_classes": cfg.num_classes, "intensity_percentiles": list(cfg.intensity_percentiles),
-              "pixel_spacing": cfg.pixel_spacing, "preprocess_version": PREPROCESS_VERSION}
+    params = {
+        "task": cfg.task,
+        "image_size": cfg.image_size,
+        "ct_window": list(cfg.ct_window),
+        "num_classes": cfg.num_classes,
+        "intensity_percentiles": list(cfg.intensity_percentiles),
+        "pixel_spacing": cfg.pixel_spacing,
+        "preprocess_version": PREPROCESS_VERSION,
+    }
     if cfg.ct_normalization != "window":  # the caches of windowed CT keep their keys
         params["ct_normalization"] = cfg.ct_normalization
     return params
 
 
-def model_input(hdr: SeriesHeader, pixels: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, tuple[float, float]]:
+def model_input(
+    hdr: SeriesHeader, pixels: np.ndarray, cfg: RunConfig
+) -> tuple[np.ndarray, tuple[float, float]]:
     """The series normalized for its modality and put on the model grid, and its spacing there."""
     norm = normalize(pixels, hdr.modality, cfg.ct_window, cfg.intensity_percentiles, cfg.ct_normalization)
     return fit_images(norm, hdr.spacing, cfg.image_size, cfg.pixel_spacing)
@@ -131,13 +141,21 @@ def open_reader(site: SiteDir, cfg: RunConfig, workers: int | None = 1) -> SiteR
     scan = reader.scan
     if not scan.series:
         if all(s.reason in ("not a DICOM file", "not a readable DICOM file") for s in scan.skipped):
-            raise FedscanError(f"site '{site.name}': no DICOM among the {len(reader.files)} files under "
-                               f"{site.images}", hint=LAYOUT_HINT)
-        raise FedscanError(f"site '{site.name}': no readable DICOM image series under {site.images}",
-                           hint="run `fedscan site check --data SITE_DIR` to see why each file was not used")
+            raise FedscanError(
+                f"site '{site.name}': no DICOM among the {len(reader.files)} files under {site.images}",
+                hint=LAYOUT_HINT,
+            )
+        raise FedscanError(
+            f"site '{site.name}': no readable DICOM image series under {site.images}",
+            hint="run `fedscan site check --data SITE_DIR` to see why each file was not used",
+        )
     if scan.skipped:
-        log.warning("site %s: %d of %d file(s) not used (run `fedscan site check` for the full list)",
-                    site.name, len(scan.skipped), scan.n_files)
+        log.warning(
+            "site %s: %d of %d file(s) not used (run `fedscan site check` for the full list)",
+            site.name,
+            len(scan.skipped),
+            scan.n_files,
+        )
     for hdr in scan.series:
         for w in hdr.warnings:
             log.warning("site %s: a %s series (%d slices): %s", site.name, hdr.modality, len(hdr), w)
@@ -184,8 +202,14 @@ def _segmentation_series(rec: SeriesRecord, cfg: RunConfig) -> _SeriesArrays:
     if max_class >= cfg.num_classes:
         return _SeriesArrays(max_class=max_class)
     images, model_spacing = model_input(hdr, pixels, cfg)
-    return _SeriesArrays(hdr, images, fit_labels(mask, hdr.spacing, cfg.image_size, cfg.pixel_spacing),
-                         model_spacing, series_snr(pixels), max_class=max_class)
+    return _SeriesArrays(
+        hdr,
+        images,
+        fit_labels(mask, hdr.spacing, cfg.image_size, cfg.pixel_spacing),
+        model_spacing,
+        series_snr(pixels),
+        max_class=max_class,
+    )
 
 
 class _Index:
@@ -194,8 +218,15 @@ class _Index:
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {"patient": [], "series": [], "spacing": [], "snr": []}
 
-    def add(self, n: int, patient: int, series: int, hdr: SeriesHeader, model_spacing: tuple[float, float],
-            snr: float | None) -> None:
+    def add(
+        self,
+        n: int,
+        patient: int,
+        series: int,
+        hdr: SeriesHeader,
+        model_spacing: tuple[float, float],
+        snr: float | None,
+    ) -> None:
         """n slices' patient and series indices, their spacing at model size and their series' SNR."""
         self.parts["snr"].append(np.full(n, np.nan if snr is None else snr, dtype=np.float32))
         self.parts["patient"].append(np.full(n, patient, dtype=np.int32))
@@ -216,7 +247,9 @@ def _build_segmentation(reader: SiteReader, cfg: RunConfig) -> SiteData:
     images, masks = [], []
     index = _Index()
     mismatched = 0
-    for rec, res in zip(labelled, reader.map(_segmentation_series, ((r, (cfg,)) for r in labelled)), strict=True):
+    for rec, res in zip(
+        labelled, reader.map(_segmentation_series, ((r, (cfg,)) for r in labelled)), strict=True
+    ):
         if res.mask_failed:
             mismatched += 1
         if res.max_class >= cfg.num_classes:
@@ -231,12 +264,24 @@ def _build_segmentation(reader: SiteReader, cfg: RunConfig) -> SiteData:
             continue
         images.append(res.images)
         masks.append(res.masks)
-        index.add(len(res.images), patients.index(res.hdr.patient_id), rec.index, res.hdr, res.model_spacing, res.snr)
+        index.add(
+            len(res.images),
+            patients.index(res.hdr.patient_id),
+            rec.index,
+            res.hdr,
+            res.model_spacing,
+            res.snr,
+        )
     unlabelled = len(records) - len(labelled)
     if unlabelled or mismatched or reader.masks.problems:
-        log.warning("site %s: label mismatches: %d series without a mask, %d mask(s) not matching their "
-                    "series, %d mask(s) for no series here", site.name, unlabelled, mismatched,
-                    sum(1 for p in reader.masks.problems if UNKNOWN_SERIES in p.reason))
+        log.warning(
+            "site %s: label mismatches: %d series without a mask, %d mask(s) not matching their "
+            "series, %d mask(s) for no series here",
+            site.name,
+            unlabelled,
+            mismatched,
+            sum(1 for p in reader.masks.problems if UNKNOWN_SERIES in p.reason),
+        )
     if not images:
         raise FedscanError(
             f"site '{site.name}' has images but no labels: none of its {len(all_series)} series "
@@ -304,11 +349,16 @@ def _build_classification(reader: SiteReader, cfg: RunConfig) -> SiteData:
         index.add(len(keys), patients.index(used.patient_id), rec.index, used, res.model_spacing, res.snr)
     unknown = len(table.labels) - len(matched)
     if unknown:
-        log.warning("site %s: %d row(s) of %s match no image %s here", site.name, unknown,
-                    LABELS_CSV, table.key)
+        log.warning(
+            "site %s: %d row(s) of %s match no image %s here", site.name, unknown, LABELS_CSV, table.key
+        )
     if unlabelled_series:
-        log.warning("site %s: %d of %d series have no label and are not used", site.name,
-                    unlabelled_series, len(all_series))
+        log.warning(
+            "site %s: %d of %d series have no label and are not used",
+            site.name,
+            unlabelled_series,
+            len(all_series),
+        )
     if not images:
         raise FedscanError(
             f"site '{site.name}': none of the {len(table.labels)} rows of {LABELS_CSV} "
@@ -324,9 +374,13 @@ def _build_classification(reader: SiteReader, cfg: RunConfig) -> SiteData:
             hint="every image of an exam must carry the same PatientID",
         )
     lesion = np.concatenate(lesions)
-    return SiteData(images=np.concatenate(images), **arrays, sample=sample_arr,
-                    target=np.asarray(target, dtype=np.int64),
-                    lesion=None if (lesion == NO_MASK).all() else lesion)
+    return SiteData(
+        images=np.concatenate(images),
+        **arrays,
+        sample=sample_arr,
+        target=np.asarray(target, dtype=np.int64),
+        lesion=None if (lesion == NO_MASK).all() else lesion,
+    )
 
 
 def prepare_site(site: SiteDir, cfg: RunConfig, cache_root: Path | None) -> SiteData:

@@ -32,7 +32,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fedscan.common.data.dicom import (
-    FileScan, SeriesHeader, SiteScan, Skipped, group_series, list_files, read_series, scan_files,
+    FileScan,
+    SeriesHeader,
+    SiteScan,
+    Skipped,
+    group_series,
+    list_files,
+    read_series,
+    scan_files,
 )
 from fedscan.common.data.labels import LABELS_CSV, ClassLabels, MaskIndex, index_masks, read_class_labels
 from fedscan.common.data.layout import LAYOUT_HINT, SiteDir
@@ -152,8 +159,14 @@ class SiteReader:
         Record a bad ``labels.csv`` as a problem instead of raising (site check).
     """
 
-    def __init__(self, site: SiteDir, workers: int | None = 1, *, class_limit: int | None = None,
-                 labels_problems_only: bool = False) -> None:
+    def __init__(
+        self,
+        site: SiteDir,
+        workers: int | None = 1,
+        *,
+        class_limit: int | None = None,
+        labels_problems_only: bool = False,
+    ) -> None:
         self.site = site
         if not site.path.is_dir():
             raise FedscanError(f"site '{site.name}': folder {site.path} does not exist", hint=LAYOUT_HINT)
@@ -165,8 +178,9 @@ class SiteReader:
         wanted = default_workers() if not workers else int(workers)
         self.workers = wanted if len(self.files) >= MIN_FILES_PER_WORKER * min(wanted, 2) else 1
         self._pool: Executor | None = None
-        self.scan: SiteScan = group_series(self._scan(self.files), self._scan(extra, seg_only=True),
-                                           n_files=len(self.files))
+        self.scan: SiteScan = group_series(
+            self._scan(self.files), self._scan(extra, seg_only=True), n_files=len(self.files)
+        )
         self.problems: list[Skipped] = list(self.scan.skipped)
         self.masks: MaskIndex = index_masks(site.labels, self.scan)
         self.problems += self.masks.problems
@@ -193,14 +207,17 @@ class SiteReader:
         except FedscanError as exc:
             if not problems_only:
                 raise
-            self.problems.append(Skipped(path, scrub(exc.message.replace(str(path), LABELS_CSV)), exc.message))
+            self.problems.append(
+                Skipped(path, scrub(exc.message.replace(str(path), LABELS_CSV)), exc.message)
+            )
             return None
 
     @property
     def pool(self) -> Executor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_worker_init)
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init
+            )
         return self._pool
 
     def close(self) -> None:
@@ -221,8 +238,10 @@ class SiteReader:
 
     def records(self) -> list[SeriesRecord]:
         """One record per series, in the site's series order."""
-        return [SeriesRecord(i, hdr, self.masks.sources.get(hdr.series_uid), self.masks)
-                for i, hdr in enumerate(self.scan.series)]
+        return [
+            SeriesRecord(i, hdr, self.masks.sources.get(hdr.series_uid), self.masks)
+            for i, hdr in enumerate(self.scan.series)
+        ]
 
     def map(self, fn: Callable[..., R], items: Iterable[tuple[SeriesRecord, tuple[Any, ...]]]) -> Iterator[R]:
         """``fn(record, *args)`` for each (record, args), in workers when the reader has them;
@@ -248,5 +267,8 @@ def log_problems(site: SiteDir, problems: list[Skipped], limit: int = 20) -> Non
     for p in problems[:limit]:
         log.warning("site %s: %s: %s", site.name, p.path, p.detail or p.reason)
     if len(problems) > limit:
-        log.warning("site %s: ... and %d more (run `fedscan site check` for the full list)", site.name,
-                    len(problems) - limit)
+        log.warning(
+            "site %s: ... and %d more (run `fedscan site check` for the full list)",
+            site.name,
+            len(problems) - limit,
+        )

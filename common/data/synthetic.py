@@ -112,16 +112,36 @@ def _heterogeneous(profiles: list[SiteProfile]) -> list[SiteProfile]:
     if len(profiles) < 4:
         raise FedscanError(f"the heterogeneous scenario needs at least 4 sites, got {len(profiles)}")
     changes: list[dict[str, Any]] = [
-        {"noise_hu": 10.0, "blur_sigma_px": 0.3, "hu_scale": 1.0, "hu_offset": 0.0, "n_patients": 12},  # reference
-        {"noise_hu": 90.0, "blur_sigma_px": 0.3, "hu_scale": 1.0, "hu_offset": 0.0, "n_patients": 10},  # heavy noise
-        {"noise_hu": 12.0, "blur_sigma_px": 0.3, "hu_scale": 1.3, "hu_offset": 150.0, "n_patients": 10},  # calibration
+        {
+            "noise_hu": 10.0,
+            "blur_sigma_px": 0.3,
+            "hu_scale": 1.0,
+            "hu_offset": 0.0,
+            "n_patients": 12,
+        },  # reference
+        {
+            "noise_hu": 90.0,
+            "blur_sigma_px": 0.3,
+            "hu_scale": 1.0,
+            "hu_offset": 0.0,
+            "n_patients": 10,
+        },  # heavy noise
+        {
+            "noise_hu": 12.0,
+            "blur_sigma_px": 0.3,
+            "hu_scale": 1.3,
+            "hu_offset": 150.0,
+            "n_patients": 10,
+        },  # calibration
         {"noise_hu": 12.0, "blur_sigma_px": 0.3, "hu_scale": 1.0, "hu_offset": 0.0, "n_patients": 3},  # small
     ]
     out = [p.model_copy(update={**c, "label_noise": 0.0}) for p, c in zip(profiles, changes, strict=False)]
-    return out + [p.model_copy(update={"label_noise": 0.0}) for p in profiles[len(changes):]]
+    return out + [p.model_copy(update={"label_noise": 0.0}) for p in profiles[len(changes) :]]
 
 
-def make_profiles(n_sites: int, seed: int, task: str = "segmentation", scenario: str = "default") -> list[SiteProfile]:
+def make_profiles(
+    n_sites: int, seed: int, task: str = "segmentation", scenario: str = "default"
+) -> list[SiteProfile]:
     """Draw each site's settings so that the sites differ the way hospitals do; the
     ``heterogeneous`` scenario sets one difference per site on purpose (``_heterogeneous``)."""
     if scenario not in SCENARIOS:
@@ -188,14 +208,16 @@ def make_profiles(n_sites: int, seed: int, task: str = "segmentation", scenario:
             exams = [32]
         exam_prevalence = spread(0.2, 0.6)
         profiles = [
-            p.model_copy(update={
-                "task": task,
-                "n_patients": exams[i],
-                "slices_per_patient": EXAM_SLICES[1],
-                "min_slices_per_patient": EXAM_SLICES[0],
-                "lesion_prevalence": round(float(exam_prevalence[i]), 2),
-                "label_noise": 0.1 if p.label_noise > 0 else 0.0,
-            })
+            p.model_copy(
+                update={
+                    "task": task,
+                    "n_patients": exams[i],
+                    "slices_per_patient": EXAM_SLICES[1],
+                    "min_slices_per_patient": EXAM_SLICES[0],
+                    "lesion_prevalence": round(float(exam_prevalence[i]), 2),
+                    "label_noise": 0.1 if p.label_noise > 0 else 0.0,
+                }
+            )
             for i, p in enumerate(profiles)
         ]
     return _heterogeneous(profiles) if scenario == "heterogeneous" else profiles
@@ -379,8 +401,14 @@ def _acquire_and_save(
     stored = np.clip(stored, info.min, info.max).astype(dtype)
     sop = _uid(seed, profile.name, patient_idx, "sop", k)
     ds = _dicom_slice(
-        profile, stored, patient_idx=patient_idx, uids=uids, sop_uid=sop, ipp=ipp,
-        instance=k + 1, rng_vals=rng_vals,
+        profile,
+        stored,
+        patient_idx=patient_idx,
+        uids=uids,
+        sop_uid=sop,
+        ipp=ipp,
+        instance=k + 1,
+        rng_vals=rng_vals,
     )
     fname = _uid(seed, profile.name, patient_idx, "file", k)[-12:].replace(".", "") + profile.file_extension
     ds.save_as(series_dir / fname, enforce_file_format=True)
@@ -439,8 +467,16 @@ def write_site(
                 counts["lesions"] += len(lesions)
                 mask_vol[:, :, k] = mask.T
             _acquire_and_save(
-                hu, profile, rng, seed=seed, patient_idx=p, k=k, uids=uids, rng_vals=rng_vals,
-                ipp=[float(coords[0]), float(coords[0]), z], series_dir=series_dir,
+                hu,
+                profile,
+                rng,
+                seed=seed,
+                patient_idx=p,
+                k=k,
+                uids=uids,
+                rng_vals=rng_vals,
+                ipp=[float(coords[0]), float(coords[0]), z],
+                series_dir=series_dir,
             )
             counts["slices"] += 1
         _save_mask(labels / f"{uids['series']}.nii.gz", mask_vol, coords, dx, dz, z0)
@@ -450,9 +486,7 @@ def write_site(
 def _save_mask(path: Path, mask_vol: np.ndarray, coords: np.ndarray, dx: float, dz: float, z0: float) -> None:
     """Write a (column, row, slice) mask as NIfTI in the series' patient geometry."""
     # voxel (c, r, k) -> LPS = ipp0 + c*dx*[1,0,0] + r*dx*[0,1,0] + k*dz*[0,0,1]; RAS flips x, y
-    lps = np.array(
-        [[dx, 0, 0, coords[0]], [0, dx, 0, coords[0]], [0, 0, dz, z0], [0, 0, 0, 1.0]]
-    )
+    lps = np.array([[dx, 0, 0, coords[0]], [0, dx, 0, coords[0]], [0, 0, dz, z0], [0, 0, 0, 1.0]])
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     img = nib.Nifti1Image(mask_vol, ras)
     img.set_qform(ras, code=1)
@@ -470,8 +504,13 @@ def _write_exam_site(
     labels.mkdir(parents=True, exist_ok=True)
     coords, x, y = _grid(profile)
     lo = profile.min_slices_per_patient or profile.slices_per_patient
-    counts = {"exams": profile.n_patients, "positive_exams": 0, "labelled_positive": 0,
-              "slices": 0, "lesion_slices": 0}
+    counts = {
+        "exams": profile.n_patients,
+        "positive_exams": 0,
+        "labelled_positive": 0,
+        "slices": 0,
+        "lesion_slices": 0,
+    }
     rows: list[tuple[str, int]] = []
     for p in range(profile.n_patients):
         anatomy = _Patient(rng)
@@ -505,15 +544,29 @@ def _write_exam_site(
                 mask_vol[:, :, k] = lesion.T
                 counts["lesion_slices"] += 1
             sop = _acquire_and_save(
-                hu, profile, rng, seed=seed, patient_idx=p, k=k, uids=uids, rng_vals=rng_vals,
-                ipp=[float(coords[0]), float(coords[0]), z], series_dir=series_dir,
+                hu,
+                profile,
+                rng,
+                seed=seed,
+                patient_idx=p,
+                k=k,
+                uids=uids,
+                rng_vals=rng_vals,
+                ipp=[float(coords[0]), float(coords[0]), z],
+                series_dir=series_dir,
             )
             if label_level == "image":
                 rows.append((sop, int(k in span and not missed)))
             counts["slices"] += 1
         # where the lesion is (the truth, not the reader's label): for explanations, not for training
-        _save_mask(labels / f"{uids['series']}.nii.gz", mask_vol, coords, profile.pixel_spacing_mm,
-                   profile.slice_thickness_mm, z0)
+        _save_mask(
+            labels / f"{uids['series']}.nii.gz",
+            mask_vol,
+            coords,
+            profile.pixel_spacing_mm,
+            profile.slice_thickness_mm,
+            z0,
+        )
         counts["positive_exams"] += int(positive)
         counts["labelled_positive"] += int(positive and not missed)
         if label_level == "exam":
@@ -556,8 +609,14 @@ def synthesize(
             if on_site:
                 on_site(prof.name)
             counts[prof.name] = write_site(tmp, prof, seed, i, label_level)
-        manifest = Manifest(seed=seed, scenario=scenario, task=task, sites=profiles, counts=counts,
-                            label_level=label_level if task == "classification" else None)
+        manifest = Manifest(
+            seed=seed,
+            scenario=scenario,
+            task=task,
+            sites=profiles,
+            counts=counts,
+            label_level=label_level if task == "classification" else None,
+        )
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

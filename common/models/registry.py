@@ -44,8 +44,9 @@ def _resnet18(cfg: RunConfig) -> nn.Module:
 def _mil(cfg: RunConfig) -> nn.Module:
     from fedscan.common.models.mil import AttentionMIL
 
-    return AttentionMIL(IN_CHANNELS, cfg.num_classes, base_channels=cfg.base_channels,
-                        chunk_size=cfg.mil_chunk_size)
+    return AttentionMIL(
+        IN_CHANNELS, cfg.num_classes, base_channels=cfg.base_channels, chunk_size=cfg.mil_chunk_size
+    )
 
 
 _BUILDERS: dict[str, Callable[[RunConfig], nn.Module]] = {

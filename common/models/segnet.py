@@ -51,7 +51,7 @@ class SegNet(nn.Module):
         self.encoder = nn.ModuleList()
         self.pools = nn.ModuleList()
         previous = in_channels
-        for depth, c in zip(depths, channels):
+        for depth, c in zip(depths, channels, strict=True):
             layers: list[nn.Module] = []
             for k in range(depth):
                 layers += _conv_bn_relu(previous if k == 0 else c, c)
@@ -76,23 +76,24 @@ class SegNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def encoder_convs(self) -> list[nn.Conv2d]:
         """The 13 encoder convolutions, shallowest first."""
-        return [m for stage in self.encoder for m in stage if isinstance(m, nn.Conv2d)]
+        return [m for stage in self.encoder for m in stage.children() if isinstance(m, nn.Conv2d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         saved: list[tuple[torch.Tensor, torch.Size]] = []
-        for stage, pool in zip(self.encoder, self.pools):
+        for stage, pool in zip(self.encoder, self.pools, strict=True):
             x = stage(x)
             size = x.shape[-2:]
             x, indices = pool(x)
             saved.append((indices, size))
-        for unpool, stage in zip(self.unpools, self.decoder):
+        for unpool, stage in zip(self.unpools, self.decoder, strict=True):
             indices, size = saved.pop()
             x = stage(unpool(x, indices, output_size=size))
         return x

@@ -34,8 +34,18 @@ class UNet2D(nn.Module):
         )
         # deepest first; the last (full-resolution) stage does not halve its input channels
         self.up = nn.ModuleList(
-            UpCat(2, feats[k + 1], feats[k], b if k == 0 else feats[k], _ACT, _NORM, True, 0.0,
-                  "deconv", halves=k != 0)
+            UpCat(
+                2,
+                feats[k + 1],
+                feats[k],
+                b if k == 0 else feats[k],
+                _ACT,
+                _NORM,
+                True,
+                0.0,
+                "deconv",
+                halves=k != 0,
+            )
             for k in reversed(range(depth))
         )
         self.head = nn.Conv2d(b, out_channels, kernel_size=1)

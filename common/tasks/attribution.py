@@ -7,8 +7,8 @@
   upsampled to the image. Classic Grad-CAM first averages each channel's gradient over the image;
   on our synthetic CT its maps lit up bowel gas, dark like the lesions but unrelated to the label
   (2 of 3 trained ResNet-18s put less than 3 times the lesion's share of the image area inside the
-  lesion), where the element-wise form put 8 to 12 times. For the exam model ``mil`` the class score is the exam's, so each
-  image of the exam gets the map of its share in the exam's decision.
+  lesion), where the element-wise form put 8 to 12 times. For the exam model ``mil`` the class
+  score is the exam's, so each image of the exam gets the map of its share in the exam's decision.
 - **Integrated gradients** (Sundararajan, Taly and Yan, "Axiomatic Attribution for Deep
   Networks", ICML 2017): the gradient of the class score averaged along the straight path from a
   black image to the input, times the input. Model-agnostic; MONAI has none, so it is written here.
@@ -52,8 +52,12 @@ def gradcam(model: nn.Module, model_name: str, images: torch.Tensor, class_idx: 
 
     model.eval()
     chunk_size = getattr(model, "chunk_size", None)
-    if chunk_size is not None:  # mil: one pass over the exam, not checkpointed chunks that recompute the layer
-        model.chunk_size = max(chunk_size, images.shape[0])  # the same output: evaluation uses running statistics
+    if (
+        chunk_size is not None
+    ):  # mil: one pass over the exam, not checkpointed chunks that recompute the layer
+        model.chunk_size = max(
+            chunk_size, images.shape[0]
+        )  # the same output: evaluation uses running statistics
     handle = layer.register_forward_hook(keep)  # removed below: the model is left as it was
     try:
         with torch.enable_grad():
@@ -78,8 +82,9 @@ def _class_score(model: nn.Module, model_name: str, images: torch.Tensor, class_
     return model(images)[:, class_idx].sum()
 
 
-def integrated_gradients(model: nn.Module, model_name: str, images: torch.Tensor, class_idx: int,
-                         steps: int = IG_STEPS) -> np.ndarray:
+def integrated_gradients(
+    model: nn.Module, model_name: str, images: torch.Tensor, class_idx: int, steps: int = IG_STEPS
+) -> np.ndarray:
     """Integrated gradients of ``class_idx`` from a zero baseline: (n, H, W), the attribution summed
     over channels (signed). ``mil`` takes ``images`` as one exam, as in :func:`gradcam`."""
     model.eval()

@@ -33,6 +33,7 @@ from fedscan.common.config import EXAM_MODELS, RunConfig
 from fedscan.common.data.site_arrays import NO_MASK, SiteData
 from fedscan.common.data.torch_datasets import ExamDataset, ImageDataset
 from fedscan.common.errors import FedscanError
+from fedscan.common.models.mil import AttentionMIL
 from fedscan.common.tasks.attribution import gradcam, lesion_energy
 from fedscan.common.tasks.loops import fit, seeded_loader
 from fedscan.common.tasks.metrics import (
@@ -57,7 +58,9 @@ def _collate_exams(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Te
 
 def forward_exams(model: nn.Module, bags: list[torch.Tensor]) -> torch.Tensor:
     """Logits (B, C) of a batch of exams of any lengths, for the exam model."""
-    return model.forward_bags(bags)[0]  # type: ignore[operator]
+    if not isinstance(model, AttentionMIL):
+        raise TypeError(f"a batch of exams needs the exam model, not {type(model).__name__}")
+    return model.forward_bags(bags)[0]
 
 
 def check_data(data: SiteData, cfg: RunConfig) -> None:
@@ -106,15 +109,30 @@ def train(
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(precision.device))
     torch.manual_seed(seed)
     if cfg.model in EXAM_MODELS:
-        loader = seeded_loader(ExamDataset(data, samples), batch_size=batch_size, seed=seed,
-                               precision=precision, collate_fn=_collate_exams)
-        metrics = fit(model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision,
-                      forward=forward_exams, proximal_mu=proximal_mu)
+        loader = seeded_loader(
+            ExamDataset(data, samples),
+            batch_size=batch_size,
+            seed=seed,
+            precision=precision,
+            collate_fn=_collate_exams,
+        )
+        metrics = fit(
+            model,
+            lambda: loader,
+            loss_fn,
+            epochs=epochs,
+            lr=lr,
+            precision=precision,
+            forward=forward_exams,
+            proximal_mu=proximal_mu,
+        )
     else:
-        loader = seeded_loader(ImageDataset(data, samples), batch_size=batch_size, seed=seed,
-                               precision=precision)
-        metrics = fit(model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision,
-                      proximal_mu=proximal_mu)
+        loader = seeded_loader(
+            ImageDataset(data, samples), batch_size=batch_size, seed=seed, precision=precision
+        )
+        metrics = fit(
+            model, lambda: loader, loss_fn, epochs=epochs, lr=lr, precision=precision, proximal_mu=proximal_mu
+        )
     metrics["num-examples"] = float(samples.size)
     return metrics
 
@@ -134,8 +152,12 @@ def predict(
                 logits, _ = model(precision.place(bag))
             probs.append(torch.softmax(logits.float(), dim=-1)[None].cpu())
     else:
-        loader = DataLoader(ImageDataset(data, samples), batch_size=max(cfg.batch_size, 32),
-                            shuffle=False, pin_memory=precision.pin_memory)
+        loader = DataLoader(
+            ImageDataset(data, samples),
+            batch_size=max(cfg.batch_size, 32),
+            shuffle=False,
+            pin_memory=precision.pin_memory,
+        )
         for x, _ in loader:
             with precision.autocast():
                 logits = model(precision.place(x))
@@ -146,7 +168,12 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision,
+    model: nn.Module,
+    data: SiteData,
+    indices: np.ndarray,
+    cfg: RunConfig,
+    *,
+    precision: Precision,
     scores: bool = False,
 ) -> dict[str, float]:
     """Per-site validation metrics over the samples of the given slices, with the calibration error
@@ -174,8 +201,9 @@ def probability_metrics(probs: np.ndarray, targets: np.ndarray, cfg: RunConfig) 
     return out
 
 
-def lesion_images(data: SiteData, sample: int,
-                  slices_of: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lesion_images(
+    data: SiteData, sample: int, slices_of: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The slices of ``sample`` (geometric order) and their lesion masks, where the site has masks
     (an empty selection otherwise). ``slices_of``: ``data.slices_of()``, when the caller has it."""
     idx = (slices_of if slices_of is not None else data.slices_of())[sample]
@@ -186,8 +214,9 @@ def lesion_images(data: SiteData, sample: int,
     return idx[known], masks[known]
 
 
-def gradcam_lesion_energy(model: nn.Module, data: SiteData, samples: np.ndarray, cfg: RunConfig, *,
-                          precision: Precision) -> tuple[float, float] | None:
+def gradcam_lesion_energy(
+    model: nn.Module, data: SiteData, samples: np.ndarray, cfg: RunConfig, *, precision: Precision
+) -> tuple[float, float] | None:
     """Over the images of positive ``samples`` (class > 0) that show a lesion: the share of Grad-CAM
     energy (for the sample's class) inside the lesion, and the lesion's share of the image area. None
     when the site has no lesion masks or no such image. A lesion image labelled negative (a missed

@@ -29,8 +29,7 @@ log = logging.getLogger("fedscan.client")
 
 
 # settings that do not change what a site trains: where files are, which device, reporting
-_NOT_IN_KEY = frozenset({"rounds", "data_root", "cache_dir", "output", "device", "explain_scores",
-                         "workers"})
+_NOT_IN_KEY = frozenset({"rounds", "data_root", "cache_dir", "output", "device", "explain_scores", "workers"})
 # settings added after FedBN runs existed: left out at their defaults, so that those runs (and
 # their model files) keep their key
 _KEYED_ONLY_IF_SET = {"lr_schedule": "constant", "lr_final_fraction": 0.05, "ct_normalization": "window"}
@@ -39,8 +38,11 @@ _KEYED_ONLY_IF_SET = {"lr_schedule": "constant", "lr_final_fraction": 0.05, "ct_
 def run_key(cfg: RunConfig) -> str:
     """A key for the run's local layers: the same training settings give the same key, wherever the
     files are (so `fedscan site explain` finds them from the run's model file)."""
-    settings = {k: v for k, v in cfg.to_toml_dict().items()
-                if k not in _NOT_IN_KEY and not (k in _KEYED_ONLY_IF_SET and v == _KEYED_ONLY_IF_SET[k])}
+    settings = {
+        k: v
+        for k, v in cfg.to_toml_dict().items()
+        if k not in _NOT_IN_KEY and not (k in _KEYED_ONLY_IF_SET and v == _KEYED_ONLY_IF_SET[k])
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -70,7 +72,11 @@ class LocalLayers:
 
     def latest(self, up_to: int) -> int | None:
         """The last round, at most ``up_to``, whose local layers are stored."""
-        rounds = [int(p.stem.split("-")[1]) for p in self.folder.glob("round-*.pt")] if self.folder.is_dir() else []
+        rounds = (
+            [int(p.stem.split("-")[1]) for p in self.folder.glob("round-*.pt")]
+            if self.folder.is_dir()
+            else []
+        )
         rounds = [r for r in rounds if r <= up_to]
         return max(rounds) if rounds else None
 
@@ -83,7 +89,9 @@ class LocalLayers:
         state = torch.load(self.path(found), map_location="cpu", weights_only=True)
         keys = norm_keys(model)
         if set(state) != keys:
-            log.warning("FedBN: stored local layers of round %d do not fit the model; using the global ones", found)
+            log.warning(
+                "FedBN: stored local layers of round %d do not fit the model; using the global ones", found
+            )
             return None
         model.load_state_dict(state, strict=False)
         return found

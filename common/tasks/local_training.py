@@ -19,7 +19,7 @@ from torch import nn
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import SiteDir
 from fedscan.common.data.site_arrays import SiteData, prepare_site, split_patients
-from fedscan.common.tasks.precision import Precision, choose_precision
+from fedscan.common.tasks.precision import Precision, choose_precision, move_model
 from fedscan.common.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class LocalSite:
     def describe(self) -> str:
         """One line for the site's own log: sizes only, no identifiers."""
         d = self.data
-        text = (f"{len(d)} images from {d.n_patients} patients "
-                f"({self.train_idx.size} train / {self.val_idx.size} validation images)")
+        text = (
+            f"{len(d)} images from {d.n_patients} patients "
+            f"({self.train_idx.size} train / {self.val_idx.size} validation images)"
+        )
         if d.target is not None:
             counts = np.bincount(np.asarray(d.target))
             kind = "exams" if d.n_samples < len(d) else "labelled images"
@@ -89,16 +91,27 @@ def train_local(
     proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     metrics = get_task(cfg.task).train(
-        model, site.data, site.train_idx, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
-        seed=site_seed(cfg.seed, site.name, server_round), precision=run_precision(cfg), proximal_mu=proximal_mu,
+        model,
+        site.data,
+        site.train_idx,
+        cfg,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=site_seed(cfg.seed, site.name, server_round),
+        precision=run_precision(cfg),
+        proximal_mu=proximal_mu,
     )
-    model.to("cpu", memory_format=torch.contiguous_format)
+    move_model(model, "cpu", torch.contiguous_format)
     return metrics
 
 
-def evaluate_local(model: nn.Module, site: LocalSite, cfg: RunConfig, *, scores: bool = False) -> dict[str, float]:
+def evaluate_local(
+    model: nn.Module, site: LocalSite, cfg: RunConfig, *, scores: bool = False
+) -> dict[str, float]:
     """The site's validation metrics; with ``scores`` also its shareable explanation scores."""
-    metrics = get_task(cfg.task).evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg),
-                                          scores=scores)
-    model.to("cpu", memory_format=torch.contiguous_format)
+    metrics = get_task(cfg.task).evaluate(
+        model, site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=scores
+    )
+    move_model(model, "cpu", torch.contiguous_format)
     return metrics

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 import torch
@@ -16,15 +16,25 @@ Batch = tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]
 
 
 def seeded_loader(
-    dataset: Dataset, *, batch_size: int, seed: int, precision: Precision,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    precision: Precision,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A shuffling loader whose order depends only on ``seed``."""
-    n = len(dataset)  # type: ignore[arg-type]
+    if not isinstance(dataset, Sized):  # torch's Dataset declares no __len__; map-style ones have it
+        raise TypeError(f"{type(dataset).__name__} has no length")
+    n = len(dataset)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True,
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
         generator=torch.Generator().manual_seed(seed),
-        drop_last=n > batch_size, pin_memory=precision.pin_memory, collate_fn=collate_fn,
+        drop_last=n > batch_size,
+        pin_memory=precision.pin_memory,
+        collate_fn=collate_fn,
     )
 
 
@@ -65,7 +75,9 @@ def fit(
             loss = loss_fn(out.float(), y)
             if anchor:
                 loss = loss + proximal_mu / 2 * sum(
-                    ((p.float() - a.float()) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                    ((p.float() - a.float()) ** 2).sum()
+                    for p, a in zip(model.parameters(), anchor, strict=True)
+                )
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(opt)

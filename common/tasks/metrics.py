@@ -166,7 +166,9 @@ def _ratio(name: str, counts: torch.Tensor) -> np.ndarray:
     return compute_confusion_matrix_metric(name, counts).numpy()
 
 
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, num_classes: int, bins: int = 10) -> float:
+def expected_calibration_error(
+    probs: np.ndarray, targets: np.ndarray, num_classes: int, bins: int = 10
+) -> float:
     """Expected calibration error (Guo, Pleiss, Sun and Weinberger, "On Calibration of Modern Neural
     Networks", ICML 2017): cases are binned by their confidence (the top class probability) into
     ``bins`` equal-width bins of [0, 1]; ECE = sum over bins of (cases in bin / n) x |accuracy of
@@ -190,7 +192,8 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos = int(positive.sum())
     if n_pos == 0 or n_pos == positive.size:
         return math.nan  # undefined; MONAI would return NaN too, but with a warning
-    return float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(positive.astype(np.int64))))
+    auc = compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(positive.astype(np.int64)))
+    return float(np.asarray(auc))  # typed as array-like; a float here
 
 
 def _mean_defined(values: Iterable[float]) -> float:

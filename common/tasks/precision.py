@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+def move_model(model: nn.Module, device: torch.device | str, memory_format: torch.memory_format) -> nn.Module:
+    """``model.to(device, memory_format=...)``, which torch accepts and its type stubs leave out."""
+    return model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # keyword not in stubs
+
+
 @dataclass(frozen=True)
 class Precision:
     """How the loops place tensors and run the forward pass on one device."""
@@ -40,7 +45,7 @@ class Precision:
 
     def place_model(self, model: nn.Module) -> nn.Module:
         if self.channels_last:
-            return model.to(self.device, memory_format=torch.channels_last)
+            return move_model(model, self.device, torch.channels_last)
         return model.to(self.device)
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +56,10 @@ class Precision:
 
 
 def choose_precision(
-    device: torch.device, *, amp: bool = True, channels_last: bool = True,
+    device: torch.device,
+    *,
+    amp: bool = True,
+    channels_last: bool = True,
     bf16_supported: bool | None = None,
 ) -> Precision:
     """AMP and channels_last on CUDA when enabled; plain float32 everywhere else."""

@@ -44,15 +44,34 @@ class Task(Protocol):
         """Fail early with a clear error when a site's labels do not suit the run."""
         ...
 
-    def train(self, model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, epochs: int,
-              lr: float, batch_size: int, seed: int, precision: Precision,
-              proximal_mu: float = 0.0) -> dict[str, float]:
+    def train(
+        self,
+        model: nn.Module,
+        data: SiteData,
+        indices: np.ndarray,
+        cfg: RunConfig,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        seed: int,
+        precision: Precision,
+        proximal_mu: float = 0.0,
+    ) -> dict[str, float]:
         """Train ``model`` in place on the slices ``indices``; scalar training metrics, among them
         ``num-examples`` and ``steps``."""
         ...
 
-    def evaluate(self, model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *,
-                 precision: Precision, scores: bool = False) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: SiteData,
+        indices: np.ndarray,
+        cfg: RunConfig,
+        *,
+        precision: Precision,
+        scores: bool = False,
+    ) -> dict[str, float]:
         """The metrics of ``model`` on the slices ``indices``, with ``num-examples`` and ``loss``;
         with ``scores`` also the ``SCORES``."""
         ...

@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric, MeanIoU, compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -77,25 +77,31 @@ def train(
 ) -> dict[str, float]:
     """Train ``model`` in place on the given slices; return scalar training metrics."""
     torch.manual_seed(seed)
-    loader = seeded_loader(SliceDataset(data, indices), batch_size=batch_size, seed=seed,
-                           precision=precision)
-    metrics = fit(model, lambda: loader, make_loss(), epochs=epochs, lr=lr, precision=precision,
-                  proximal_mu=proximal_mu)
+    loader = seeded_loader(SliceDataset(data, indices), batch_size=batch_size, seed=seed, precision=precision)
+    metrics = fit(
+        model, lambda: loader, make_loss(), epochs=epochs, lr=lr, precision=precision, proximal_mu=proximal_mu
+    )
     metrics["num-examples"] = float(len(indices))
     return metrics
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: SiteData, indices: np.ndarray, *, batch_size: int, precision: Precision,
+    model: nn.Module,
+    data: SiteData,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    precision: Precision,
     uncertainty: bool = False,
 ) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Predicted label maps (n, H, W) for the given slices, the mean loss on them, and with
     ``uncertainty`` the voxel-wise TTA uncertainty (n, H, W) (``fedscan.common.tasks.uncertainty``)."""
     model = precision.place_model(model).eval()
     loss_fn = make_loss()
-    loader = DataLoader(SliceDataset(data, indices), batch_size=batch_size, shuffle=False,
-                        pin_memory=precision.pin_memory)
+    loader = DataLoader(
+        SliceDataset(data, indices), batch_size=batch_size, shuffle=False, pin_memory=precision.pin_memory
+    )
     preds, maps, total = [], [], 0.0
     for x, y in loader:
         x, y = precision.place(x), precision.place(y)
@@ -128,13 +134,11 @@ def volume_metrics(
     ``dice_class<c>``, ``iou_class<c>`` and ``hd95_class<c>``.
     """
     p, g = _onehot_volume(pred, n_classes), _onehot_volume(truth, n_classes)
-    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, g)[0]
-    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(p, g)[0]
+    dice = compute_dice(p, g, include_background=False, ignore_empty=True)[0]
+    iou = compute_iou(p, g, include_background=False, ignore_empty=True)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on empty classes; handled below
-        hd = compute_hausdorff_distance(
-            p, g, include_background=False, percentile=95, spacing=spacing
-        )[0]
+        hd = compute_hausdorff_distance(p, g, include_background=False, percentile=95, spacing=spacing)[0]
     d, h, w = truth.shape
     diagonal = math.sqrt((h * spacing[0]) ** 2 + (w * spacing[1]) ** 2 + (d * spacing[2]) ** 2)
     hd_vals = torch.full((n_classes - 1,), math.nan)
@@ -156,7 +160,12 @@ def volume_metrics(
 
 
 def evaluate(
-    model: nn.Module, data: SiteData, indices: np.ndarray, cfg: RunConfig, *, precision: Precision,
+    model: nn.Module,
+    data: SiteData,
+    indices: np.ndarray,
+    cfg: RunConfig,
+    *,
+    precision: Precision,
     scores: bool = False,
 ) -> dict[str, float]:
     """Per-site validation metrics: series-level means, lesion detection, loss, example count; with
@@ -164,8 +173,9 @@ def evaluate(
     indices = np.asarray(indices)
     batch_size = max(cfg.batch_size, 16)
     try:
-        preds, loss, entropy = predict(model, data, indices, batch_size=batch_size, precision=precision,
-                                       uncertainty=scores)
+        preds, loss, entropy = predict(
+            model, data, indices, batch_size=batch_size, precision=precision, uncertainty=scores
+        )
     except Exception:  # the optional score must not cost the site its evaluation
         if not scores:
             raise
@@ -177,8 +187,14 @@ def evaluate(
     return out
 
 
-def prediction_metrics(preds: np.ndarray, loss: float, entropy: np.ndarray | None, data: SiteData,
-                       indices: np.ndarray, cfg: RunConfig) -> dict[str, float]:
+def prediction_metrics(
+    preds: np.ndarray,
+    loss: float,
+    entropy: np.ndarray | None,
+    data: SiteData,
+    indices: np.ndarray,
+    cfg: RunConfig,
+) -> dict[str, float]:
     """The metrics of :func:`evaluate` from ``predict``'s output for the slices ``indices``."""
     indices = np.asarray(indices)
     per_series: dict[str, list[float]] = {}
@@ -188,8 +204,8 @@ def prediction_metrics(preds: np.ndarray, loss: float, entropy: np.ndarray | Non
     for s in np.unique(series_ids):
         sel = series_ids == s
         truth = masks[indices[sel]]
-        spacing = tuple(float(v) for v in np.asarray(data.spacing)[indices[sel][0]])
-        vm = volume_metrics(preds[sel], truth, spacing, cfg.num_classes)  # type: ignore[arg-type]
+        sx, sy, sz = (float(v) for v in np.asarray(data.spacing)[indices[sel][0]])
+        vm = volume_metrics(preds[sel], truth, (sx, sy, sz), cfg.num_classes)
         for m, v in vm.items():
             per_series.setdefault(m, []).append(v)
         for k, v in lesion.lesion_counts(preds[sel], truth).items():

@@ -71,8 +71,9 @@ def uncertainty_auroc(uncertainty: np.ndarray, pred: np.ndarray, truth: np.ndarr
     linear time and memory, within 1/AUROC_BINS of the exact value.
     """
     wrong = (np.asarray(pred) != np.asarray(truth)).ravel()
-    which = np.minimum((np.asarray(uncertainty, dtype=np.float32).ravel() * AUROC_BINS).astype(np.int64),
-                       AUROC_BINS - 1).clip(0)
+    which = np.minimum(
+        (np.asarray(uncertainty, dtype=np.float32).ravel() * AUROC_BINS).astype(np.int64), AUROC_BINS - 1
+    ).clip(0)
     pos = np.bincount(which[wrong], minlength=AUROC_BINS).astype(np.float64)
     neg = np.bincount(which[~wrong], minlength=AUROC_BINS).astype(np.float64)
     n_pos, n_neg = pos.sum(), neg.sum()

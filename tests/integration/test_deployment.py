@@ -44,8 +44,14 @@ class Federation:
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.out", "w")  # noqa: SIM115 - closed with the process
         env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
-        proc = subprocess.Popen([*FEDSCAN, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [*FEDSCAN, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
@@ -53,14 +59,30 @@ class Federation:
         return (self.root / f"{name}.out").read_text()
 
     def start_site(self, name: str) -> subprocess.Popen:
-        return self.spawn(name, "site", "start", "--dir", str(self.root / name), "--superlink", self.superlink,
-                          "--ca", str(self.ca), "--runtime-port", str(free_port()), "--threads", "1")
+        return self.spawn(
+            name,
+            "site",
+            "start",
+            "--dir",
+            str(self.root / name),
+            "--superlink",
+            self.superlink,
+            "--ca",
+            str(self.ca),
+            "--runtime-port",
+            str(free_port()),
+            "--threads",
+            "1",
+        )
 
     def online(self) -> dict[str, str]:
         res = run_cli("server", "sites", "--dir", str(self.coord), timeout=60)
         assert res.returncode == 0, res.stdout + res.stderr
-        return {line.split("│")[1].strip(): line.split("│")[2].strip()
-                for line in res.stdout.splitlines() if line.startswith("│")}
+        return {
+            line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in res.stdout.splitlines()
+            if line.startswith("│")
+        }
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -99,12 +121,22 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         f.spawn("superlink", "server", "start", "--dir", str(f.coord))
         f.wait_ready()
         for name in SITES:
-            res = run_cli("site", "init", "--dir", str(f.root / name), "--name", name, "--data", str(f.data / name))
+            res = run_cli(
+                "site", "init", "--dir", str(f.root / name), "--name", name, "--data", str(f.data / name)
+            )
             assert res.returncode == 0, res.stderr
             assert (f.root / name / "site.key").stat().st_mode & 0o777 == 0o600
             fingerprint = res.stdout.split("fingerprint is")[1].split()[0]
-            res = run_cli("server", "add-site", "--dir", str(f.coord), "--name", name,
-                          str(f.root / name / "site.pub"), timeout=60)
+            res = run_cli(
+                "server",
+                "add-site",
+                "--dir",
+                str(f.coord),
+                "--name",
+                name,
+                str(f.root / name / "site.pub"),
+                timeout=60,
+            )
             assert res.returncode == 0, res.stdout + res.stderr
             assert fingerprint in res.stdout.replace("\n", "")
             f.start_site(name)
@@ -118,8 +150,9 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
 @pytest.mark.integration
 def test_two_rounds_through_fedscan_run_match_simulation(fed: Federation) -> None:
     out = fed.root / "run"
-    res = run_cli("run", "--superlink", fed.superlink, "--ca", str(fed.ca), "--sites", "3", "--out", str(out),
-                  *RUN_ARGS)
+    res = run_cli(
+        "run", "--superlink", fed.superlink, "--ca", str(fed.ca), "--sites", "3", "--out", str(out), *RUN_ARGS
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "round 1/2 done" in res.stderr and "round 2/2 done" in res.stderr
     report = json.loads((out / "report.json").read_text())
@@ -145,8 +178,16 @@ def test_two_rounds_through_fedscan_run_match_simulation(fed: Federation) -> Non
 
 @pytest.mark.integration
 def test_an_unregistered_key_is_refused(fed: Federation) -> None:
-    res = run_cli("site", "init", "--dir", str(fed.root / "stranger"), "--name", "stranger",
-                  "--data", str(fed.data / "hospital-a"))
+    res = run_cli(
+        "site",
+        "init",
+        "--dir",
+        str(fed.root / "stranger"),
+        "--name",
+        "stranger",
+        "--data",
+        str(fed.data / "hospital-a"),
+    )
     assert res.returncode == 0, res.stderr
     proc = fed.start_site("stranger")
     assert proc.wait(timeout=90) == 3
@@ -160,9 +201,20 @@ def test_a_supernode_without_tls_cannot_connect(fed: Federation) -> None:
     log = fed.root / "insecure.out"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [flower_exe("flower-supernode"), "--insecure", "--superlink", fed.superlink,
-             "--port", str(free_port()), "--node-config", 'site-name="plain"'],
-            env=offline_env(home), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                flower_exe("flower-supernode"),
+                "--insecure",
+                "--superlink",
+                fed.superlink,
+                "--port",
+                str(free_port()),
+                "--node-config",
+                'site-name="plain"',
+            ],
+            env=offline_env(home),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         fed.procs["insecure"] = proc
         time.sleep(12)
@@ -181,11 +233,26 @@ def test_a_removed_site_is_refused_and_too_few_sites_fail_cleanly(fed: Federatio
 
     out = fed.root / "too-few"
     t0 = time.monotonic()
-    res = run_cli("run", "--superlink", fed.superlink, "--ca", str(fed.ca), "--sites", "3", "--out", str(out),
-                  "--wait-timeout", "15", *RUN_ARGS, timeout=180)
+    res = run_cli(
+        "run",
+        "--superlink",
+        fed.superlink,
+        "--ca",
+        str(fed.ca),
+        "--sites",
+        "3",
+        "--out",
+        str(out),
+        "--wait-timeout",
+        "15",
+        *RUN_ARGS,
+        timeout=180,
+    )
     elapsed = time.monotonic() - t0
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "only 2 of the 3 sites this run needs were connected after waiting 15s" in res.stderr.replace("\n", " ")
+    assert "only 2 of the 3 sites this run needs were connected after waiting 15s" in res.stderr.replace(
+        "\n", " "
+    )
     assert elapsed < 90
     assert json.loads((out / "report.json").read_text())["status"] == "failed"
 

@@ -66,8 +66,10 @@ def build_real_world_sites(root: Path) -> dict[str, int]:
             assert ok.all()
             body = (hu > BODY_HU).astype(np.uint8)
             if site == "alpha":
-                nib.save(nib.Nifti1Image(body.transpose(2, 1, 0), _nifti_affine(hdr)),
-                         str(labels / f"{hdr.series_uid}.nii.gz"))
+                nib.save(
+                    nib.Nifti1Image(body.transpose(2, 1, 0), _nifti_affine(hdr)),
+                    str(labels / f"{hdr.series_uid}.nii.gz"),
+                )
                 continue
             sources = [pydicom.dcmread(p) for p in dict.fromkeys(hdr.files)]
             if len(sources) == 1 and hdr.frames[0] is not None:  # multi-frame: frames in file order
@@ -76,15 +78,26 @@ def build_real_world_sites(root: Path) -> dict[str, int]:
             else:  # one file per slice: in the order of the source list (= header order here)
                 frames = body
             seg = hd.seg.Segmentation(
-                source_images=sources, pixel_array=frames.astype(bool),
+                source_images=sources,
+                pixel_array=frames.astype(bool),
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=[hd.seg.SegmentDescription(
-                    segment_number=1, segment_label="body",
-                    segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
-                    algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
-                series_instance_uid=generate_uid(), series_number=900, sop_instance_uid=generate_uid(),
-                instance_number=1, manufacturer="fedscan tests", manufacturer_model_name="threshold",
-                software_versions="1", device_serial_number="1",
+                segment_descriptions=[
+                    hd.seg.SegmentDescription(
+                        segment_number=1,
+                        segment_label="body",
+                        segmented_property_category=codes.SCT.Tissue,
+                        segmented_property_type=codes.SCT.Tissue,
+                        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+                    )
+                ],
+                series_instance_uid=generate_uid(),
+                series_number=900,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                manufacturer="fedscan tests",
+                manufacturer_model_name="threshold",
+                software_versions="1",
+                device_serial_number="1",
             )
             seg.save_as(images / f"seg-{hdr.series_uid[-6:]}.dcm")
     return slices
@@ -104,8 +117,23 @@ def test_simulate_on_real_world_dicom(tmp_path: Path) -> None:
     assert len(report["inventory"]["transfer_syntaxes"]) >= 2
 
     out = tmp_path / "out"
-    res = run_cli("simulate", "--data-root", str(root), "--rounds", "2", "--out", str(out), "--image-size", "64",
-                  "--local-epochs", "10", "--seed", "0", "--device", "cpu")
+    res = run_cli(
+        "simulate",
+        "--data-root",
+        str(root),
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--local-epochs",
+        "10",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     result = json.loads((out / "report.json").read_text())
     assert result["status"] == "complete" and result["sites"] == ["alpha", "beta"]

@@ -38,8 +38,13 @@ PAGE_ERRORS = ("Uncaught", "Failed to load")
 
 def build_report() -> dict[str, Any]:
     """4 sites, 3 rounds, and a cross-site matrix with well-separated values (strong colours)."""
-    history = [{"round": r, "per_site": {s: {"dice": 0.2 * r + 0.03 * i, "num_examples": 10}
-                                         for i, s in enumerate(SITES)}} for r in (1, 2, 3)]
+    history = [
+        {
+            "round": r,
+            "per_site": {s: {"dice": 0.2 * r + 0.03 * i, "num_examples": 10} for i, s in enumerate(SITES)},
+        }
+        for r in (1, 2, 3)
+    ]
     cross: dict[str, dict[str, dict[str, float]]] = {
         "global": {s: {"dice": 0.70} for s in SITES},
         "pooled": {s: {"dice": 0.90} for s in SITES},
@@ -47,10 +52,18 @@ def build_report() -> dict[str, Any]:
     for s in SITES:
         cross[f"local:{s}"] = {t: {"dice": 0.50 if t == s else 0.10} for t in SITES}
     return {
-        "status": "complete", "task": "segmentation", "model": "unet", "strategy": "fedavg", "secagg": False,
-        "rounds": 3, "rounds_completed": 3, "seed": 0, "sites": SITES,
+        "status": "complete",
+        "task": "segmentation",
+        "model": "unet",
+        "strategy": "fedavg",
+        "secagg": False,
+        "rounds": 3,
+        "rounds_completed": 3,
+        "seed": 0,
+        "sites": SITES,
         "metrics": {"main": "dice", "names": ["dice"]},
-        "history": history, "final": summarize(history[-1]["per_site"]),
+        "history": history,
+        "final": summarize(history[-1]["per_site"]),
         "cross_site": cross,
         "federated_gain": {s: 0.2 for s in SITES},
         "federated_gain_model": {s: "global" for s in SITES},
@@ -59,21 +72,38 @@ def build_report() -> dict[str, Any]:
 
 def chromium(*args: str) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None, "chromium is required here (FEDSCAN_REQUIRE_CHROMIUM=1) but is not on PATH"
-    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           "--no-first-run", "--disable-extensions", "--enable-logging=stderr", "--v=0", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--disable-extensions",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
 
 
 def page_errors(stderr: str) -> list[str]:
     """Log lines about the page itself: script errors, failed loads, network errors for the page."""
-    return [line for line in stderr.splitlines()
-            if any(e in line for e in PAGE_ERRORS)
-            or ("ERR_" in line and any(k in line for k in ("CONSOLE", "file://", "report", "data:")))]
+    return [
+        line
+        for line in stderr.splitlines()
+        if any(e in line for e in PAGE_ERRORS)
+        or ("ERR_" in line and any(k in line for k in ("CONSOLE", "file://", "report", "data:")))
+    ]
 
 
 def screenshot(page: Path, png: Path, profile: Path) -> np.ndarray:
-    result = chromium(f"--user-data-dir={profile}", f"--screenshot={png}",
-                      f"--window-size={WINDOW[0]},{WINDOW[1]}", page.as_uri())
+    result = chromium(
+        f"--user-data-dir={profile}",
+        f"--screenshot={png}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        page.as_uri(),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not page_errors(result.stderr), page_errors(result.stderr)
     assert png.is_file() and png.read_bytes().startswith(b"\x89PNG")
@@ -135,7 +165,7 @@ def test_chromium_renders_the_cross_site_heatmap(tmp_path: Path) -> None:
     start = html.index('<img id="cross-site-heatmap"')
     end = html.index(">", start)
     control = out / "control.html"
-    control.write_text(html[:start] + html[end + 1:])
+    control.write_text(html[:start] + html[end + 1 :])
     shot = screenshot(control, tmp_path / "control.png", tmp_path / "profile")
     assert matching(shot, colours).sum() < 0.05 * expected
 
@@ -150,5 +180,5 @@ def test_chromium_renders_the_cross_site_heatmap(tmp_path: Path) -> None:
     src = found[0]["src"] or ""
     prefix = "data:image/png;base64,"
     assert src.startswith(prefix)
-    assert base64.b64decode(src[len(prefix):]) == heatmap_png.read_bytes()
+    assert base64.b64decode(src[len(prefix) :]) == heatmap_png.read_bytes()
     assert all((img.get("src") or "").startswith(prefix) for img in parser.images)

@@ -21,13 +21,17 @@ import torch
 
 FEDSCAN = [sys.executable, "-m", "fedscan.common.cli"]
 # small and quick: a 2-level U-Net of width 4 on 32-pixel slices
-TINY = ('strategy = "fedadam"\nrounds = 4\nimage-size = 32\nbase-channels = 4\nunet-depth = 2\n'
-        'local-epochs = 1\nseed = 5\ndevice = "cpu"\n')
+TINY = (
+    'strategy = "fedadam"\nrounds = 4\nimage-size = 32\nbase-channels = 4\nunet-depth = 2\n'
+    'local-epochs = 1\nseed = 5\ndevice = "cpu"\n'
+)
 ENV = dict(os.environ, COLUMNS="200", NO_COLOR="1")
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*FEDSCAN, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
+    return subprocess.run(
+        [*FEDSCAN, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd
+    )
 
 
 def started_in(folder: Path) -> list[str]:
@@ -35,16 +39,29 @@ def started_in(folder: Path) -> list[str]:
     starts inherits that working directory (other runs on the machine do not count)."""
     found = []
     for p in psutil.process_iter(["pid", "cwd", "cmdline", "status"]):
-        if p.info["cwd"] and Path(p.info["cwd"]).is_relative_to(folder) and p.info["status"] != psutil.STATUS_ZOMBIE:
+        if (
+            p.info["cwd"]
+            and Path(p.info["cwd"]).is_relative_to(folder)
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ):
             found.append(f"{p.info['pid']} {' '.join(p.info['cmdline'] or [])[:120]}")
     return found
 
 
-def stop_after_round(args: list[str], out: Path, server_round: int, cwd: Path, timeout: float = 300) -> subprocess.Popen:
+def stop_after_round(
+    args: list[str], out: Path, server_round: int, cwd: Path, timeout: float = 300
+) -> subprocess.Popen:
     """Start `fedscan simulate`, and send it SIGTERM as soon as round ``server_round``'s checkpoint
     is written (as a user's Ctrl-C or a scheduler would); return the stopped process."""
-    proc = subprocess.Popen([*FEDSCAN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV, start_new_session=True, cwd=cwd)
+    proc = subprocess.Popen(
+        [*FEDSCAN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+        cwd=cwd,
+    )
     ckpt = out / "checkpoints" / f"round-{server_round:03d}.pt"
     deadline = time.monotonic() + timeout
     while not ckpt.exists():
@@ -100,7 +117,8 @@ def test_a_stopped_run_resumes_to_the_same_weights(synth_root: Path, tmp_path: P
         assert ha["per_site"] == hb["per_site"], ha["round"]  # Dice and every other metric, per site
     assert rep_a["final"] == rep_b["final"]
     assert sorted(p.name for p in (out_b / "checkpoints").glob("round-*.pt")) == [
-        f"round-00{r}.pt" for r in (1, 2, 3, 4)]
+        f"round-00{r}.pt" for r in (1, 2, 3, 4)
+    ]
 
     # a finished run has nothing left to resume
     again = run_cli("simulate", "--resume", str(out_b), cwd=tmp_path, timeout=120)

@@ -35,8 +35,13 @@ class InProcessGrid:
 
     def __init__(self, cfg: AppConfig) -> None:
         self.contexts = {
-            k + 1: Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": len(SITES)},
-                           state=RecordDict(), run_config=cfg.to_run_config())
+            k + 1: Context(
+                run_id=1,
+                node_id=k + 1,
+                node_config={"partition-id": k, "num-partitions": len(SITES)},
+                state=RecordDict(),
+                run_config=cfg.to_run_config(),
+            )
             for k in range(len(SITES))
         }
         self.sent = 0
@@ -68,10 +73,21 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def federate(root: Path, out: Path, strategy: str, fault: str | None = None) -> dict:
     # small and fast, but trained to near its plateau: earlier, any difference in the aggregate
     # (even among honest sites) moves the Dice by more than 5% while it still climbs
-    run = RunConfig(strategy=strategy, data_root=root, sites=len(SITES), rounds=10, local_epochs=4, image_size=32,
-                    base_channels=8, unet_depth=2, learning_rate=3e-3, seed=2, output=out,
-                    cache_dir=root.parent / "cache",
-                    **({"fault_site": FAULTY, "fault_kind": fault} if fault else {}))
+    run = RunConfig(
+        strategy=strategy,
+        data_root=root,
+        sites=len(SITES),
+        rounds=10,
+        local_epochs=4,
+        image_size=32,
+        base_channels=8,
+        unet_depth=2,
+        learning_rate=3e-3,
+        seed=2,
+        output=out,
+        cache_dir=root.parent / "cache",
+        **({"fault_site": FAULTY, "fault_kind": fault} if fault else {}),
+    )
     cfg = AppConfig(run=run, site_names=SITES)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
     with pytest.MonkeyPatch.context() as mp:  # what a Flower process sets before it builds messages
@@ -92,8 +108,9 @@ def honest(sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, d
 
 
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg"])
-def test_robust_strategies_keep_the_dice_of_the_honest_run(strategy: str, sites: Path, honest: dict,
-                                                           tmp_path: Path) -> None:
+def test_robust_strategies_keep_the_dice_of_the_honest_run(
+    strategy: str, sites: Path, honest: dict, tmp_path: Path
+) -> None:
     ref = mean_dice(honest[strategy])
     assert ref > 0.5, ref  # the honest federation learned
     rep = federate(sites, tmp_path / "scaled", strategy, fault="scale")
@@ -114,4 +131,7 @@ def test_nan_updates_are_always_rejected(sites: Path, honest: dict, tmp_path: Pa
 def test_fedavg_follows_a_scaled_site(sites: Path, honest: dict, tmp_path: Path) -> None:
     """Documented behaviour: the mean has no defence against a finite but wild update."""
     rep = federate(sites, tmp_path / "scaled", "fedavg", fault="scale")
-    assert mean_dice(rep) < 0.5 * mean_dice(honest["fedmedian"]), (mean_dice(rep), mean_dice(honest["fedmedian"]))
+    assert mean_dice(rep) < 0.5 * mean_dice(honest["fedmedian"]), (
+        mean_dice(rep),
+        mean_dice(honest["fedmedian"]),
+    )

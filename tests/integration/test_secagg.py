@@ -10,16 +10,17 @@ import pytest
 import torch
 from test_simulate import run_cli
 
-from fedscan.common.tasks.local_training import open_site
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.secagg_numerics import error_bound
+from fedscan.common.tasks.local_training import open_site
 
 ARGS = ["--image-size", "32", "--local-epochs", "1", "--seed", "1", "--device", "cpu"]
 
 
-def assert_matches_plaintext(secure: Path, plain: Path, cfg: RunConfig, data_root: Path, cache: Path,
-                             round_sites: int) -> None:
+def assert_matches_plaintext(
+    secure: Path, plain: Path, cfg: RunConfig, data_root: Path, cache: Path, round_sites: int
+) -> None:
     """Two checkpoints of one round from the same starting weights, with and without SecAgg+:
     every float weight within the quantization bound (fedscan.common.secagg_numerics, for the
     ``round_sites`` the round quantized for) plus float32 rounding, integer buffers equal, and
@@ -27,8 +28,12 @@ def assert_matches_plaintext(secure: Path, plain: Path, cfg: RunConfig, data_roo
     import numpy as np
 
     examples = [open_site(s, cfg, cache).train_idx.size for s in discover_sites(data_root)]
-    tol = error_bound(cfg.secagg_clipping_range, cfg.secagg_plan(round_sites).quantization_range,
-                      cfg.secagg_max_weight, examples)
+    tol = error_bound(
+        cfg.secagg_clipping_range,
+        cfg.secagg_plan(round_sites).quantization_range,
+        cfg.secagg_max_weight,
+        examples,
+    )
     a = torch.load(secure, weights_only=True)["state_dict"]
     b = torch.load(plain, weights_only=True)["state_dict"]
     worst = 0.0
@@ -47,7 +52,9 @@ def test_secagg_equals_plaintext_within_the_quantization_step(synth_root: Path, 
     reports = {}
     for mode in ("--secagg", "--no-secagg"):
         out = tmp_path / mode
-        res = run_cli("simulate", "--data-root", str(synth_root), "--rounds", "1", "--out", str(out), mode, *ARGS)
+        res = run_cli(
+            "simulate", "--data-root", str(synth_root), "--rounds", "1", "--out", str(out), mode, *ARGS
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         reports[mode] = json.loads((out / "report.json").read_text())
     sec, plain = reports["--secagg"], reports["--no-secagg"]
@@ -63,6 +70,14 @@ def test_secagg_equals_plaintext_within_the_quantization_step(synth_root: Path, 
     # drift further apart: local training amplifies any difference in its starting point, even
     # noise of 1e-7 in plaintext; see BENCHMARKS.md, "Secure aggregation".)
     for site in ("hospital-a", "hospital-b"):
-        assert abs(sec["final"]["per_site"][site]["dice"] - plain["final"]["per_site"][site]["dice"]) < 0.01, site
-    assert_matches_plaintext(tmp_path / "--secagg" / "global_model.pt", tmp_path / "--no-secagg" / "global_model.pt",
-                             RunConfig(image_size=32, seed=1), synth_root, tmp_path / "cache", round_sites=2)
+        assert (
+            abs(sec["final"]["per_site"][site]["dice"] - plain["final"]["per_site"][site]["dice"]) < 0.01
+        ), site
+    assert_matches_plaintext(
+        tmp_path / "--secagg" / "global_model.pt",
+        tmp_path / "--no-secagg" / "global_model.pt",
+        RunConfig(image_size=32, seed=1),
+        synth_root,
+        tmp_path / "cache",
+        round_sites=2,
+    )

@@ -52,14 +52,34 @@ def _kill_after_key_sharing(fed: Federation, since: dict[str, int], timeout: flo
     assert not pending, f"{pending} never shared keys"
 
 
-def _run_and_kill(fed: Federation, config: Path, out: Path, min_sites: int, rounds: int, kill: list[str]) -> dict:
+def _run_and_kill(
+    fed: Federation, config: Path, out: Path, min_sites: int, rounds: int, kill: list[str]
+) -> dict:
     """`fedscan run` on the federation, killing the ``kill`` sites after they shared their keys;
     the run must still end well. Returns its report."""
     since = _log_sizes(fed, kill)
     run = subprocess.Popen(
-        [*FEDSCAN, "run", "--superlink", fed.superlink, "--ca", str(fed.ca), "--config", str(config),
-         "--sites", str(min_sites), "--rounds", str(rounds), "--out", str(out), *ARGS],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            *FEDSCAN,
+            "run",
+            "--superlink",
+            fed.superlink,
+            "--ca",
+            str(fed.ca),
+            "--config",
+            str(config),
+            "--sites",
+            str(min_sites),
+            "--rounds",
+            str(rounds),
+            "--out",
+            str(out),
+            *ARGS,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     fed.procs[f"run-{out.name}"] = run
     _kill_after_key_sharing(fed, since)
@@ -76,15 +96,36 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
     fed = Federation(tmp_path)
     try:
         synthesize(fed.data, len(SITES), seed=4)
-        res = run_cli("server", "init", "--dir", str(fed.coord), "--host", "localhost", "--port", str(fed.port))
+        res = run_cli(
+            "server", "init", "--dir", str(fed.coord), "--host", "localhost", "--port", str(fed.port)
+        )
         assert res.returncode == 0, res.stderr
         fed.spawn("superlink", "server", "start", "--dir", str(fed.coord))
         fed.wait_ready()
         for name in SITES:
-            assert run_cli("site", "init", "--dir", str(fed.root / name), "--name", name,
-                           "--data", str(fed.data / name)).returncode == 0
-            res = run_cli("server", "add-site", "--dir", str(fed.coord), "--name", name,
-                          str(fed.root / name / "site.pub"), timeout=60)
+            assert (
+                run_cli(
+                    "site",
+                    "init",
+                    "--dir",
+                    str(fed.root / name),
+                    "--name",
+                    name,
+                    "--data",
+                    str(fed.data / name),
+                ).returncode
+                == 0
+            )
+            res = run_cli(
+                "server",
+                "add-site",
+                "--dir",
+                str(fed.coord),
+                "--name",
+                name,
+                str(fed.root / name / "site.pub"),
+                timeout=60,
+            )
             assert res.returncode == 0, res.stderr
             fed.start_site(name)
         fed.wait_online(SITES)
@@ -102,11 +143,26 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
         for name in SITES[:4]:
             shutil.copytree(fed.data / name, survivors / name)
         plain = tmp_path / "plain"
-        res = run_cli("simulate", "--data-root", str(survivors), "--rounds", "1", "--out", str(plain),
-                      "--no-secagg", *ARGS)
+        res = run_cli(
+            "simulate",
+            "--data-root",
+            str(survivors),
+            "--rounds",
+            "1",
+            "--out",
+            str(plain),
+            "--no-secagg",
+            *ARGS,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
-        assert_matches_plaintext(out / "checkpoints" / "round-001.pt", plain / "checkpoints" / "round-001.pt",
-                                 RunConfig(image_size=32, seed=2), survivors, tmp_path / "cache", round_sites=5)
+        assert_matches_plaintext(
+            out / "checkpoints" / "round-001.pt",
+            plain / "checkpoints" / "round-001.pt",
+            RunConfig(image_size=32, seed=2),
+            survivors,
+            tmp_path / "cache",
+            round_sites=5,
+        )
 
         # 2. four sites, two die after key sharing: 2 < threshold 3, the round fails cleanly
         # Round 2 must list only the two survivors. The SuperLink marks a silent site offline

@@ -23,8 +23,16 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def flower_processes() -> set[int]:
-    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation", "flwr-serverapp",
-             "flwr-clientapp", "raylet", "gcs_server")
+    names = (
+        "flower-superlink",
+        "flower-supernode",
+        "flower-superexec",
+        "flwr-simulation",
+        "flwr-serverapp",
+        "flwr-clientapp",
+        "raylet",
+        "gcs_server",
+    )
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -38,8 +46,22 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     before = flower_processes()
     out = tmp_path / "out"
     res = run_cli(
-        "simulate", "--data-root", str(synth_root), "--rounds", "2", "--out", str(out),
-        "--image-size", "32", "--local-epochs", "1", "--seed", "3", "--device", "cpu", "--baselines",
+        "simulate",
+        "--data-root",
+        str(synth_root),
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--local-epochs",
+        "1",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--baselines",
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "round 1/2 done" in res.stderr and "round 2/2 done" in res.stderr
@@ -59,12 +81,21 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     assert final["per_site"]["hospital-b"]["num_examples"] % 12 == 0
     for row in final["per_site"].values():
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= 1.0
-        assert set(row) == {"dice", "iou", "hd95", "lesion_sensitivity", "lesion_fp_per_image", "loss",
-                            "num_examples", "uncertainty_auroc"}  # the final round adds its explanation score
+        assert set(row) == {
+            "dice",
+            "iou",
+            "hd95",
+            "lesion_sensitivity",
+            "lesion_fp_per_image",
+            "loss",
+            "num_examples",
+            "uncertainty_auroc",
+        }  # the final round adds its explanation score
     assert "uncertainty_auroc" not in report["history"][0]["per_site"]["hospital-a"]
     # what the sites' explanations share: one number each, nothing of their images or files
     assert report["explanation_scores"] == {
-        s: {"uncertainty_auroc": row["uncertainty_auroc"]} for s, row in final["per_site"].items()}
+        s: {"uncertainty_auroc": row["uncertainty_auroc"]} for s, row in final["per_site"].items()
+    }
     assert all(0.0 <= row["uncertainty_auroc"] <= 1.0 for row in final["per_site"].values())
     text = (out / "report.json").read_text()
     uids = [p.name.removesuffix(".nii.gz") for p in synth_root.glob("*/labels/*.nii.gz")]
@@ -88,7 +119,8 @@ def test_two_sites_two_rounds(synth_root: Path, tmp_path: Path) -> None:
     for s in sites:
         assert cross["global"][s]["dice"] == pytest.approx(final["per_site"][s]["dice"], abs=1e-6)
         assert report["federated_gain"][s] == pytest.approx(
-            cross["global"][s]["dice"] - cross[f"local:{s}"][s]["dice"], abs=1e-6)
+            cross["global"][s]["dice"] - cross[f"local:{s}"][s]["dice"], abs=1e-6
+        )
     base = report["baselines"]
     steps = sum(base["steps_per_site"].values())
     assert steps <= base["pooled_steps"] <= steps + 2 * 2  # 2 rounds x 1 epoch, a batch per site and epoch
@@ -116,16 +148,30 @@ BAD_INPUT = [
     (["--model", "vgg"], "unknown model 'vgg'; allowed: unet, segnet, densenet121, resnet18, mil"),
     (["--task", "classification", "--model", "unet"], "model 'unet' does not do classification"),
     (["--task", "classification", "--data-root", "{synth}"], "has images but no class labels"),
-    (["--task", "classification", "--model", "resnet18", "--data-root", "{cls}"],
-     "model 'resnet18' classifies single images, but this site's labels.csv labels whole exams"),
+    (
+        ["--task", "classification", "--model", "resnet18", "--data-root", "{cls}"],
+        "model 'resnet18' classifies single images, but this site's labels.csv labels whole exams",
+    ),
     (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'; allowed: fedavg"),
     (["--rounds", "0"], "rounds (from --rounds): Input should be greater than or equal to 1"),
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[
-    "missing-root", "no-dicom", "no-labels", "model", "task-model", "no-class-labels", "image-model-exam-labels",
-    "strategy", "rounds"])
+@pytest.mark.parametrize(
+    "args,message",
+    BAD_INPUT,
+    ids=[
+        "missing-root",
+        "no-dicom",
+        "no-labels",
+        "model",
+        "task-model",
+        "no-class-labels",
+        "image-model-exam-labels",
+        "strategy",
+        "rounds",
+    ],
+)
 def test_bad_input_is_a_clear_error(
     args: list[str], message: str, synth_root: Path, exam_root: Path, tmp_path: Path
 ) -> None:
@@ -156,8 +202,21 @@ def test_exam_classification_with_attention_mil(exam_root: Path, tmp_path: Path)
     before = flower_processes()
     out = tmp_path / "out"
     res = run_cli(
-        "simulate", "--task", "classification", "--data-root", str(exam_root), "--rounds", "1",
-        "--out", str(out), "--image-size", "32", "--local-epochs", "1", "--device", "cpu",
+        "simulate",
+        "--task",
+        "classification",
+        "--data-root",
+        str(exam_root),
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--local-epochs",
+        "1",
+        "--device",
+        "cpu",
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "round 1/1 done: mean balanced_accuracy" in res.stderr
@@ -173,7 +232,7 @@ def test_exam_classification_with_attention_mil(exam_root: Path, tmp_path: Path)
         exams = manifest["counts"][site]["exams"]
         assert 0 < row["num_examples"] < exams / 2
     # the shareable explanation scores: calibration, and Grad-CAM energy where the sites have lesion masks
-    for site, scores in report["explanation_scores"].items():
+    for scores in report["explanation_scores"].values():
         assert set(scores) == {"ece", "gradcam_lesion_energy", "lesion_area_share"}
         assert all(v is None or isinstance(v, float) for v in scores.values())
         assert 0.0 <= scores["ece"] <= 1.0
@@ -192,11 +251,23 @@ def test_segnet_with_fedbn_under_secagg_from_a_config_file(synth_root: Path, tmp
     masked updates are zero), each site keeps its own per round, and the cross-site matrix holds
     each site's personalized model."""
     config = tmp_path / "fedbn.toml"
-    config.write_text('model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 2\n'
-                      'strategy = "fedbn"\nsecagg = true\n')
+    config.write_text(
+        'model = "segnet"\nsegnet-width = 0.125\nimage-size = 32\nlocal-epochs = 1\nrounds = 2\n'
+        'strategy = "fedbn"\nsecagg = true\n'
+    )
     out = tmp_path / "out"
-    res = run_cli("simulate", "--config", str(config), "--data-root", str(synth_root), "--out", str(out),
-                  "--device", "cpu", "--baselines")
+    res = run_cli(
+        "simulate",
+        "--config",
+        str(config),
+        "--data-root",
+        str(synth_root),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--baselines",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["strategy"] == "fedbn" and report["secagg"] is True and report["status"] == "complete"
@@ -229,7 +300,8 @@ def test_segnet_with_fedbn_under_secagg_from_a_config_file(synth_root: Path, tmp
     assert {"personalized:hospital-a", "personalized:hospital-b", "global", "pooled"} <= set(cross)
     for site in ("hospital-a", "hospital-b"):  # each site's own evaluation was of its personalized model
         assert cross[f"personalized:{site}"][site]["dice"] == pytest.approx(
-            report["final"]["per_site"][site]["dice"], abs=1e-6)
+            report["final"]["per_site"][site]["dice"], abs=1e-6
+        )
         assert report["federated_gain_model"][site] == f"personalized:{site}"
 
 
@@ -243,7 +315,9 @@ def test_synth_classification_cli(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["task"] == "classification" and manifest["label_level"] == "exam"
     assert sum(int(r["label"]) for r in rows) == manifest["counts"]["hospital-a"]["labelled_positive"]
-    bad = run_cli("synth", "--task", "classification", "--label-level", "series", "--out", str(tmp_path / "x"))
+    bad = run_cli(
+        "synth", "--task", "classification", "--label-level", "series", "--out", str(tmp_path / "x")
+    )
     assert bad.returncode == 2 and "unknown label level 'series'; allowed: exam, image" in bad.stderr
     assert not (tmp_path / "x").exists()
 
@@ -255,8 +329,17 @@ def test_bad_labels_keep_earlier_results(exam_root: Path, tmp_path: Path) -> Non
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text("{}")
-    res = run_cli("simulate", "--task", "classification", "--data-root", str(root), "--out", str(out),
-                  "--overwrite", timeout=300)
+    res = run_cli(
+        "simulate",
+        "--task",
+        "classification",
+        "--data-root",
+        str(root),
+        "--out",
+        str(out),
+        "--overwrite",
+        timeout=300,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "labels.csv line 2: class 7 is outside 0..1" in res.stderr and "Traceback" not in res.stderr
     assert (out / "report.json").read_text() == "{}"  # the earlier run's results are untouched

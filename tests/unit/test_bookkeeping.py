@@ -63,10 +63,20 @@ def test_reply_without_site_name_is_keyed_by_node() -> None:
 def test_recorder_writes_history_final_mean_and_worst(tmp_path: Path) -> None:
     cfg = AppConfig(run=RunConfig(rounds=2, output=tmp_path), site_names=["a", "b"])
     rec = RunRecorder(tmp_path, cfg)
-    rec.record_round(1, {"a": {"dice": 0.2, "iou": 0.1, "hd95": 30.0, "loss": 1.0, "num-examples": 12},
-                         "b": {"dice": 0.1, "iou": 0.05, "hd95": 40.0, "loss": 1.1, "num-examples": 24}})
-    rec.record_round(2, {"a": {"dice": 0.8, "iou": 0.7, "hd95": 4.0, "loss": 0.3, "num-examples": 12},
-                         "b": {"dice": 0.6, "iou": 0.5, "hd95": float("nan"), "loss": 0.5, "num-examples": 24}})
+    rec.record_round(
+        1,
+        {
+            "a": {"dice": 0.2, "iou": 0.1, "hd95": 30.0, "loss": 1.0, "num-examples": 12},
+            "b": {"dice": 0.1, "iou": 0.05, "hd95": 40.0, "loss": 1.1, "num-examples": 24},
+        },
+    )
+    rec.record_round(
+        2,
+        {
+            "a": {"dice": 0.8, "iou": 0.7, "hd95": 4.0, "loss": 0.3, "num-examples": 12},
+            "b": {"dice": 0.6, "iou": 0.5, "hd95": float("nan"), "loss": 0.5, "num-examples": 24},
+        },
+    )
     rec.write("complete")
     rep = json.loads((tmp_path / "report.json").read_text())
     assert "missing_sites" not in rep["history"][0]
@@ -76,7 +86,12 @@ def test_recorder_writes_history_final_mean_and_worst(tmp_path: Path) -> None:
     assert rep["status"] == "complete" and rep["rounds_completed"] == 2
     assert [h["round"] for h in rep["history"]] == [1, 2]
     assert rep["history"][0]["per_site"]["b"] == {
-        "dice": 0.1, "iou": 0.05, "hd95": 40.0, "loss": 1.1, "num_examples": 24}
+        "dice": 0.1,
+        "iou": 0.05,
+        "hd95": 40.0,
+        "loss": 1.1,
+        "num_examples": 24,
+    }
     final = rep["final"]
     assert final["per_site"]["b"]["hd95"] is None  # undefined stays undefined, not 0
     assert final["mean"]["dice"] == pytest.approx(0.7)  # each site counts once
@@ -99,12 +114,31 @@ def test_summary_of_no_sites() -> None:
 def test_classification_report_keeps_undefined_auroc_undefined(tmp_path: Path) -> None:
     cfg = AppConfig(run=RunConfig(task="classification", rounds=1, output=tmp_path), site_names=["a", "b"])
     rec = RunRecorder(tmp_path, cfg)
-    common = {"sensitivity": 1.0, "specificity": float("nan"), "f1": 1.0, "accuracy": 1.0, "ece": 0.1, "loss": 0.2}
-    rec.record_round(1, {
-        "a": {"auroc": float("nan"), "balanced_accuracy": 1.0, **common, "num-examples": 3},  # one class
-        "b": {"auroc": 0.75, "balanced_accuracy": 0.625, "sensitivity": 0.5, "specificity": 0.75,
-              "f1": 0.4, "accuracy": 0.7, "ece": 0.25, "loss": 0.6, "num-examples": 10},
-    })
+    common = {
+        "sensitivity": 1.0,
+        "specificity": float("nan"),
+        "f1": 1.0,
+        "accuracy": 1.0,
+        "ece": 0.1,
+        "loss": 0.2,
+    }
+    rec.record_round(
+        1,
+        {
+            "a": {"auroc": float("nan"), "balanced_accuracy": 1.0, **common, "num-examples": 3},  # one class
+            "b": {
+                "auroc": 0.75,
+                "balanced_accuracy": 0.625,
+                "sensitivity": 0.5,
+                "specificity": 0.75,
+                "f1": 0.4,
+                "accuracy": 0.7,
+                "ece": 0.25,
+                "loss": 0.6,
+                "num-examples": 10,
+            },
+        },
+    )
     rep = rec.write("complete")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["metrics"]["main"] == "balanced_accuracy"
@@ -113,8 +147,18 @@ def test_classification_report_keeps_undefined_auroc_undefined(tmp_path: Path) -
     assert rep["final"]["mean"]["balanced_accuracy"] == pytest.approx(0.8125)
     assert rep["final"]["worst"]["site"] == "b"
     header = next(csv.reader((tmp_path / "per_site.csv").open()))
-    assert header[:10] == ["round", "site", "auroc", "balanced_accuracy", "sensitivity", "specificity",
-                           "f1", "accuracy", "ece", "loss"]
+    assert header[:10] == [
+        "round",
+        "site",
+        "auroc",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "accuracy",
+        "ece",
+        "loss",
+    ]
     md = (tmp_path / "report.md").read_text()
     assert "| a | n/a | 1.000 | 1.000 | n/a | 1.000 | 1.000 | 0.100 | 3 |" in md
     assert "n/a: undefined at that site" in md and "validation exams" in md

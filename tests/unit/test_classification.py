@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedscan.common.tasks.local_training import LocalSite, open_site
 from fedscan.common.config import RunConfig
-from fedscan.common.data.site_arrays import prepare_site
 from fedscan.common.data.dicom import scan_site
 from fedscan.common.data.labels import read_class_labels
 from fedscan.common.data.layout import discover_sites
+from fedscan.common.data.site_arrays import prepare_site
 from fedscan.common.data.synthetic import EXAM_SLICES, make_profiles
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks import classification
+from fedscan.common.tasks.local_training import LocalSite, open_site
 from fedscan.common.tasks.precision import choose_precision
 
 CFG = RunConfig(task="classification", image_size=32, batch_size=2)
@@ -47,8 +47,10 @@ def test_synthetic_exams_and_labels(exam_root: Path, image_root: Path) -> None:
     # an exam is positive exactly when one of its images shows the lesion (no label noise at site a)
     site_a = exam_root / "hospital-a"
     exam_label = {r["SeriesInstanceUID"]: int(r["label"]) for r in _rows(site_a / "labels" / "labels.csv")}
-    image_label = {r["SOPInstanceUID"]: int(r["label"])
-                   for r in _rows(image_root / "hospital-a" / "labels" / "labels.csv")}
+    image_label = {
+        r["SOPInstanceUID"]: int(r["label"])
+        for r in _rows(image_root / "hospital-a" / "labels" / "labels.csv")
+    }
     for s in scan_site(site_a / "images").series:
         assert exam_label[s.series_uid] == max(image_label[u] for u in s.sop_uids)
     assert 0 < sum(exam_label.values()) < len(exam_label)
@@ -86,7 +88,10 @@ BAD_CSV = [
     ("SeriesInstanceUID,StudyInstanceUID,label\n1.2,1.3,0\n", "exactly one of"),
     ("SeriesInstanceUID,label\n1.2.3,yes\n", "line 2: the label is not a class index 0..1"),
     ("SeriesInstanceUID,label\n1.2.3,2\n", "line 2: class 2 is outside 0..1"),
-    ("SeriesInstanceUID,label\n1.2.3,0\n1.2.3,1\n", "line 3: SeriesInstanceUID listed again with another label"),
+    (
+        "SeriesInstanceUID,label\n1.2.3,0\n1.2.3,1\n",
+        "line 3: SeriesInstanceUID listed again with another label",
+    ),
     ("SeriesInstanceUID,label\n", "holds no label rows"),
     ("SeriesInstanceUID,label\n,1\n", "line 2: empty SeriesInstanceUID"),
 ]
@@ -105,7 +110,9 @@ def test_unknown_and_missing_labels_are_reported(exam_root: Path, tmp_path: Path
     shutil.copytree(exam_root / "hospital-a", site)
     rows = _rows(site / "labels" / "labels.csv")
     kept = rows[2:]  # two exams lose their label
-    lines = ["SeriesInstanceUID,label", "1.2.999.1,1"] + [f"{r['SeriesInstanceUID']},{r['label']}" for r in kept]
+    lines = ["SeriesInstanceUID,label", "1.2.999.1,1"] + [
+        f"{r['SeriesInstanceUID']},{r['label']}" for r in kept
+    ]
     (site / "labels" / "labels.csv").write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING):
         data = prepare_site(discover_sites(tmp_path)[0], CFG, None)
@@ -143,8 +150,9 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("model", ["mil", "resnet18"])
-def test_train_and_evaluate_are_deterministic(model: str, exam_root: Path, image_root: Path,
-                                              tmp_path: Path, one_thread: None) -> None:
+def test_train_and_evaluate_are_deterministic(
+    model: str, exam_root: Path, image_root: Path, tmp_path: Path, one_thread: None
+) -> None:
     root = exam_root if model == "mil" else image_root
     cfg = RunConfig(task="classification", model=model, image_size=32, batch_size=4, class_weights="balanced")
     site = open_site(discover_sites(root)[1], cfg, tmp_path)
@@ -153,10 +161,11 @@ def test_train_and_evaluate_are_deterministic(model: str, exam_root: Path, image
     for _ in range(2):
         torch.manual_seed(0)
         net = build_model(cfg)
-        m = classification.train(net, site.data, site.train_idx, cfg, epochs=1, lr=1e-3, batch_size=4,
-                                 seed=7, precision=precision)
+        m = classification.train(
+            net, site.data, site.train_idx, cfg, epochs=1, lr=1e-3, batch_size=4, seed=7, precision=precision
+        )
         weights.append([p.detach().clone() for p in net.parameters()])
-    for a, b in zip(*weights):
+    for a, b in zip(*weights, strict=True):
         assert torch.equal(a, b)
     n_train = site.data.samples_of(site.train_idx).size
     assert m["num-examples"] == n_train and math.isfinite(m["train_loss"])
@@ -208,7 +217,20 @@ def test_non_finite_loss_stops_training() -> None:
     batches = [(torch.ones(2, 3), torch.tensor([0, 1]))]
     nan_loss = lambda out, y: out.sum() * float("nan")  # noqa: E731
     with pytest.raises(FloatingPointError, match="not finite"):
-        fit(model, lambda: batches, nan_loss, epochs=1, lr=1e-3, precision=choose_precision(torch.device("cpu")))
-    ok = fit(torch.nn.Linear(3, 2), lambda: batches, torch.nn.CrossEntropyLoss(), epochs=2, lr=1e-3,
-             precision=choose_precision(torch.device("cpu")))
+        fit(
+            model,
+            lambda: batches,
+            nan_loss,
+            epochs=1,
+            lr=1e-3,
+            precision=choose_precision(torch.device("cpu")),
+        )
+    ok = fit(
+        torch.nn.Linear(3, 2),
+        lambda: batches,
+        torch.nn.CrossEntropyLoss(),
+        epochs=2,
+        lr=1e-3,
+        precision=choose_precision(torch.device("cpu")),
+    )
     assert ok["steps"] == 2.0 and math.isfinite(ok["train_loss"])

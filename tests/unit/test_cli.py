@@ -22,18 +22,30 @@ def _flat(text: str) -> str:
 
 
 def test_the_commands_in_their_order() -> None:
-    res = subprocess.run([sys.executable, "-m", "fedscan.common.cli", "--help"], capture_output=True,
-                         text=True, timeout=120, env={"COLUMNS": "120", "PATH": ""}, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "fedscan.common.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "120", "PATH": ""},
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
-    names = [line.split()[1] for line in res.stdout.splitlines()
-             if line.startswith("│ ") and len(line.split()) > 2 and not line.split()[1].startswith("-")]
+    names = [
+        line.split()[1]
+        for line in res.stdout.splitlines()
+        if line.startswith("│ ") and len(line.split()) > 2 and not line.split()[1].startswith("-")
+    ]
     assert names == ["synth", "simulate", "run", "report", "server", "site"]
 
 
-@pytest.mark.parametrize("command", [
-    ["simulate"],
-    ["run", "--superlink", "127.0.0.1:1", "--ca", "nowhere.crt"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["simulate"],
+        ["run", "--superlink", "127.0.0.1:1", "--ca", "nowhere.crt"],
+    ],
+)
 def test_setting_errors_name_the_flag_that_was_typed(command: list[str], tmp_path: Path) -> None:
     res = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "out"), "--lr", "-1"])
     assert res.exit_code == 2, res.output
@@ -41,8 +53,20 @@ def test_setting_errors_name_the_flag_that_was_typed(command: list[str], tmp_pat
 
 
 def test_resume_refuses_other_options_by_their_flags(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["simulate", "--resume", str(tmp_path), "--out", str(tmp_path / "x"),
-                                   "--lr", "0.1", "--no-secagg", "--overwrite"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--resume",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x"),
+            "--lr",
+            "0.1",
+            "--no-secagg",
+            "--overwrite",
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "(got --out, --lr, --secagg/--no-secagg, --overwrite)" in _flat(res.output)
 
@@ -61,10 +85,21 @@ def test_both_commands_take_the_shared_settings() -> None:
 
 
 def test_the_progress_shows_each_event_s_text(capsys: pytest.CaptureFixture) -> None:
-    report = RunReport.model_validate({
-        "status": "running", "task": "segmentation", "model": "unet", "strategy": "fedavg", "rounds": 2,
-        "rounds_completed": 0, "seed": 0, "sites": [], "metrics": {"main": "dice", "names": ["dice"]},
-        "history": [], "final": {"per_site": {}, "mean": {}, "worst": {}}})
+    report = RunReport.model_validate(
+        {
+            "status": "running",
+            "task": "segmentation",
+            "model": "unet",
+            "strategy": "fedavg",
+            "rounds": 2,
+            "rounds_completed": 0,
+            "seed": 0,
+            "sites": [],
+            "metrics": {"main": "dice", "names": ["dice"]},
+            "history": [],
+            "final": {"per_site": {}, "mean": {}, "worst": {}},
+        }
+    )
     with round_progress(2) as on_event:
         on_event(ReportUpdated(report=report))  # data only: nothing shown
         on_event(RunStarted(sites=2, rounds=2))

@@ -125,8 +125,15 @@ def test_unet_too_deep_for_the_image() -> None:
 def test_flat_keys_go_into_the_groups_and_read_back_flat() -> None:
     from fedscan.common.config import GROUPS
 
-    cfg = load_run_config(overrides={"image_size": 64, "strategy": "FedProx", "secagg_clipping_range": 4.0,
-                                     "base_channels": 8, "rounds": 2})
+    cfg = load_run_config(
+        overrides={
+            "image_size": 64,
+            "strategy": "FedProx",
+            "secagg_clipping_range": 4.0,
+            "base_channels": 8,
+            "rounds": 2,
+        }
+    )
     grouped = (cfg.data.image_size, cfg.aggregation.strategy, cfg.secure_aggregation.clipping_range)
     assert grouped == (64, "fedprox", 4.0)
     assert cfg.network.base_channels == cfg.base_channels == 8 and cfg.rounds == 2
@@ -139,8 +146,10 @@ def test_flat_keys_go_into_the_groups_and_read_back_flat() -> None:
 def test_a_group_table_in_toml_is_the_same_as_its_flat_keys(tmp_path: Path) -> None:
     flat, nested = tmp_path / "flat.toml", tmp_path / "nested.toml"
     flat.write_text('image_size = 64\nstrategy = "fedprox"\nsecagg = true\nsecagg-shares = 3\nsites = 4\n')
-    nested.write_text('sites = 4\n[data]\nimage_size = 64\n[aggregation]\nstrategy = "fedprox"\n'
-                      "[secure_aggregation]\nenabled = true\nshares = 3\n")
+    nested.write_text(
+        'sites = 4\n[data]\nimage_size = 64\n[aggregation]\nstrategy = "fedprox"\n'
+        "[secure_aggregation]\nenabled = true\nshares = 3\n"
+    )
     assert load_run_config(nested) == load_run_config(flat)
     assert load_run_config(nested, overrides={"image_size": 32}).data.image_size == 32  # the flag wins
 
@@ -164,8 +173,16 @@ def test_group_errors_name_the_flat_setting_and_where_it_came_from(tmp_path: Pat
 def test_a_written_run_config_loads_back(tmp_path: Path) -> None:
     from fedscan.server.checkpoint import save_run_config
 
-    cfg = load_run_config(overrides={"model": "mil", "secagg": True, "sites": 4, "quality_weighting": True,
-                                     "data_root": str(tmp_path / "sites"), "pixel_spacing": 0.7})
+    cfg = load_run_config(
+        overrides={
+            "model": "mil",
+            "secagg": True,
+            "sites": 4,
+            "quality_weighting": True,
+            "data_root": str(tmp_path / "sites"),
+            "pixel_spacing": 0.7,
+        }
+    )
     assert load_run_config(save_run_config(tmp_path, cfg)) == cfg
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fedscan.common.config import RunConfig
-from fedscan.common.data.site_arrays import prepare_site, split_patients
 from fedscan.common.data.layout import SiteDir, check_site, discover_sites
+from fedscan.common.data.site_arrays import prepare_site, split_patients
 from fedscan.common.errors import FedscanError
 
 
@@ -95,7 +95,9 @@ def test_mask_on_wrong_geometry_is_counted(synth_root: Path, tmp_path: Path, cap
     data = prepare_site(SiteDir("hospital-a", site_path), RunConfig(image_size=32), None)
     assert len(data) == 24  # the other two series still train
     assert f"mask {victim.name} does not cover slice 6" in caplog.text
-    assert "0 series without a mask, 1 mask(s) not matching their series, 0 mask(s) for no series" in caplog.text
+    assert (
+        "0 series without a mask, 1 mask(s) not matching their series, 0 mask(s) for no series" in caplog.text
+    )
 
 
 def test_non_dicom_files_are_reported_not_fatal(synth_root: Path, tmp_path: Path, caplog) -> None:
@@ -117,7 +119,9 @@ def test_multi_class_masks_and_num_classes(synth_root: Path, tmp_path: Path) -> 
         mask[mask > 0] = 2  # the lesions become class 2 of 3
         nib.save(nib.Nifti1Image(mask, img.affine, img.header), path)
     site = discover_sites(tmp_path)[0]
-    with pytest.raises(FedscanError, match=r"holds class 2, but the run has num_classes = 2 \(classes 0..1\)"):
+    with pytest.raises(
+        FedscanError, match=r"holds class 2, but the run has num_classes = 2 \(classes 0..1\)"
+    ):
         prepare_site(site, RunConfig(image_size=32), None)
     data = prepare_site(site, RunConfig(image_size=32, num_classes=3), None)
     assert set(np.unique(data.masks)) == {0, 2}

@@ -27,12 +27,15 @@ def test_server_init_makes_a_ca_and_a_server_cert_with_the_names(tmp_path: Path)
     ca = x509.load_pem_x509_certificate(p["ca_crt"].read_bytes())
     cert = x509.load_pem_x509_certificate(p["crt"].read_bytes())
     assert cert.issuer == ca.subject
-    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
-                           ec.ECDSA(cert.signature_hash_algorithm))
+    ca.public_key().verify(
+        cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+    )
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["fl.hospital-net.example", "localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3"),
-                                                       ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_address("127.0.0.1"),
+    ]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     before = p["key"].read_bytes()
     with pytest.raises(FedscanError, match="not overwriting a key"):
@@ -41,8 +44,14 @@ def test_server_init_makes_a_ca_and_a_server_cert_with_the_names(tmp_path: Path)
     init_server(tmp_path / "coord", ["other"], force=True)
     assert p["key"].read_bytes() != before
     cmd = superlink_command(tmp_path / "coord", "0.0.0.0", 9443)
-    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile",
-                 "--ssl-keyfile", "--ssl-ca-certfile", "--database"):
+    for flag in (
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--ssl-certfile",
+        "--ssl-keyfile",
+        "--ssl-ca-certfile",
+        "--database",
+    ):
         assert flag in cmd
     assert "--insecure" not in cmd
 
@@ -137,9 +146,11 @@ def test_the_clientapp_imports_no_torch_until_a_message_needs_it() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, fedscan.client.app; "
-            "print(sorted(m for m in ('torch', 'monai', 'pydicom', 'fedscan.client.site_round') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, fedscan.client.app; "
+        "print(sorted(m for m in ('torch', 'monai', 'pydicom', 'fedscan.client.site_round') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

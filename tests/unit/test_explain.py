@@ -15,7 +15,6 @@ from conftest import write_small_exam_sites
 from flwr.app import ArrayRecord
 from typer.testing import CliRunner
 
-from fedscan.common.tasks.local_training import LocalSite, open_site, run_precision, site_seed
 from fedscan.common.cli import app
 from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import SiteDir
@@ -23,6 +22,7 @@ from fedscan.common.models.mil import AttentionMIL
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks import classification, segmentation
 from fedscan.common.tasks.attribution import exam_attention, gradcam, integrated_gradients, lesion_energy
+from fedscan.common.tasks.local_training import LocalSite, open_site, run_precision, site_seed
 from fedscan.common.tasks.metrics import expected_calibration_error
 from fedscan.common.tasks.uncertainty import lesion_confidences, predictive_entropy, tta_predict
 from fedscan.server.checkpoint import save_round
@@ -30,15 +30,26 @@ from fedscan.server.checkpoint import save_round
 runner = CliRunner()
 
 
-def _train(cfg: RunConfig, site: LocalSite, epochs: int, lr: float, batch_size: int, rounds: int = 1) -> torch.nn.Module:
+def _train(
+    cfg: RunConfig, site: LocalSite, epochs: int, lr: float, batch_size: int, rounds: int = 1
+) -> torch.nn.Module:
     """Train as a site does in a federation: ``rounds`` rounds of ``epochs`` local epochs, each with a
     fresh optimizer and the site's seed for that round."""
     torch.manual_seed(0)
     model = build_model(cfg)
     task = classification if cfg.task == "classification" else segmentation
     for r in range(1, rounds + 1):
-        task.train(model, site.data, site.train_idx, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
-                   seed=site_seed(cfg.seed, site.name, r), precision=run_precision(cfg))
+        task.train(
+            model,
+            site.data,
+            site.train_idx,
+            cfg,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=site_seed(cfg.seed, site.name, r),
+            precision=run_precision(cfg),
+        )
     return model.eval()
 
 
@@ -50,14 +61,27 @@ def _model_file(folder: Path, model: torch.nn.Module, cfg: RunConfig) -> Path:
 @pytest.fixture(scope="module")
 def seg(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small U-Net trained on the larger synthetic hospital (15 patients)."""
-    cfg = RunConfig(task="segmentation", model="unet", image_size=64, base_channels=8, unet_depth=3,
-                    batch_size=8, device="cpu")
+    cfg = RunConfig(
+        task="segmentation",
+        model="unet",
+        image_size=64,
+        base_channels=8,
+        unet_depth=3,
+        batch_size=8,
+        device="cpu",
+    )
     cache = tmp_path_factory.mktemp("seg-cache")
     site_dir = SiteDir("hospital-b", synth_root / "hospital-b")
     site = open_site(site_dir, cfg, cache)
     model = _train(cfg, site, epochs=30, lr=3e-3, batch_size=8)
-    return {"cfg": cfg, "site": site, "dir": site_dir.path, "cache": cache, "model": model,
-            "file": _model_file(tmp_path_factory.mktemp("seg-run"), model, cfg)}
+    return {
+        "cfg": cfg,
+        "site": site,
+        "dir": site_dir.path,
+        "cache": cache,
+        "model": model,
+        "file": _model_file(tmp_path_factory.mktemp("seg-run"), model, cfg),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +93,14 @@ def exams(tmp_path_factory: pytest.TempPathFactory) -> dict:
     name = next(p.name for p in root.iterdir() if p.is_dir())
     site = open_site(SiteDir(name, root / name), cfg, cache)
     model = _train(cfg, site, epochs=1, lr=1e-3, batch_size=4, rounds=10)
-    return {"cfg": cfg, "site": site, "dir": root / name, "cache": cache, "model": model,
-            "file": _model_file(tmp_path_factory.mktemp("mil-run"), model, cfg)}
+    return {
+        "cfg": cfg,
+        "site": site,
+        "dir": root / name,
+        "cache": cache,
+        "model": model,
+        "file": _model_file(tmp_path_factory.mktemp("mil-run"), model, cfg),
+    }
 
 
 # --- the scores --------------------------------------------------------------------------------
@@ -81,13 +111,21 @@ def test_gradcam_of_a_trained_classifier_falls_on_the_lesion(tmp_path: Path) -> 
     that show the lesion, Grad-CAM puts more than 4 times as much of its energy inside the lesion as
     the lesion's share of the image area; integrated gradients more than twice."""
     root = write_small_exam_sites(tmp_path / "sites", exams=(48,), label_level="image")
-    cfg = RunConfig(task="classification", model="resnet18", image_size=96, batch_size=16, device="cpu",
-                    class_weights="balanced")
+    cfg = RunConfig(
+        task="classification",
+        model="resnet18",
+        image_size=96,
+        batch_size=16,
+        device="cpu",
+        class_weights="balanced",
+    )
     name = next(p.name for p in root.iterdir() if p.is_dir())
     site = open_site(SiteDir(name, root / name), cfg, tmp_path / "cache")
     assert site.data.lesion is not None  # synthetic exams carry their lesion masks
     model = _train(cfg, site, epochs=4, lr=1e-3, batch_size=16)
-    ev = classification.evaluate(model, site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True)
+    ev = classification.evaluate(
+        model, site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True
+    )
     assert ev["auroc"] > 0.9  # the classifier has learnt to find the lesion
     assert 0.0 < ev["lesion_area_share"] < 0.05
     assert ev["gradcam_lesion_energy"] > 4 * ev["lesion_area_share"], ev
@@ -105,9 +143,25 @@ def test_gradcam_of_a_trained_classifier_falls_on_the_lesion(tmp_path: Path) -> 
     assert "gradcam_lesion_energy" not in plain and plain["ece"] == pytest.approx(ev["ece"])
     # `fedscan site explain` on the image classifier: one case per validation image, the worst first
     out = tmp_path / "explain"
-    result = runner.invoke(app, ["site", "explain", "--data", str(root / name), "--model",
-                                 str(_model_file(tmp_path / "run", model, cfg)), "--out", str(out), "--n", "2",
-                                 "--cache", str(tmp_path / "cache"), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "site",
+            "explain",
+            "--data",
+            str(root / name),
+            "--model",
+            str(_model_file(tmp_path / "run", model, cfg)),
+            "--out",
+            str(out),
+            "--n",
+            "2",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     ex = json.loads((out / "explain.json").read_text())
     assert ex["validation_cases"] == len(samples) == len(ex["cases"]) and ex["shown"] == 2
@@ -140,7 +194,9 @@ def test_mil_attention_is_highest_on_lesion_slices(exams: dict) -> None:
 
 def test_uncertainty_separates_wrong_voxels_from_right_ones(seg: dict) -> None:
     site, cfg = seg["site"], seg["cfg"]
-    ev = segmentation.evaluate(seg["model"], site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True)
+    ev = segmentation.evaluate(
+        seg["model"], site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True
+    )
     assert ev["dice"] > 0.5
     assert ev["uncertainty_auroc"] > 0.7, ev
     # the plain prediction is unchanged by the uncertainty pass
@@ -201,7 +257,9 @@ def test_expected_calibration_error() -> None:
     targets = np.array([1] * 8 + [0] * 2)
     assert expected_calibration_error(probs, targets, 2) == pytest.approx(0.0)
     # all at confidence 0.9, half right: |0.5 - 0.9| = 0.4
-    assert expected_calibration_error(np.tile([0.1, 0.9], (4, 1)), np.array([1, 1, 0, 0]), 2) == pytest.approx(0.4)
+    assert expected_calibration_error(
+        np.tile([0.1, 0.9], (4, 1)), np.array([1, 1, 0, 0]), 2
+    ) == pytest.approx(0.4)
     # two bins: 0.6 (2 cases, both right: 0.4 gap) and 1.0 (2 cases, one right: 0.5 gap) -> (0.4 + 0.5) / 2
     probs = np.array([[0.4, 0.6], [0.6, 0.4], [0.0, 1.0], [1.0, 0.0]])
     assert expected_calibration_error(probs, np.array([1, 0, 1, 1]), 2) == pytest.approx(0.45)
@@ -213,8 +271,25 @@ def test_expected_calibration_error() -> None:
 
 def test_explain_segmentation_writes_a_page_with_the_worst_cases_first(seg: dict, tmp_path: Path) -> None:
     out = tmp_path / "explain"
-    result = runner.invoke(app, ["site", "explain", "--data", str(seg["dir"]), "--model", str(seg["file"]),
-                                 "--out", str(out), "--n", "2", "--cache", str(seg["cache"]), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "site",
+            "explain",
+            "--data",
+            str(seg["dir"]),
+            "--model",
+            str(seg["file"]),
+            "--out",
+            str(out),
+            "--n",
+            "2",
+            "--cache",
+            str(seg["cache"]),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "uncertainty_auroc" in result.output
     ex = json.loads((out / "explain.json").read_text())
@@ -223,7 +298,9 @@ def test_explain_segmentation_writes_a_page_with_the_worst_cases_first(seg: dict
     errors = [1 - c["dice"] if c["dice"] is not None else 1.0 for c in ex["cases"]]
     assert errors == sorted(errors, reverse=True)  # the most wrong first
     site, cfg = seg["site"], seg["cfg"]
-    ev = segmentation.evaluate(seg["model"], site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True)
+    ev = segmentation.evaluate(
+        seg["model"], site.data, site.val_idx, cfg, precision=run_precision(cfg), scores=True
+    )
     assert ex["scores"]["uncertainty_auroc"] == pytest.approx(ev["uncertainty_auroc"])
     assert ex["metrics"]["dice"] == pytest.approx(ev["dice"])
     shown = ex["cases"][:2]
@@ -240,8 +317,25 @@ def test_explain_segmentation_writes_a_page_with_the_worst_cases_first(seg: dict
 
 def test_explain_mil_shows_each_images_attention(exams: dict, tmp_path: Path) -> None:
     out = tmp_path / "explain"
-    result = runner.invoke(app, ["site", "explain", "--data", str(exams["dir"]), "--model", str(exams["file"]),
-                                 "--out", str(out), "--n", "3", "--cache", str(exams["cache"]), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "site",
+            "explain",
+            "--data",
+            str(exams["dir"]),
+            "--model",
+            str(exams["file"]),
+            "--out",
+            str(out),
+            "--n",
+            "3",
+            "--cache",
+            str(exams["cache"]),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     ex = json.loads((out / "explain.json").read_text())
     assert set(ex["scores"]) == {"ece", "gradcam_lesion_energy", "lesion_area_share"}
@@ -260,27 +354,61 @@ def test_explain_mil_shows_each_images_attention(exams: dict, tmp_path: Path) ->
 
 def test_explain_refuses_bad_input_and_keeps_out(seg: dict, tmp_path: Path) -> None:
     base = ["site", "explain", "--cache", str(seg["cache"]), "--device", "cpu"]
-    missing = runner.invoke(app, [*base, "--data", str(tmp_path / "nope"), "--model", str(seg["file"]),
-                                  "--out", str(tmp_path / "o1")])
+    missing = runner.invoke(
+        app,
+        [*base, "--data", str(tmp_path / "nope"), "--model", str(seg["file"]), "--out", str(tmp_path / "o1")],
+    )
     assert missing.exit_code == 2 and "site data folder not found" in missing.output
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a model")
-    bad = runner.invoke(app, [*base, "--data", str(seg["dir"]), "--model", str(broken), "--out", str(tmp_path / "o2")])
+    bad = runner.invoke(
+        app, [*base, "--data", str(seg["dir"]), "--model", str(broken), "--out", str(tmp_path / "o2")]
+    )
     assert bad.exit_code == 2 and "cannot read the model file" in bad.output and "Traceback" not in bad.output
     out = tmp_path / "o3"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    busy = runner.invoke(app, [*base, "--data", str(seg["dir"]), "--model", str(seg["file"]), "--out", str(out)])
+    busy = runner.invoke(
+        app, [*base, "--data", str(seg["dir"]), "--model", str(seg["file"]), "--out", str(out)]
+    )
     assert busy.exit_code == 2 and "not empty" in busy.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
-    cuda = runner.invoke(app, ["site", "explain", "--cache", str(seg["cache"]), "--device", "gpu", "--data",
-                               str(seg["dir"]), "--model", str(seg["file"]), "--out", str(tmp_path / "o4")])
+    cuda = runner.invoke(
+        app,
+        [
+            "site",
+            "explain",
+            "--cache",
+            str(seg["cache"]),
+            "--device",
+            "gpu",
+            "--data",
+            str(seg["dir"]),
+            "--model",
+            str(seg["file"]),
+            "--out",
+            str(tmp_path / "o4"),
+        ],
+    )
     assert cuda.exit_code == 2 and "unknown device 'gpu'" in cuda.output
     # --overwrite replaces an earlier explanation and keeps the folder's other files
     for _ in range(2):
-        again = runner.invoke(app, [*base, "--data", str(seg["dir"]), "--model", str(seg["file"]), "--out", str(out),
-                                    "--n", "1", "--overwrite"])
+        again = runner.invoke(
+            app,
+            [
+                *base,
+                "--data",
+                str(seg["dir"]),
+                "--model",
+                str(seg["file"]),
+                "--out",
+                str(out),
+                "--n",
+                "1",
+                "--overwrite",
+            ],
+        )
         assert again.exit_code == 0, again.output
     assert sorted(p.name for p in out.iterdir()) == ["cases", "explain.json", "index.html", "keep.txt"]
     assert [p.name for p in (out / "cases").iterdir()] == ["c001.png"]
@@ -301,7 +429,16 @@ def test_explain_and_predict_send_nothing(seg: dict, tmp_path: Path, monkeypatch
         monkeypatch.setattr(socket.socket, name, refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    common = ["--data", str(seg["dir"]), "--model", str(seg["file"]), "--cache", str(seg["cache"]), "--device", "cpu"]
+    common = [
+        "--data",
+        str(seg["dir"]),
+        "--model",
+        str(seg["file"]),
+        "--cache",
+        str(seg["cache"]),
+        "--device",
+        "cpu",
+    ]
     explained = runner.invoke(app, ["site", "explain", *common, "--out", str(tmp_path / "ex"), "--n", "1"])
     assert explained.exit_code == 0, explained.output
     predicted = runner.invoke(app, ["site", "predict", *common, "--out", str(tmp_path / "pred")])

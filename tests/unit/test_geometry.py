@@ -47,8 +47,11 @@ ORIENTATIONS = {
     "coronal": ((1, 0, 0), (0, 0, -1)),  # normal +y (towards the back)
     "oblique": (tuple(_OBLIQUE[:, 0]), tuple(_OBLIQUE[:, 1])),  # axial tilted 20 degrees twice
 }
-CASES = [pytest.param((name, sign), id=f"{name}-{'flipped' if sign < 0 else 'along-normal'}")
-         for name in ORIENTATIONS for sign in (1, -1)]
+CASES = [
+    pytest.param((name, sign), id=f"{name}-{'flipped' if sign < 0 else 'along-normal'}")
+    for name in ORIENTATIONS
+    for sign in (1, -1)
+]
 
 
 @dataclass
@@ -171,7 +174,9 @@ def write_series(images: Path, geo: Geometry, vol: np.ndarray, seed: int) -> Wri
     instance = rng.permutation(n) + 1
     while np.all(np.diff(instance) > 0) or np.all(np.diff(instance) < 0):
         instance = rng.permutation(n) + 1
-    datasets: dict[int, Dataset] = {k: _slice_dataset(geo, k, vol[k], uids, int(instance[k])) for k in range(n)}
+    datasets: dict[int, Dataset] = {
+        k: _slice_dataset(geo, k, vol[k], uids, int(instance[k])) for k in range(n)
+    }
     folders = ["", "a", "a/b", "zz/1/2"]
     order = rng.permutation(n)
     names = {}
@@ -183,8 +188,13 @@ def write_series(images: Path, geo: Geometry, vol: np.ndarray, seed: int) -> Wri
         names[int(k)] = path
     by_name = sorted(range(n), key=lambda k: str(names[k]))
     assert by_name not in (list(range(n)), list(range(n))[::-1]) or n < 3, "file names happen to be in order"
-    return Written(geo, vol, [datasets[int(k)] for k in order], [str(datasets[k].SOPInstanceUID) for k in range(n)],
-                   uids["series"])
+    return Written(
+        geo,
+        vol,
+        [datasets[int(k)] for k in order],
+        [str(datasets[k].SOPInstanceUID) for k in range(n)],
+        uids["series"],
+    )
 
 
 def _in_header_order(geo: Geometry, arr: np.ndarray) -> np.ndarray:
@@ -367,8 +377,10 @@ def _write_seg(path: Path, written: Written, labels: np.ndarray) -> Dataset:
     order = [written.sops.index(str(ds.SOPInstanceUID)) for ds in written.datasets]
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label,
-            segmented_property_category=codes.SCT.Tissue, segmented_property_type=prop,
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=prop,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
         )
         for number, label, prop in ((1, "organ", codes.SCT.Organ), (2, "lesion", codes.SCT.Neoplasm))
@@ -378,9 +390,14 @@ def _write_seg(path: Path, written: Written, labels: np.ndarray) -> Dataset:
         pixel_array=labels[order],  # frame i labels source_images[i]
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(), series_number=99, sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer="test", manufacturer_model_name="test",
-        software_versions="0", device_serial_number="0",
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="0",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path, enforce_file_format=True)

@@ -14,9 +14,18 @@ from fedscan.common.data.dicom import read_series, scan_site
 SERIES = generate_uid()
 
 
-def write_slice(path: Path, pixels: np.ndarray, z: float, *, series: str = SERIES, slope: float = 1.0,
-                intercept: float = 0.0, signed: bool = False, photometric: str = "MONOCHROME2",
-                preamble: bool = True) -> Dataset:
+def write_slice(
+    path: Path,
+    pixels: np.ndarray,
+    z: float,
+    *,
+    series: str = SERIES,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    signed: bool = False,
+    photometric: str = "MONOCHROME2",
+    preamble: bool = True,
+) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -100,7 +109,8 @@ def test_inconsistent_series_are_reported(tmp_path: Path) -> None:
     scan = scan_site(mixed)
     assert len(scan.series[0]) == 4
     assert [(s.path.name, s.reason) for s in scan.skipped] == [
-        ("odd", "inconsistent series: slice size differs from the rest of its series")]
+        ("odd", "inconsistent series: slice size differs from the rest of its series")
+    ]
     # duplicate positions (two acquisitions in one series): the series is not used, every file says why
     dup = tmp_path / "dup"
     series = generate_uid()
@@ -118,7 +128,8 @@ def test_inconsistent_series_are_reported(tmp_path: Path) -> None:
     scan = scan_site(gap)
     assert len(scan.series[0]) == 5
     assert scan.series[0].warnings == [
-        "gap: 1 place(s) where slices are up to 3.0 mm apart (median spacing 1.0 mm); slices may be missing"]
+        "gap: 1 place(s) where slices are up to 3.0 mm apart (median spacing 1.0 mm); slices may be missing"
+    ]
 
 
 def test_undecodable_slice_is_dropped_not_fatal(tmp_path: Path) -> None:

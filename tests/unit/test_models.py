@@ -195,7 +195,7 @@ def test_mil_checkpointed_gradients_match(monkeypatch: pytest.MonkeyPatch) -> No
     F.cross_entropy(logits[None], target).backward()
     assert calls == [False, False, False]  # 40 images in 3 chunks, each checkpointed
 
-    for (name, a), b in zip(chunked.named_parameters(), plain.parameters()):
+    for (name, a), b in zip(chunked.named_parameters(), plain.parameters(), strict=True):
         assert a.grad is not None and b.grad is not None, name
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0, msg=name)
     assert chunked.encoder.features[0].conv.weight.grad.abs().sum() > 0

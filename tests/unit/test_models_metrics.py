@@ -39,8 +39,14 @@ def test_unet_depth_4_is_monai_basic_unet() -> None:
     from monai.networks.nets import BasicUNet
 
     torch.manual_seed(0)
-    ref = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(8, 8, 16, 32, 64, 8),
-                    norm=("instance", {"affine": True}), dropout=0.0)
+    ref = BasicUNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=2,
+        features=(8, 8, 16, 32, 64, 8),
+        norm=("instance", {"affine": True}),
+        dropout=0.0,
+    )
     torch.manual_seed(0)
     ours = build_model(RunConfig(base_channels=8))
     x = torch.randn(2, 1, 32, 32)
@@ -64,7 +70,7 @@ def test_same_seed_same_initial_weights_and_record_round_trip() -> None:
     b = build_model(RunConfig(base_channels=4))
     rec = to_record(a)
     load_record(b, rec)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
 
 
@@ -99,9 +105,14 @@ def test_weights_and_local_training_need_no_flower() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, fedscan.common.weights, fedscan.common.tasks.local_training, "
-            "fedscan.common.tasks.fedbn_layers; print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    code = (
+        "import sys, fedscan.common.weights, fedscan.common.tasks.local_training, "
+        "fedscan.common.tasks.fedbn_layers; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 

@@ -28,13 +28,13 @@ from fedscan.client import predict as predict_mod
 from fedscan.client.model_file import load_model_file
 from fedscan.client.predict import BATCH_IMAGES, PredictSummary, predict_site
 from fedscan.common.config import RunConfig
-from fedscan.common.data.site_arrays import model_input
-from fedscan.common.data.site_reader import SiteReader
 from fedscan.common.data.dicom import SeriesHeader, scan_site
 from fedscan.common.data.labels import load_seg
 from fedscan.common.data.layout import SiteDir
 from fedscan.common.data.preprocess import fit_labels, unfit_probabilities
 from fedscan.common.data.seg_writer import build_seg, write_seg
+from fedscan.common.data.site_arrays import model_input
+from fedscan.common.data.site_reader import SiteReader
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
 from fedscan.server.checkpoint import save_round
@@ -50,7 +50,9 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     exe = shutil.which("dciodvfy")
     if exe is None:
         if os.environ.get("FEDSCAN_REQUIRE_DICOM3TOOLS") == "1":
-            pytest.fail("dciodvfy (dicom3tools) is required (FEDSCAN_REQUIRE_DICOM3TOOLS=1) but not installed")
+            pytest.fail(
+                "dciodvfy (dicom3tools) is required (FEDSCAN_REQUIRE_DICOM3TOOLS=1) but not installed"
+            )
         pytest.skip("dciodvfy (dicom3tools) is not installed")
     res = subprocess.run([exe, str(path)], check=False, capture_output=True, text=True, timeout=60)
     return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
@@ -61,7 +63,9 @@ def _probabilities(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     out = []
     with torch.no_grad():
         for lo in range(0, images.shape[0], BATCH_IMAGES):
-            x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + BATCH_IMAGES], dtype=np.float32))[:, None]
+            x = torch.from_numpy(np.ascontiguousarray(images[lo : lo + BATCH_IMAGES], dtype=np.float32))[
+                :, None
+            ]
             out.append(torch.softmax(model(x).float(), dim=1).numpy())
     return np.concatenate(out)
 
@@ -78,10 +82,14 @@ def _expected_masks(site_path: Path, model_file: Path) -> dict[str, tuple[Series
             continue
         used, pixels = decoded
         images, _ = model_input(used, pixels, cfg)
-        labels = np.concatenate([
-            unfit_probabilities(p[None], used.shape, used.spacing, cfg.image_size, cfg.pixel_spacing).argmax(1)
-            for p in _probabilities(sm.model, images)
-        ]).astype(np.uint8)
+        labels = np.concatenate(
+            [
+                unfit_probabilities(
+                    p[None], used.shape, used.spacing, cfg.image_size, cfg.pixel_spacing
+                ).argmax(1)
+                for p in _probabilities(sm.model, images)
+            ]
+        ).astype(np.uint8)
         out[used.series_uid] = (used, labels)
     return out
 
@@ -118,7 +126,9 @@ def _uids_of_files(images: Path) -> dict[str, tuple[str, str]]:
 @pytest.fixture(scope="module")
 def seg_model_file(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small U-Net whose foreground logit is raised so that ~3% of hospital-a's pixels are foreground."""
-    cfg = RunConfig(task="segmentation", model="unet", image_size=64, base_channels=8, unet_depth=2, device="cpu")
+    cfg = RunConfig(
+        task="segmentation", model="unet", image_size=64, base_channels=8, unet_depth=2, device="cpu"
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     site = SiteDir("hospital-a", synth_root / "hospital-a")
@@ -137,12 +147,21 @@ def seg_model_file(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def seg_prediction(synth_root: Path, seg_model_file: Path, tmp_path_factory: pytest.TempPathFactory,
-                   ) -> tuple[Path, PredictSummary, list[tuple[int, int]]]:
+def seg_prediction(
+    synth_root: Path,
+    seg_model_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, PredictSummary, list[tuple[int, int]]]:
     out = tmp_path_factory.mktemp("pred") / "out"
     calls: list[tuple[int, int]] = []
-    summary = predict_site(synth_root / "hospital-a", seg_model_file, out, cache_root=out.parent / "cache",
-                           device="cpu", on_series=lambda done, total: calls.append((done, total)))
+    summary = predict_site(
+        synth_root / "hospital-a",
+        seg_model_file,
+        out,
+        cache_root=out.parent / "cache",
+        device="cpu",
+        on_series=lambda done, total: calls.append((done, total)),
+    )
     return out, summary, calls
 
 
@@ -187,9 +206,9 @@ def test_unfit_probabilities_inverts_fit(target_spacing: float | None) -> None:
         seen_r, seen_c = int(64 * 1.0 / 0.8), int(64 * 1.0 / 0.8)
         r0, c0 = (rows - seen_r) // 2, (cols - seen_c) // 2
         fov = np.zeros((rows, cols), dtype=bool)
-        fov[r0 + 3:r0 + seen_r - 3, c0 + 3:c0 + seen_c - 3] = True
+        fov[r0 + 3 : r0 + seen_r - 3, c0 + 3 : c0 + seen_c - 3] = True
         outside = np.ones((rows, cols), dtype=bool)
-        outside[r0 - 2:r0 + seen_r + 2, c0 - 2:c0 + seen_c + 2] = False
+        outside[r0 - 2 : r0 + seen_r + 2, c0 - 2 : c0 + seen_c + 2] = False
         assert (back[:, outside] == 0).all()  # never seen: background
         assert lab[:, outside].any()  # ... though the source holds foreground there
         inner &= fov[None]
@@ -199,22 +218,30 @@ def test_unfit_probabilities_inverts_fit(target_spacing: float | None) -> None:
         assert (back[inner] == c).sum() == (lab[inner] == c).sum() > 0
 
 
-def _model_coordinate(n: int, resampled: int, size: int, target_spacing: float | None,
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def _model_coordinate(
+    n: int,
+    resampled: int,
+    size: int,
+    target_spacing: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Where the centres of an axis' ``n`` source pixels lie on the model grid (in model pixels), and
     which of them are interior: away from the edges of the model grid and of the resampled grid."""
     src = np.arange(n, dtype=np.float64)
     if target_spacing is None:  # padded to a square of side ``resampled``, then resized to ``size``
         model = (src + (resampled - n) // 2 + 0.5) * size / resampled - 0.5
         return model, (model >= 2) & (model <= size - 3)
-    coord = (src + 0.5) * resampled / n - 0.5  # resampled to ``resampled`` pixels, then centre-cropped or padded
+    coord = (
+        src + 0.5
+    ) * resampled / n - 0.5  # resampled to ``resampled`` pixels, then centre-cropped or padded
     model = coord - (resampled - size) // 2 if resampled >= size else coord + (size - resampled) // 2
     interior = (model >= 2) & (model <= size - 3) & (coord >= 2) & (coord <= resampled - 3)
     return model, interior
 
 
 @pytest.mark.parametrize(("target_spacing", "atol"), [(None, 2e-4), (0.5, 1.5e-3), (1.0, 2e-4), (2.0, 2e-4)])
-def test_unfit_probabilities_puts_each_value_where_fit_took_it_from(target_spacing: float | None, atol: float) -> None:
+def test_unfit_probabilities_puts_each_value_where_fit_took_it_from(
+    target_spacing: float | None, atol: float
+) -> None:
     """A linear ramp on the model grid comes back as the same ramp at the source pixels' model coordinates:
     bilinear resizing keeps linear functions (exactly when it upsamples; to within a small wobble when its
     antialiasing kernel downsamples, here 0.5 mm back to 0.8 x 0.6 mm), so a shift of even one source pixel
@@ -250,14 +277,21 @@ def test_unfit_probabilities_rejects_a_wrong_grid() -> None:
 
 
 def test_seg_holds_what_the_model_predicts(
-    synth_root: Path, seg_model_file: Path, seg_prediction: tuple[Path, PredictSummary, list[tuple[int, int]]],
+    synth_root: Path,
+    seg_model_file: Path,
+    seg_prediction: tuple[Path, PredictSummary, list[tuple[int, int]]],
 ) -> None:
     out, summary, calls = seg_prediction
     expected = _expected_masks(synth_root / "hospital-a", seg_model_file)
     assert len(expected) == summary.series_found == summary.series_predicted == 3
     assert summary.images_predicted == sum(len(h) for h, _ in expected.values())
     assert summary.skipped_series == [] and summary.skipped_files == []
-    assert (summary.task, summary.model, summary.server_round, summary.kind) == ("segmentation", "unet", 1, "global")
+    assert (summary.task, summary.model, summary.server_round, summary.kind) == (
+        "segmentation",
+        "unet",
+        1,
+        "global",
+    )
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert sorted(summary.files_written) == sorted(f"seg/{uid}.dcm" for uid in expected)
     fg_slices = 0
@@ -265,8 +299,9 @@ def test_seg_holds_what_the_model_predicts(
         path = out / "seg" / f"{uid}.dcm"
         assert 0 < labels.mean() < 0.2  # neither empty nor full
         seg = hd.seg.segread(path)
-        got = seg.get_pixels_by_source_instance(source_sop_instance_uids=hdr.sop_uids, combine_segments=True,
-                                                assert_missing_frames_are_empty=True)
+        got = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=hdr.sop_uids, combine_segments=True, assert_missing_frames_are_empty=True
+        )
         np.testing.assert_array_equal(got, labels)  # per source SOPInstanceUID, exactly the prediction
         np.testing.assert_array_equal(load_seg(path, hdr), labels)  # fedscan can read it back as labels
         fg_slices += int(labels.reshape(len(hdr), -1).any(axis=1).sum())
@@ -275,8 +310,9 @@ def test_seg_holds_what_the_model_predicts(
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and ds.SegmentationType == "BINARY"
         assert ds.StudyInstanceUID == hdr.study_uid == src.StudyInstanceUID
         assert [r.SeriesInstanceUID for r in ds.ReferencedSeriesSequence] == [uid]
-        assert {r.ReferencedSOPInstanceUID for r in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence} \
-            == set(hdr.sop_uids)
+        assert {
+            r.ReferencedSOPInstanceUID for r in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+        } == set(hdr.sop_uids)
         assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         assert ds.PatientID == src.PatientID and ds.PatientName == src.PatientName
         assert ds.SeriesInstanceUID != uid and ds.Manufacturer == "fedscan"
@@ -317,7 +353,7 @@ def test_seg_writer_multiclass_empty_frames_and_an_empty_map(synth_root: Path, t
     labels = np.zeros((n, rows, cols), dtype=np.uint8)
     labels[1, 10:40, 20:90] = 1
     labels[1, 30:60, 80:120] = 2
-    labels[n - 1, rows - 5:, :7] = 2  # a corner: rows and columns are not swapped
+    labels[n - 1, rows - 5 :, :7] = 2  # a corner: rows and columns are not swapped
     seg = build_seg(hdr, labels, num_classes=3, model="segnet")
     assert int(seg.NumberOfFrames) == 3  # slices 1 (two segments) and n-1 (one); the empty ones are omitted
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["class 1", "class 2"]
@@ -355,14 +391,21 @@ def test_seg_writer_multiframe_source(tmp_path: Path) -> None:
     write_seg(path, hdr, labels, num_classes=2, model="unet")
     np.testing.assert_array_equal(load_seg(path, hdr), labels)
     seg = hd.seg.segread(path)
-    by_frame = seg.get_pixels_by_source_frame(source_sop_instance_uid=hdr.sop_uids[0], source_frame_numbers=[1, 2],
-                                              combine_segments=True, assert_missing_frames_are_empty=True)
+    by_frame = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=hdr.sop_uids[0],
+        source_frame_numbers=[1, 2],
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
     np.testing.assert_array_equal(by_frame, labels[::-1])
     assert _dciodvfy_errors(path) == []
 
 
 def test_corrupt_files_are_reported_and_the_rest_predicted(
-    synth_root: Path, seg_model_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    synth_root: Path,
+    seg_model_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     site = _copy_site(synth_root / "hospital-a", tmp_path / "sites")
     series = scan_site(site / "images").series
@@ -401,11 +444,16 @@ def test_corrupt_files_are_reported_and_the_rest_predicted(
     refs = {r.ReferencedSOPInstanceUID for r in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert refs == set(hdr.sop_uids)  # the SEG references the images it labels, not the broken one
     np.testing.assert_array_equal(load_seg(path, hdr), labels)
-    assert json.loads((out / "predict.json").read_text())["skipped_series"][0]["series_uid"] == broken.series_uid
+    assert (
+        json.loads((out / "predict.json").read_text())["skipped_series"][0]["series_uid"] == broken.series_uid
+    )
 
 
 def test_a_series_that_fails_to_predict_does_not_stop_the_others(
-    synth_root: Path, seg_model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    synth_root: Path,
+    seg_model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     first = scan_site(synth_root / "hospital-a" / "images").series[0].series_uid
@@ -418,8 +466,13 @@ def test_a_series_that_fails_to_predict_does_not_stop_the_others(
 
     monkeypatch.setattr(predict_mod, "write_seg", failing)
     with caplog.at_level(logging.WARNING):
-        summary = predict_site(synth_root / "hospital-a", seg_model_file, tmp_path / "out",
-                               cache_root=tmp_path / "cache", device="cpu")
+        summary = predict_site(
+            synth_root / "hospital-a",
+            seg_model_file,
+            tmp_path / "out",
+            cache_root=tmp_path / "cache",
+            device="cpu",
+        )
     assert summary.series_predicted == 2 and len(summary.files_written) == 2
     assert [s.series_uid for s in summary.skipped_series] == [first]
     assert "disk on fire" in summary.skipped_series[0].reason and "disk on fire" in caplog.text
@@ -447,8 +500,15 @@ def test_image_classifier_writes_one_row_per_image(image_root: Path, tmp_path: P
     summary = predict_site(site, model_file, out, cache_root=tmp_path / "cache", device="cpu")
     truth = _uids_of_files(site / "images")
     rows = _read_csv(out / "predictions.csv")
-    assert list(rows[0]) == ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameNumber",
-                             "predicted_class", "prob_class0", "prob_class1"]
+    assert list(rows[0]) == [
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "FrameNumber",
+        "predicted_class",
+        "prob_class0",
+        "prob_class1",
+    ]
     assert len(rows) == len(truth) == summary.images_predicted
     assert {r["SOPInstanceUID"] for r in rows} == set(truth)
     for r in rows:
@@ -494,7 +554,9 @@ def test_missing_data_folder(seg_model_file: Path, tmp_path: Path) -> None:
 def test_data_folder_without_images(seg_model_file: Path, tmp_path: Path) -> None:
     (tmp_path / "site").mkdir()
     with pytest.raises(FedscanError, match="no images/ folder"):
-        predict_site(tmp_path / "site", seg_model_file, tmp_path / "out", cache_root=tmp_path / "c", device="cpu")
+        predict_site(
+            tmp_path / "site", seg_model_file, tmp_path / "out", cache_root=tmp_path / "c", device="cpu"
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -521,8 +583,14 @@ def test_non_empty_out_needs_overwrite(synth_root: Path, seg_model_file: Path, t
     assert "--overwrite" in (err.value.hint or "")
     assert _snapshot(out) == before  # untouched
 
-    summary = predict_site(synth_root / "hospital-a", seg_model_file, out, cache_root=tmp_path / "c",
-                           device="cpu", overwrite=True)
+    summary = predict_site(
+        synth_root / "hospital-a",
+        seg_model_file,
+        out,
+        cache_root=tmp_path / "c",
+        device="cpu",
+        overwrite=True,
+    )
     after = _snapshot(out)
     assert after["notes.txt"] == b"the radiologist's notes"  # not fedscan's: kept
     assert "seg/1.2.3.dcm" not in after  # the earlier prediction's SEG: replaced
@@ -531,12 +599,19 @@ def test_non_empty_out_needs_overwrite(synth_root: Path, seg_model_file: Path, t
 
 def test_unknown_device(synth_root: Path, seg_model_file: Path, tmp_path: Path) -> None:
     with pytest.raises(FedscanError, match="unknown device 'tpu'"):
-        predict_site(synth_root / "hospital-a", seg_model_file, tmp_path / "out", cache_root=tmp_path / "c",
-                     device="tpu")
+        predict_site(
+            synth_root / "hospital-a",
+            seg_model_file,
+            tmp_path / "out",
+            cache_root=tmp_path / "c",
+            device="tpu",
+        )
     assert not (tmp_path / "out").exists()
 
 
-def test_out_inside_the_sites_images_is_refused(synth_root: Path, seg_model_file: Path, tmp_path: Path) -> None:
+def test_out_inside_the_sites_images_is_refused(
+    synth_root: Path, seg_model_file: Path, tmp_path: Path
+) -> None:
     site = tmp_path / "hospital-a"
     shutil.copytree(synth_root / "hospital-a" / "images", site / "images")
     with pytest.raises(FedscanError, match="inside the site's images/"):
@@ -545,24 +620,49 @@ def test_out_inside_the_sites_images_is_refused(synth_root: Path, seg_model_file
 
 
 def test_fedbn_model_needs_the_sites_layers_or_global(synth_root: Path, tmp_path: Path) -> None:
-    cfg = RunConfig(task="segmentation", model="unet", image_size=32, base_channels=4, unet_depth=1,
-                    strategy="fedbn", device="cpu")
+    cfg = RunConfig(
+        task="segmentation",
+        model="unet",
+        image_size=32,
+        base_channels=4,
+        unet_depth=1,
+        strategy="fedbn",
+        device="cpu",
+    )
     model_file = _save_model(tmp_path / "run", build_model(cfg), cfg)
     out = tmp_path / "out"
     with pytest.raises(FedscanError, match="normalization layers") as err:
         predict_site(synth_root / "hospital-a", model_file, out, cache_root=tmp_path / "cache", device="cpu")
     assert "--site" in (err.value.hint or "") and "--cache" in (err.value.hint or "")
     assert not out.exists()
-    summary = predict_site(synth_root / "hospital-a", model_file, out, cache_root=tmp_path / "cache",
-                           device="cpu", use_global=True)
+    summary = predict_site(
+        synth_root / "hospital-a",
+        model_file,
+        out,
+        cache_root=tmp_path / "cache",
+        device="cpu",
+        use_global=True,
+    )
     assert summary.kind == "global" and summary.series_predicted == 3
     # the layers the site stored while training, under the run's settings on its machine (its own data
     # folder, cache and device: not part of the run's key), are found from the model file
     from fedscan.common.tasks.fedbn_layers import LocalLayers
 
-    trained = cfg.model_copy(update={"data_root": tmp_path / "elsewhere", "cache_dir": tmp_path / "cache",
-                                     "device": "auto", "rounds": 7})
+    trained = cfg.model_copy(
+        update={
+            "data_root": tmp_path / "elsewhere",
+            "cache_dir": tmp_path / "cache",
+            "device": "auto",
+            "rounds": 7,
+        }
+    )
     LocalLayers(tmp_path / "cache", trained, "site-7").save(1, build_model(cfg))
-    personal = predict_site(synth_root / "hospital-a", model_file, tmp_path / "out2", cache_root=tmp_path / "cache",
-                            device="cpu", site_name="site-7")
+    personal = predict_site(
+        synth_root / "hospital-a",
+        model_file,
+        tmp_path / "out2",
+        cache_root=tmp_path / "cache",
+        device="cpu",
+        site_name="site-7",
+    )
     assert personal.kind == "personalized" and personal.site == "site-7"

@@ -31,17 +31,26 @@ def test_foreground_ct_normalization_undoes_a_calibration_error() -> None:
     ref = normalize(hu, "CT", (40.0, 400.0), (0.5, 99.5), "foreground")
     body = ref[:, 8:56, 8:56]
     assert abs(float(body.mean())) < 0.2 and 0.8 < float(body.std()) < 1.2  # standardized over the body
-    assert float(ref[:, 26:30, 26:30].mean()) - float(ref[:, 44:52, 44:52].mean()) > 3.0  # the lesion stands out
+    assert (
+        float(ref[:, 26:30, 26:30].mean()) - float(ref[:, 44:52, 44:52].mean()) > 3.0
+    )  # the lesion stands out
     assert float(np.abs(ref).max()) <= FOREGROUND_CLIP
     # a scanner off by 1.3 x HU + 150: the window moves every value, the foreground z-score none
     off = 1.3 * hu + 150.0
     np.testing.assert_allclose(normalize(off, "CT", (40.0, 400.0), (0.5, 99.5), "foreground"), ref, atol=1e-5)
-    assert float(np.abs(normalize(off, "CT", (40.0, 400.0), (0.5, 99.5))
-                        - normalize(hu, "CT", (40.0, 400.0), (0.5, 99.5))).mean()) > 0.2
+    assert (
+        float(
+            np.abs(
+                normalize(off, "CT", (40.0, 400.0), (0.5, 99.5))
+                - normalize(hu, "CT", (40.0, 400.0), (0.5, 99.5))
+            ).mean()
+        )
+        > 0.2
+    )
     # padding outside the field of view (-3024) is left out: the body keeps its statistics
     rows, cols = np.mgrid[:64, :64]
     padded = hu.copy()
-    padded[:, (rows - 32) ** 2 + (cols - 32) ** 2 > 34 ** 2] = -3024.0
+    padded[:, (rows - 32) ** 2 + (cols - 32) ** 2 > 34**2] = -3024.0
     pz = normalize(padded, "CT", (40.0, 400.0), (0.5, 99.5), "foreground")
     np.testing.assert_allclose(pz[:, 8:56, 8:56], ref[:, 8:56, 8:56], atol=0.05)
     # air clipped at the bottom of the stored range is not padding

@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 from fedscan.client.app import SiteFailure
 from fedscan.client.app import evaluate as client_evaluate
 from fedscan.client.app import train as client_train
+from fedscan.common.array_records import to_record
 from fedscan.common.cli import app as cli
 from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.dicom import list_files
 from fedscan.common.models.registry import build_model
-from fedscan.common.array_records import to_record
 
 PHI = {
     "PatientName": "ZZSECRET^ALICE^QUINN",
@@ -70,7 +70,9 @@ def _leaks(blob: bytes, secrets: set[str]) -> list[str]:
 def test_site_check_json_holds_no_phi(phi_root: tuple[Path, set[str]], tmp_path: Path) -> None:
     root, secrets = phi_root
     out = tmp_path / "check.json"
-    result = CliRunner().invoke(cli, ["site", "check", "--data", str(root / "hospital-a"), "--json", str(out)])
+    result = CliRunner().invoke(
+        cli, ["site", "check", "--data", str(root / "hospital-a"), "--json", str(out)]
+    )
     assert result.exit_code == 0, result.output
     text = out.read_text()
     report = json.loads(text)
@@ -80,18 +82,34 @@ def test_site_check_json_holds_no_phi(phi_root: tuple[Path, set[str]], tmp_path:
 
 
 def _context(cfg: AppConfig, k: int) -> Context:
-    return Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": 2},
-                   state=RecordDict(), run_config=cfg.to_run_config())
+    return Context(
+        run_id=1,
+        node_id=k + 1,
+        node_config={"partition-id": k, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=cfg.to_run_config(),
+    )
 
 
-def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_training_round_sends_no_phi(
+    phi_root: tuple[Path, set[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # what a Flower process sets before it builds messages
     for attr in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
     root, secrets = phi_root
-    run = RunConfig(data_root=root, sites=2, rounds=1, local_epochs=1, image_size=32, base_channels=4,
-                    unet_depth=2, output=tmp_path / "out", cache_dir=tmp_path / "cache", count_rounding=7)
+    run = RunConfig(
+        data_root=root,
+        sites=2,
+        rounds=1,
+        local_epochs=1,
+        image_size=32,
+        base_channels=4,
+        unet_depth=2,
+        output=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        count_rounding=7,
+    )
     cfg = AppConfig(run=run, site_names=["hospital-a", "hospital-b"])
     arrays = to_record(build_model(run))
     sent = b""
@@ -100,8 +118,11 @@ def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path
             (client_train, "train", {"server-round": 1, "local-epochs": 1, "lr": 1e-3, "batch-size": 4}),
             (client_evaluate, "evaluate", {"server-round": 1}),
         ):
-            msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}),
-                          dst_node_id=k + 1, message_type=kind)
+            msg = Message(
+                content=RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}),
+                dst_node_id=k + 1,
+                message_type=kind,
+            )
             reply = handler(msg, _context(cfg, k))
             assert reply.has_content()
             sent += message_to_proto(reply).SerializeToString()
@@ -124,8 +145,11 @@ def test_a_training_round_sends_no_phi(phi_root: tuple[Path, set[str]], tmp_path
     shutil.copytree(root, broken)
     shutil.rmtree(broken / "hospital-b" / "labels")
     bad = AppConfig(run=run.model_copy(update={"data_root": broken}), site_names=cfg.site_names)
-    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=2, message_type="train")
+    msg = Message(
+        content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=2,
+        message_type="train",
+    )
     with pytest.raises(SiteFailure) as info:
         client_train(msg, _context(bad, 1))
     assert _leaks(str(info.value).encode(), secrets | {str(broken)}) == []
@@ -151,12 +175,14 @@ def test_site_check_reports_bad_masks_and_csv_without_echoing_them(synth_root: P
     report = json.loads(out.read_text())
     assert report["mismatches"]["masks_not_matching_their_series"] == 2
     problems = sorted(p["problem"] for p in report["problems"])
-    assert problems == sorted([
-        "labels.csv has 2 column(s) in its first line; it needs a header with a 'label' column and exactly "
-        "one of SOPInstanceUID, SeriesInstanceUID, StudyInstanceUID",
-        "the mask has no usable affine (singular or not finite)",
-        "cannot read the mask (not a readable NIfTI file)",
-    ])
+    assert problems == sorted(
+        [
+            "labels.csv has 2 column(s) in its first line; it needs a header with a 'label' column "
+            "and exactly one of SOPInstanceUID, SeriesInstanceUID, StudyInstanceUID",
+            "the mask has no usable affine (singular or not finite)",
+            "cannot read the mask (not a readable NIfTI file)",
+        ]
+    )
     assert "DOE" not in out.read_text() and str(tmp_path) not in out.read_text()
     folder = CliRunner().invoke(cli, ["site", "check", "--data", str(site), "--json", str(tmp_path)])
     assert folder.exit_code == 2 and "it is a folder" in folder.output

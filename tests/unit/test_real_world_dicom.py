@@ -68,16 +68,33 @@ def test_every_file_alone_is_ingested_or_reported(tmp_path: Path) -> None:
     assert outcomes["ingested"] + outcomes["reported"] == len(FILES)
     assert outcomes["ingested"] >= 70 and outcomes["reported"] >= 120
     # greyscale images in every transfer syntax the plugins decode, multi-frame and MONOCHROME1
-    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                 "MR_small_bigendian.dcm", "693_J2KR.dcm", "693_J2KI.dcm", "JPEG-LL.dcm",
-                 "JPGLosslessP14SV1_1s_1f_8b.dcm", "emri_small_jpeg_2k_lossless.dcm", "eCT_Supplemental.dcm",
-                 "MR2_J2KR.dcm", "RG1_J2KR.dcm"):
+    for name in (
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "693_J2KR.dcm",
+        "693_J2KI.dcm",
+        "JPEG-LL.dcm",
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "eCT_Supplemental.dcm",
+        "MR2_J2KR.dcm",
+        "RG1_J2KR.dcm",
+    ):
         assert name in ingested, name
     for name in ("DICOMDIR", "rtplan.dcm", "test-SR.dcm", "SC_rgb.dcm", "JPEG-lossy.dcm"):
         assert name not in ingested, name
-    for reason in ("not a DICOM file", "a DICOMDIR (a media index, not an image)",
-                   "not an image (no pixel data)", "colour image (RGB)", "not an image to train on",
-                   "pixel data could not be decoded", "DICOM SEG for a series that is not among the images"):
+    for reason in (
+        "not a DICOM file",
+        "a DICOMDIR (a media index, not an image)",
+        "not an image (no pixel data)",
+        "colour image (RGB)",
+        "not an image to train on",
+        "pixel data could not be decoded",
+        "DICOM SEG for a series that is not among the images",
+    ):
         assert reasons_seen[reason.split(":")[0]] > 0, reason
 
 
@@ -99,8 +116,16 @@ def test_the_whole_corpus_as_one_export(tmp_path: Path) -> None:
     assert len(dups) >= 10
 
 
-@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
-                                  "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+    ],
+)
 def test_lossless_syntaxes_decode_to_the_same_values(tmp_path: Path, name: str) -> None:
     def values(fname: str) -> object:
         images = tmp_path / fname / "images"
@@ -112,7 +137,9 @@ def test_lossless_syntaxes_decode_to_the_same_values(tmp_path: Path, name: str) 
         assert ok.all()
         return pixels
 
-    assert (values(name) == values("MR_small_implicit.dcm" if name == "MR_small.dcm" else "MR_small.dcm")).all()
+    assert (
+        values(name) == values("MR_small_implicit.dcm" if name == "MR_small.dcm" else "MR_small.dcm")
+    ).all()
 
 
 def test_direct_reads_of_uncompressed_files_match_pydicom(tmp_path: Path) -> None:

@@ -24,8 +24,15 @@ EMBEDDED = "data:image/png;base64,"
 
 
 def seg_row(dice: float, n: int) -> dict[str, Any]:
-    return {"dice": dice, "iou": dice * 0.8, "hd95": 10.0 - 5 * dice, "lesion_sensitivity": dice,
-            "lesion_fp_per_image": 0.5, "loss": 1.0 - dice, "num_examples": n}
+    return {
+        "dice": dice,
+        "iou": dice * 0.8,
+        "hd95": 10.0 - 5 * dice,
+        "lesion_sensitivity": dice,
+        "lesion_fp_per_image": 0.5,
+        "loss": 1.0 - dice,
+        "num_examples": n,
+    }
 
 
 def build_report(strategy: str = "fedbn") -> dict[str, Any]:
@@ -43,35 +50,68 @@ def build_report(strategy: str = "fedbn") -> dict[str, Any]:
         "global": {s: cell(0.70 + 0.02 * i) for i, s in enumerate(SITES)},
         "pooled": {s: cell(0.80 + 0.01 * i) for i, s in enumerate(SITES)},
     }
-    for i, s in enumerate(SITES):
+    for s in SITES:
         cross[f"local:{s}"] = {t: cell(0.60 if t == s else 0.30 + 0.01 * j) for j, t in enumerate(SITES)}
         cross[f"personalized:{s}"] = {t: cell(0.75 if t == s else None) for t in SITES}
     cross["local:site-c"]["site-c"] = cell(0.912)  # site-c does better alone
     gain = {s: round(0.75 - cross[f"local:{s}"][s]["dice"], 6) for s in SITES}  # type: ignore[operator]
     return {
-        "fedscan_version": "0.1.0", "status": "complete", "task": "segmentation", "model": "unet",
-        "strategy": strategy, "secagg": False, "rounds": 3, "rounds_completed": 3, "seed": 0,
-        "sites": SITES, "started": "2025-01-01T00:00:00+00:00", "updated": "2025-01-01T00:10:00+00:00",
-        "metrics": {"main": "dice", "names": list(metrics), "mean": "unweighted over sites",
-                    "undefined": "null", "hd95_unit": "mm"},
+        "fedscan_version": "0.1.0",
+        "status": "complete",
+        "task": "segmentation",
+        "model": "unet",
+        "strategy": strategy,
+        "secagg": False,
+        "rounds": 3,
+        "rounds_completed": 3,
+        "seed": 0,
+        "sites": SITES,
+        "started": "2025-01-01T00:00:00+00:00",
+        "updated": "2025-01-01T00:10:00+00:00",
+        "metrics": {
+            "main": "dice",
+            "names": list(metrics),
+            "mean": "unweighted over sites",
+            "undefined": "null",
+            "hd95_unit": "mm",
+        },
         "history": history,
         "final": summarize(history[-1]["per_site"]),
         "cross_site": cross,
         "federated_gain": gain,
         "federated_gain_model": {s: f"personalized:{s}" for s in SITES},
-        "baselines": {"steps_per_site": {s: 100 + 10 * i for i, s in enumerate(SITES)}, "pooled_steps": 460,
-                      "note": "same optimizer and epochs as the federated run"},
-        "quality": {s: {"snr": 12.5 + i, "quality_factor": 0.9 - 0.1 * i, "weight_share": 0.25,
-                        "train_images": 40 + i} for i, s in enumerate(SITES)},
-        "strategy_comparison": {"fedavg": {s: 0.70 + 0.01 * i for i, s in enumerate(SITES)},
-                                "fedbn": {s: 0.75 for s in SITES}},
+        "baselines": {
+            "steps_per_site": {s: 100 + 10 * i for i, s in enumerate(SITES)},
+            "pooled_steps": 460,
+            "note": "same optimizer and epochs as the federated run",
+        },
+        "quality": {
+            s: {
+                "snr": 12.5 + i,
+                "quality_factor": 0.9 - 0.1 * i,
+                "weight_share": 0.25,
+                "train_images": 40 + i,
+            }
+            for i, s in enumerate(SITES)
+        },
+        "strategy_comparison": {
+            "fedavg": {s: 0.70 + 0.01 * i for i, s in enumerate(SITES)},
+            "fedbn": {s: 0.75 for s in SITES},
+        },
     }
 
 
 def test_write_report_files_writes_all_files_and_figures(tmp_path: Path) -> None:
     written = write_report_files(tmp_path, build_report())
-    names = ["report.json", "per_site.csv", "report.md", "report.html",
-             "figures/curves.png", "figures/cross_site.png", "figures/quality.png"]
+    names = [
+        "report.json",
+        "per_site.csv",
+        "report.md",
+        "report.html",
+        "figures/curves.png",
+        "figures/cross_site.png",
+        "figures/quality.png",
+    ]
     for name in names:
         assert (tmp_path / name).is_file(), name
     assert sorted(written) == sorted(tmp_path / n for n in names)
@@ -94,11 +134,20 @@ def test_html_is_self_contained_and_embeds_each_figure(tmp_path: Path) -> None:
     # the embedded images are the figures written to figures/
     srcs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert sorted(base64.b64decode(s) for s in srcs) == sorted(
-        (tmp_path / "figures" / n).read_bytes() for n in ("curves.png", "cross_site.png", "quality.png"))
+        (tmp_path / "figures" / n).read_bytes() for n in ("curves.png", "cross_site.png", "quality.png")
+    )
     heatmap = re.search(r'<img id="cross-site-heatmap" src="data:image/png;base64,([^"]+)"', page)
-    assert heatmap and base64.b64decode(heatmap.group(1)) == (tmp_path / "figures/cross_site.png").read_bytes()
-    for heading in ("Final personalized models (FedBN", "Cross-site evaluation", "Federated gain per site", "Site quality",
-                    "Baselines", "Strategy comparison"):
+    assert (
+        heatmap and base64.b64decode(heatmap.group(1)) == (tmp_path / "figures/cross_site.png").read_bytes()
+    )
+    for heading in (
+        "Final personalized models (FedBN",
+        "Cross-site evaluation",
+        "Federated gain per site",
+        "Site quality",
+        "Baselines",
+        "Strategy comparison",
+    ):
         assert heading in page
 
 
@@ -131,13 +180,19 @@ def test_md_cross_site_table_holds_the_heatmap_values(tmp_path: Path) -> None:
     section = md.split("## Cross-site evaluation", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     header, body = rows[0], rows[1:]
-    assert header == "| model | site-a | site-b | site-c | &lt;b&gt;bold&lt;/b&gt; | mean |"  # no raw HTML in report.md
+    assert (
+        header == "| model | site-a | site-b | site-c | &lt;b&gt;bold&lt;/b&gt; | mean |"
+    )  # no raw HTML in report.md
     order = [html.unescape(r.split(" | ")[0][2:]) for r in body]
-    assert order == ["global", *(f"personalized:{s}" for s in sorted(SITES)), "pooled",
-                     *(f"local:{s}" for s in sorted(SITES))]
+    assert order == [
+        "global",
+        *(f"personalized:{s}" for s in sorted(SITES)),
+        "pooled",
+        *(f"local:{s}" for s in sorted(SITES)),
+    ]
     # the values the heatmap writes in its cells, as the table shows them
     models, sites, values = cross_site_table(rep)
-    for model, row in zip(models, values):
+    for model, row in zip(models, values, strict=True):
         line = next(r for r in body if html.unescape(r).startswith(f"| {model} |"))
         cells = line.strip("| ").split(" | ")[1:-1]
         assert cells == ["n/a" if v is None else f"{v:.3f}" for v in row]
@@ -151,8 +206,14 @@ def test_md_cross_site_table_holds_the_heatmap_values(tmp_path: Path) -> None:
 
 def test_report_without_optional_keys_is_unchanged(tmp_path: Path) -> None:
     rep = build_report()
-    for key in ("cross_site", "federated_gain", "federated_gain_model", "baselines", "quality",
-                "strategy_comparison"):
+    for key in (
+        "cross_site",
+        "federated_gain",
+        "federated_gain_model",
+        "baselines",
+        "quality",
+        "strategy_comparison",
+    ):
         rep.pop(key)
     written = write_report_files(tmp_path, rep)
     md = (tmp_path / "report.md").read_text()
@@ -163,8 +224,9 @@ def test_report_without_optional_keys_is_unchanged(tmp_path: Path) -> None:
     assert (tmp_path / "report.html").read_text().count(EMBEDDED) == 1
 
 
-def test_figure_failure_still_writes_the_other_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_figure_failure_still_writes_the_other_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(rep: dict[str, Any]) -> bytes:
         raise RuntimeError("no canvas today")
 
@@ -201,8 +263,14 @@ def _output(result: Any) -> str:
 def test_report_command_regenerates_files(tmp_path: Path) -> None:
     write_report_files(tmp_path, build_report())
     before = (tmp_path / "report.json").read_bytes()
-    derived = ["report.md", "per_site.csv", "report.html", "figures/curves.png", "figures/cross_site.png",
-               "figures/quality.png"]
+    derived = [
+        "report.md",
+        "per_site.csv",
+        "report.html",
+        "figures/curves.png",
+        "figures/cross_site.png",
+        "figures/quality.png",
+    ]
     md = (tmp_path / "report.md").read_text()
     for name in derived:
         (tmp_path / name).unlink()

@@ -23,13 +23,12 @@ NODES = [1, 2, 3]
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-
-
 def _initial() -> ArrayRecord:
     gen = torch.Generator().manual_seed(0)
     # "s" is 0-d, as BatchNorm's buffers can be: Flower's optimizer state then holds numpy scalars
-    return ArrayRecord({"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen),
-                        "s": torch.tensor(0.5)})
+    return ArrayRecord(
+        {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen), "s": torch.tensor(0.5)}
+    )
 
 
 def _rounds(strategy: PerSiteEvaluation, arrays: ArrayRecord, n: int) -> tuple[ArrayRecord, list[int]]:
@@ -45,10 +44,17 @@ def _rounds(strategy: PerSiteEvaluation, arrays: ArrayRecord, n: int) -> tuple[A
             server_round = int(msg.content["config"]["server-round"])
             told.append(server_round)
             gen = torch.Generator().manual_seed(1000 * server_round + i)
-            local = {k: torch.from_numpy(v.numpy().copy()) + 0.1 * torch.randn(v.shape, generator=gen) * (i + 1)
-                     for k, v in msg.content["arrays"].items()}
-            content = RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord({"num-examples": 10 * (i + 1)}),
-                                  "site": ConfigRecord({"name": f"site-{i}"})})
+            local = {
+                k: torch.from_numpy(v.numpy().copy()) + 0.1 * torch.randn(v.shape, generator=gen) * (i + 1)
+                for k, v in msg.content["arrays"].items()
+            }
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord(local),
+                    "metrics": MetricRecord({"num-examples": 10 * (i + 1)}),
+                    "site": ConfigRecord({"name": f"site-{i}"}),
+                }
+            )
             replies.append(Message(content, reply_to=msg))
         new, _ = strategy.aggregate_train(flower_round, replies)
         assert new is not None
@@ -115,14 +121,17 @@ def _stopped_run(tmp_path: Path, rounds: int, last: int | None, data_root: Path 
     return out
 
 
-@pytest.mark.parametrize(("setup", "args", "message"), [
-    ("missing", [], "cannot resume: {out} does not exist"),
-    ("no-checkpoint", [], "has no checkpoint (it stopped before its first round ended)"),
-    ("complete", [], "is already complete: its last checkpoint is of round 4 of 4"),
-    ("no-data", [], "its data_root {tmp}/gone is missing"),
-    ("corrupt", [], "cannot read the checkpoint {out}/checkpoints/round-002.pt"),
-    ("round-2", ["--rounds", "6", "--lr", "0.1"], "it takes no other options (got --rounds, --lr)"),
-])
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        ("missing", [], "cannot resume: {out} does not exist"),
+        ("no-checkpoint", [], "has no checkpoint (it stopped before its first round ended)"),
+        ("complete", [], "is already complete: its last checkpoint is of round 4 of 4"),
+        ("no-data", [], "its data_root {tmp}/gone is missing"),
+        ("corrupt", [], "cannot read the checkpoint {out}/checkpoints/round-002.pt"),
+        ("round-2", ["--rounds", "6", "--lr", "0.1"], "it takes no other options (got --rounds, --lr)"),
+    ],
+)
 def test_resume_refusals(setup: str, args: list[str], message: str, tmp_path: Path) -> None:
     if setup == "missing":
         out = tmp_path / "out"
@@ -143,4 +152,6 @@ def test_resume_refusals(setup: str, args: list[str], message: str, tmp_path: Pa
     assert result.exit_code == 2, result.output
     flat = "".join(result.output.split())  # rich wraps long lines, paths too
     assert "".join(message.format(out=out.resolve(), tmp=tmp_path.resolve()).split()) in flat
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed
+    assert (
+        sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    )  # nothing written or removed

@@ -46,8 +46,9 @@ def seg(dice: float, n: int = 12) -> dict[str, float]:
     return {"dice": dice, "iou": dice / 2, "hd95": 5.0, "loss": 1 - dice, "num-examples": n}
 
 
-def make(tmp_path: Path, ledger: Ledger, rounds: int = 2,
-         **kw: object) -> tuple[RunRounds, list[RunEvent], Clock]:
+def make(
+    tmp_path: Path, ledger: Ledger, rounds: int = 2, **kw: object
+) -> tuple[RunRounds, list[RunEvent], Clock]:
     cfg = AppConfig(run=RunConfig(rounds=rounds, output=tmp_path), site_names=["a", "b"])
     events: list[RunEvent] = []
     clock = Clock()
@@ -80,8 +81,12 @@ def test_two_rounds_make_the_history_the_report_the_checkpoints_and_the_events(t
     first, second = rounds.history
     assert first["timing"]["round_seconds"] == 8.5  # 10 s less the 1.5 s spent waiting for sites
     assert first["timing"]["slowest_compute_seconds"] == 5.0
-    assert first["aggregation"] == {"secure": False, "records_seen_by_strategy": 2, "sites_aggregated": 2,
-                                    "rejected": {}}
+    assert first["aggregation"] == {
+        "secure": False,
+        "records_seen_by_strategy": 2,
+        "sites_aggregated": 2,
+        "rejected": {},
+    }
     assert second["missing_sites"] == ["b"]
     assert second["aggregation"]["rejected"] == {"b": "its update holds NaN or infinite values"}
     assert second["aggregation"]["weight_share"] == {"a": 1.0}
@@ -97,7 +102,11 @@ def test_two_rounds_make_the_history_the_report_the_checkpoints_and_the_events(t
     ]
     reports = [e.report for e in events if isinstance(e, ReportUpdated)]
     assert [(r.status, r.rounds_completed) for r in reports] == [
-        ("running", 0), ("running", 1), ("running", 2), ("complete", 2)]
+        ("running", 0),
+        ("running", 1),
+        ("running", 2),
+        ("complete", 2),
+    ]
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == reports[-1].as_dict()  # what `fedscan run` writes is what the ServerApp wrote
     assert on_disk["final"]["per_site"]["a"]["dice"] == 0.6
@@ -106,16 +115,18 @@ def test_two_rounds_make_the_history_the_report_the_checkpoints_and_the_events(t
 def test_a_resumed_run_counts_on_from_its_checkpoint(tmp_path: Path) -> None:
     ledger = Ledger(round_offset=2)
     rounds, events, _ = make(tmp_path, ledger, rounds=3)
-    earlier = [{"round": r, "per_site": {"a": {"dice": 0.1, "num_examples": 12}, "c": {"dice": 0.2}}}
-               for r in (1, 2)]
+    earlier = [
+        {"round": r, "per_site": {"a": {"dice": 0.1, "num_examples": 12}, "c": {"dice": 0.2}}} for r in (1, 2)
+    ]
     rounds.resume(earlier)
     assert rounds.recorder.sites == ["a", "b", "c"]  # c took part before the stop
     rounds.start(2, tmp_path / "checkpoints" / "round-002.pt")
     ledger.site_history[3] = {"a": seg(0.5), "b": seg(0.5), "c": seg(0.5)}
     rounds.finish(1, lambda r: None)  # Flower's first round of the resumed run is the run's third
     assert [h["round"] for h in rounds.history] == [1, 2, 3]
-    assert events[0] == RunStarted(sites=2, rounds=3, resumed_after=2,
-                                   checkpoint=str(tmp_path / "checkpoints" / "round-002.pt"))
+    assert events[0] == RunStarted(
+        sites=2, rounds=3, resumed_after=2, checkpoint=str(tmp_path / "checkpoints" / "round-002.pt")
+    )
     assert isinstance(events[-1], RoundFinished) and events[-1].round == 3
 
 
@@ -123,8 +134,12 @@ def test_secure_aggregation_counts_the_sites_in_the_sum(tmp_path: Path) -> None:
     ledger = Ledger(site_history={1: {"a": seg(0.3), "b": seg(0.3)}}, train_records={1: 1})
     rounds, _, _ = make(tmp_path, ledger, sites_aggregated={1: 2})
     rounds.finish(1, lambda r: None)
-    assert rounds.history[0]["aggregation"] == {"secure": True, "records_seen_by_strategy": 1,
-                                                "sites_aggregated": 2, "rejected": {}}
+    assert rounds.history[0]["aggregation"] == {
+        "secure": True,
+        "records_seen_by_strategy": 1,
+        "sites_aggregated": 2,
+        "rejected": {},
+    }
 
 
 def test_a_round_without_evaluations_fails_the_run_and_says_why(tmp_path: Path) -> None:

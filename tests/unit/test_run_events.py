@@ -38,10 +38,15 @@ from fedscan.server.report import RunRecorder, load_report, write_report_files
 def _report(tmp_path: Path) -> dict:
     cfg = AppConfig(run=RunConfig(rounds=2, output=tmp_path), site_names=["a", "b"])
     rec = RunRecorder(tmp_path, cfg)
-    rec.record_round(1, {"a": {"dice": 0.25, "iou": 0.1, "hd95": float("nan"), "loss": 1.0,
-                               "num-examples": 12},
-                         "b": {"dice": 0.5, "loss": 0.7, "num-examples": 24}},
-                     timing={"round_seconds": 3.5}, aggregation={"secure": False, "rejected": {}})
+    rec.record_round(
+        1,
+        {
+            "a": {"dice": 0.25, "iou": 0.1, "hd95": float("nan"), "loss": 1.0, "num-examples": 12},
+            "b": {"dice": 0.5, "loss": 0.7, "num-examples": 24},
+        },
+        timing={"round_seconds": 3.5},
+        aggregation={"secure": False, "rejected": {}},
+    )
     rec.record_round(2, {"a": {"dice": 0.75, "num-examples": 12}})
     return rec.report("running")
 
@@ -88,8 +93,15 @@ def test_what_a_user_sees_of_each_event() -> None:
 
 
 def test_other_output_is_no_event() -> None:
-    for line in ["", "INFO :      Starting logstream for run_id `12`", "{not json", "[1, 2]", '{"a": 1}',
-                 "round 1/2 done: mean dice 0.5", "(ClientAppActor pid=7) {\"x\": 1}"]:
+    for line in [
+        "",
+        "INFO :      Starting logstream for run_id `12`",
+        "{not json",
+        "[1, 2]",
+        '{"a": 1}',
+        "round 1/2 done: mean dice 0.5",
+        '(ClientAppActor pid=7) {"x": 1}',
+    ]:
         assert decode(line) is None, line
 
 
@@ -147,7 +159,7 @@ def test_a_process_s_events_are_found_among_its_other_output(tmp_path: Path) -> 
         "print('INFO :      Starting logstream', flush=True)\n"
         "sys.stdout.write('(ClientAppActor pid=1) partial line without its end')\n"
         "write_event(RunStarted(sites=2, rounds=1))\n"
-        "print('{\"fedscan_event\": \"round_finished\"}', flush=True)\n"
+        'print(\'{"fedscan_event": "round_finished"}\', flush=True)\n'
         "write_event(RoundFinished(round=1, rounds=1, metric='dice', mean=0.5, per_site={'a': 0.5}))\n"
     )
     got: list[RunEvent] = []
@@ -156,8 +168,9 @@ def test_a_process_s_events_are_found_among_its_other_output(tmp_path: Path) -> 
     with FlowerProcess(cmd, dict(os.environ), log_path, event_reader(got.append)) as proc:
         assert proc.wait() == 0
         proc.stop()
-    assert got == [RunStarted(sites=2, rounds=1),
-                   RoundFinished(round=1, rounds=1, metric="dice", mean=0.5, per_site={"a": 0.5})]
+    assert got == [
+        RunStarted(sites=2, rounds=1),
+        RoundFinished(round=1, rounds=1, metric="dice", mean=0.5, per_site={"a": 0.5}),
+    ]
     text = log_path.read_text()
     assert "Starting logstream" in text and "partial line without its end" in text
-

@@ -69,14 +69,23 @@ def _trained(nid: int) -> dict[str, torch.Tensor]:
 def _plaintext(survivors: list[int]) -> dict[str, np.ndarray]:
     """The example-weighted mean of the survivors' models; integer buffers stay global."""
     w = np.array([COUNTS[n] for n in survivors], dtype=np.float64)
-    return {k: (sum(wi * _trained(n)[k].double().numpy() for wi, n in zip(w, survivors, strict=True)) / w.sum()
-                if g.is_floating_point() else g.double().numpy())
-            for k, g in _global().items()}
+    return {
+        k: (
+            sum(wi * _trained(n)[k].double().numpy() for wi, n in zip(w, survivors, strict=True)) / w.sum()
+            if g.is_floating_point()
+            else g.double().numpy()
+        )
+        for k, g in _global().items()
+    }
 
 
 def _within(secure: np.ndarray, plain: np.ndarray, tol: float) -> bool:
     """Within the bound, plus the rounding of both to the model's float32."""
-    return bool(np.all(np.abs(secure.astype(np.float64) - plain) <= tol + np.spacing(np.abs(plain).astype(np.float32))))
+    return bool(
+        np.all(
+            np.abs(secure.astype(np.float64) - plain) <= tol + np.spacing(np.abs(plain).astype(np.float32))
+        )
+    )
 
 
 class WireGrid:
@@ -88,8 +97,9 @@ class WireGrid:
         self.drop = drop
         self.broken = broken  # sites whose training ends with NaN weights
         self.dead: set[int] = set()
-        self.state = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                      for n in NODES}
+        self.state = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in NODES
+        }
         self.sent = 0
 
     def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
@@ -109,7 +119,11 @@ class WireGrid:
                 model.load_state_dict(_trained(nid))
                 if nid in self.broken:
                     model[0].weight.data[0, 0] = float("nan")
-                return model, {"num-examples": COUNTS[nid], "train_loss": nid % 7 / 10, COMPUTE_SECONDS: nid % 5}, "x"
+                return (
+                    model,
+                    {"num-examples": COUNTS[nid], "train_loss": nid % 7 / 10, COMPUTE_SECONDS: nid % 5},
+                    "x",
+                )
 
             try:
                 reply = secure_train(msg, self.state[nid], train, lambda: list(_global()))
@@ -124,15 +138,28 @@ def _run(drop: dict[int, str], threshold: int = 3):
     run = RunConfig(secagg=True)
     plan = run.secagg_plan(len(NODES))._replace(threshold=threshold)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    return secure_train_round(WireGrid(drop), ctx, 1, ArrayRecord(_global()), ConfigRecord({"lr": 0.1}),
-                              make_workflow(run, plan, len(NODES)), NODES), run, plan
+    return (
+        secure_train_round(
+            WireGrid(drop),
+            ctx,
+            1,
+            ArrayRecord(_global()),
+            ConfigRecord({"lr": 0.1}),
+            make_workflow(run, plan, len(NODES)),
+            NODES,
+        ),
+        run,
+        plan,
+    )
 
 
 def _check_equals_plaintext(delta: ArrayRecord, run: RunConfig, q_range: int, survivors: list[int]) -> None:
     g = {k: v.numpy() for k, v in _global().items()}
     secure = decode_aggregate(g, delta.to_numpy_ndarrays())
     plain = _plaintext(survivors)
-    tol = error_bound(run.secagg_clipping_range, q_range, run.secagg_max_weight, [COUNTS[n] for n in survivors])
+    tol = error_bound(
+        run.secagg_clipping_range, q_range, run.secagg_max_weight, [COUNTS[n] for n in survivors]
+    )
     assert tol < 1e-4  # the bound itself is tight at these settings
     for k, v in secure.items():
         if np.issubdtype(v.dtype, np.integer):  # num_batches_tracked: a step count, kept global
@@ -152,8 +179,15 @@ def _check_equals_plaintext(delta: ArrayRecord, run: RunConfig, q_range: int, su
         ({BIG: Stage.SETUP}, [11, 22, 33, 44]),
         ({BIG: Stage.UNMASK}, NODES),  # its masked vector arrived: it is in the sum
     ],
-    ids=["none", "after-key-sharing", "two-after-key-sharing", "during-key-sharing", "one-during-one-after",
-         "at-setup", "at-unmasking"],
+    ids=[
+        "none",
+        "after-key-sharing",
+        "two-after-key-sharing",
+        "during-key-sharing",
+        "one-during-one-after",
+        "at-setup",
+        "at-unmasking",
+    ],
 )
 def test_the_aggregate_is_the_survivors_plaintext_mean(drop: dict[int, str], survivors: list[int]) -> None:
     (delta, n, metrics), run, plan = _run(drop)
@@ -167,8 +201,15 @@ def test_the_aggregate_is_the_survivors_plaintext_mean(drop: dict[int, str], sur
 def test_a_nan_update_stays_at_its_site_and_the_round_completes_without_it() -> None:
     run = RunConfig(secagg=True)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    delta, n, metrics = secure_train_round(WireGrid({}, broken=frozenset({33})), ctx, 1, ArrayRecord(_global()),
-                                           ConfigRecord({}), make_workflow(run, run.secagg_plan(5), 5), NODES)
+    delta, n, metrics = secure_train_round(
+        WireGrid({}, broken=frozenset({33})),
+        ctx,
+        1,
+        ArrayRecord(_global()),
+        ConfigRecord({}),
+        make_workflow(run, run.secagg_plan(5), 5),
+        NODES,
+    )
     survivors = [11, 22, 44, BIG]
     assert delta is not None and n == sum(COUNTS[s] for s in survivors) and len(metrics) == 4
     _check_equals_plaintext(delta, run, run.secagg_plan(5).quantization_range, survivors)
@@ -181,13 +222,21 @@ def test_below_the_threshold_the_round_fails_cleanly() -> None:
     # through the Grid the strategy sees: no reply at all, so the global model stays as it was
     said: list[str] = []
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    grid = SecureTrainGrid(WireGrid({k: Stage.COLLECT_MASKED_VECTORS for k in (22, 44, BIG)}), ctx,
-                           RunConfig(secagg=True), progress=lambda msg, *args: said.append(msg % args))
+    grid = SecureTrainGrid(
+        WireGrid({k: Stage.COLLECT_MASKED_VECTORS for k in (22, 44, BIG)}),
+        ctx,
+        RunConfig(secagg=True),
+        progress=lambda msg, *args: said.append(msg % args),
+    )
     content = RecordDict({"arrays": ArrayRecord(_global()), "config": ConfigRecord({"server-round": 3})})
     msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in NODES]
-    assert list(grid.send_and_receive(msgs)) == [] and grid.sites_aggregated == {3: 0} and grid.aggregates == {}
-    assert said == ["round 3: secure aggregation did not complete: fewer than 3 sites took part to the end; "
-                    "the global model is unchanged"]
+    assert (
+        list(grid.send_and_receive(msgs)) == [] and grid.sites_aggregated == {3: 0} and grid.aggregates == {}
+    )
+    assert said == [
+        "round 3: secure aggregation did not complete: fewer than 3 sites took part to the end; "
+        "the global model is unchanged"
+    ]
 
 
 def test_stock_flower_loses_the_round_when_a_site_leaves_during_key_sharing(monkeypatch) -> None:  # noqa: ANN001
@@ -217,8 +266,12 @@ def test_the_strategy_gets_one_reply_the_secure_aggregate() -> None:
     run = RunConfig(secagg=True)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     said: list[str] = []
-    grid = SecureTrainGrid(WireGrid({BIG: Stage.COLLECT_MASKED_VECTORS}), ctx, run,
-                           progress=lambda msg, *args: said.append(msg % args))
+    grid = SecureTrainGrid(
+        WireGrid({BIG: Stage.COLLECT_MASKED_VECTORS}),
+        ctx,
+        run,
+        progress=lambda msg, *args: said.append(msg % args),
+    )
     content = RecordDict({"arrays": ArrayRecord(_global()), "config": ConfigRecord({"server-round": 1})})
     msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in NODES]
     replies = list(grid.send_and_receive(msgs))
@@ -235,8 +288,12 @@ def test_the_strategy_gets_one_reply_the_secure_aggregate() -> None:
     # the reply carries the new global weights: the old ones plus the aggregated delta
     arrays = reply.content["arrays"].to_torch_state_dict()
     plain = _plaintext(survivors)
-    tol = error_bound(run.secagg_clipping_range, run.secagg_plan(5).quantization_range, run.secagg_max_weight,
-                      [COUNTS[s] for s in survivors])
+    tol = error_bound(
+        run.secagg_clipping_range,
+        run.secagg_plan(5).quantization_range,
+        run.secagg_max_weight,
+        [COUNTS[s] for s in survivors],
+    )
     for k, v in arrays.items():
         if v.is_floating_point():
             assert _within(v.double().numpy(), plain[k], tol), k
@@ -269,7 +326,12 @@ def test_encoding_flattens_keeps_counters_global_and_counts_clipping() -> None:
     # Flower scales by the weight ratio before clipping: a small site's large delta may still fit
     assert encode_update(g, local, clip=8.0, weight_ratio=0.5)[1] == pytest.approx(1 / 7)  # 20·0.5 only
     back = decode_aggregate({"w": g[0], "n": g[1]}, enc)
-    assert np.array_equal(back["w"], local[0]) and back["n"] == 5 and back["n"].dtype == np.int64 and back["n"].shape == ()
+    assert (
+        np.array_equal(back["w"], local[0])
+        and back["n"] == 5
+        and back["n"].dtype == np.int64
+        and back["n"].shape == ()
+    )
     with pytest.raises(ValueError, match="shape"):
         encode_update(g, [np.zeros(6, np.float32), local[1]], clip=8.0, weight_ratio=1.0)
     with pytest.raises(ValueError, match="NaN or infinite"):  # never into the masked sum
@@ -297,9 +359,13 @@ def test_secagg_plan_makes_flower_accept_its_parameters() -> None:
         RunConfig(secagg=True, sites=1)
 
 
-@pytest.mark.parametrize(("name", "amplification"), [("FedAvg", 1.0), ("FedAvgM", 1.0), ("FedProx", 1.0),
-                                                     ("FedAdam", 10.0), ("FedYogi", 10.0)])
-def test_message_api_strategies_run_unchanged_on_the_secure_aggregate(name: str, amplification: float) -> None:
+@pytest.mark.parametrize(
+    ("name", "amplification"),
+    [("FedAvg", 1.0), ("FedAvgM", 1.0), ("FedProx", 1.0), ("FedAdam", 10.0), ("FedYogi", 10.0)],
+)
+def test_message_api_strategies_run_unchanged_on_the_secure_aggregate(
+    name: str, amplification: float
+) -> None:
     """One code path: Flower's Message-API strategies configure the round and aggregate what the
     SecAgg+ Grid returns, as they would the sites' own replies. Their new global model matches
     the same strategy fed the plaintext replies, within the quantization bound (times what a
@@ -324,13 +390,25 @@ def test_message_api_strategies_run_unchanged_on_the_secure_aggregate(name: str,
     for i, m in enumerate(msgs):
         m.metadata.__dict__["_message_id"] = f"p{i}"
         n = m.metadata.dst_node_id
-        sent = {k: v if v.is_floating_point() else _global()[k] for k, v in _trained(n).items()}  # as the ClientApp
-        replies.append(Message(RecordDict({"arrays": ArrayRecord(sent),
-                                           "metrics": MetricRecord({"num-examples": COUNTS[n]})}), reply_to=m))
+        sent = {
+            k: v if v.is_floating_point() else _global()[k] for k, v in _trained(n).items()
+        }  # as the ClientApp
+        replies.append(
+            Message(
+                RecordDict(
+                    {"arrays": ArrayRecord(sent), "metrics": MetricRecord({"num-examples": COUNTS[n]})}
+                ),
+                reply_to=m,
+            )
+        )
     plain_arrays, _ = plain.aggregate_train(1, replies)
 
-    tol = amplification * error_bound(run.secagg_clipping_range, run.secagg_plan(5).quantization_range,
-                                      run.secagg_max_weight, list(COUNTS.values()))
+    tol = amplification * error_bound(
+        run.secagg_clipping_range,
+        run.secagg_plan(5).quantization_range,
+        run.secagg_max_weight,
+        list(COUNTS.values()),
+    )
     a, b = secure_arrays.to_torch_state_dict(), plain_arrays.to_torch_state_dict()
     moved = 0.0
     for k, g in _global().items():
@@ -357,16 +435,28 @@ def test_what_a_site_sends_under_secagg_is_what_the_readme_lists() -> None:
 
     run = RunConfig(secagg=True)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    secure_train_round(Recording({}), ctx, 1, ArrayRecord(_global()), ConfigRecord({}),
-                       make_workflow(run, run.secagg_plan(5), 5), NODES)
+    secure_train_round(
+        Recording({}),
+        ctx,
+        1,
+        ArrayRecord(_global()),
+        ConfigRecord({}),
+        make_workflow(run, run.secagg_plan(5), 5),
+        NODES,
+    )
     expected = [
         {"secaggplus_configs": ["pk1", "pk2"]},
         {"secaggplus_configs": ["ctxts", "dsts"]},
-        {"fitres.metrics": ["compute_seconds", "secagg_clipped", "train_loss"], "fitres.num_examples": ["num_examples"],
-         "fitres.parameters": [], "fitres.status": ["code", "message"], "secaggplus_configs": ["masked_params"]},
+        {
+            "fitres.metrics": ["compute_seconds", "secagg_clipped", "train_loss"],
+            "fitres.num_examples": ["num_examples"],
+            "fitres.parameters": [],
+            "fitres.status": ["code", "message"],
+            "secaggplus_configs": ["masked_params"],
+        },
         {"secaggplus_configs": ["nids", "shares"]},
     ]
     assert len(replies) == 4 * len(NODES)
     for stage, want in enumerate(expected):
-        for reply in replies[stage * len(NODES):(stage + 1) * len(NODES)]:
+        for reply in replies[stage * len(NODES) : (stage + 1) * len(NODES)]:
             assert {k: sorted(v.keys()) for k, v in reply.content.items()} == want, stage

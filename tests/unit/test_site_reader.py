@@ -56,8 +56,9 @@ def test_site_check_and_training_report_the_same_problems(damaged_site: SiteDir)
 
 
 @pytest.mark.parametrize("task_root", ["synth_root", "exam_root"])
-def test_workers_read_a_site_exactly_as_one_process(task_root: str, request: pytest.FixtureRequest,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_read_a_site_exactly_as_one_process(
+    task_root: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root: Path = request.getfixturevalue(task_root)
     site = SiteDir("hospital-a", root / "hospital-a")
     task = "segmentation" if task_root == "synth_root" else "classification"
@@ -75,8 +76,9 @@ def test_workers_read_a_site_exactly_as_one_process(task_root: str, request: pyt
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_site_check_with_workers_gives_the_same_report(damaged_site: SiteDir,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_site_check_with_workers_gives_the_same_report(
+    damaged_site: SiteDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(site_reader, "MIN_FILES_PER_WORKER", 1)
     one, ids_one = check_site_data(damaged_site.path, workers=1)
     two, ids_two = check_site_data(damaged_site.path, workers=2)

@@ -30,8 +30,17 @@ def test_files_are_valid_ct_dicom(synth_root: Path) -> None:
             assert UID(uid).is_valid
         assert ds.Modality == "CT"
         assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
-        for tag in ("RescaleSlope", "RescaleIntercept", "PixelSpacing", "ImagePositionPatient",
-                    "ImageOrientationPatient", "SliceThickness", "PatientName", "PatientID", "Manufacturer"):
+        for tag in (
+            "RescaleSlope",
+            "RescaleIntercept",
+            "PixelSpacing",
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "SliceThickness",
+            "PatientName",
+            "PatientID",
+            "Manufacturer",
+        ):
             assert tag in ds, tag
 
 
@@ -40,8 +49,15 @@ def test_sites_differ_like_hospitals(synth_root: Path) -> None:
     assert manifest is not None and [s.name for s in manifest.sites] == ["hospital-a", "hospital-b"]
     a, b = manifest.sites
     assert b.n_patients >= 5 * a.n_patients
-    for field in ("noise_hu", "blur_sigma_px", "hu_offset", "slice_thickness_mm", "manufacturer",
-                  "lesion_prevalence", "rescale_intercept"):
+    for field in (
+        "noise_hu",
+        "blur_sigma_px",
+        "hu_offset",
+        "slice_thickness_mm",
+        "manufacturer",
+        "lesion_prevalence",
+        "rescale_intercept",
+    ):
         assert getattr(a, field) != getattr(b, field), field
     assert [p.label_noise > 0 for p in make_profiles(4, 0)].count(True) == 1
     ds_a = pydicom.dcmread(list_files(synth_root / "hospital-a" / "images")[0])
@@ -52,10 +68,17 @@ def test_sites_differ_like_hospitals(synth_root: Path) -> None:
 
 def test_masks_align_with_lesions(tmp_path: Path) -> None:
     """With noise, blur and calibration off, the mask is exactly the lesion pixels."""
-    prof = make_profiles(3, 0)[0].model_copy(update={
-        "noise_hu": 0.0, "blur_sigma_px": 0.0, "hu_scale": 1.0, "hu_offset": 0.0,
-        "label_noise": 0.0, "lesion_prevalence": 1.0, "n_patients": 2,
-    })
+    prof = make_profiles(3, 0)[0].model_copy(
+        update={
+            "noise_hu": 0.0,
+            "blur_sigma_px": 0.0,
+            "hu_scale": 1.0,
+            "hu_offset": 0.0,
+            "label_noise": 0.0,
+            "lesion_prevalence": 1.0,
+            "n_patients": 2,
+        }
+    )
     write_site(tmp_path, prof, seed=3, site_index=0)
     site = tmp_path / prof.name
     scan = scan_site(site / "images")

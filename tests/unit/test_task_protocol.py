@@ -16,7 +16,7 @@ _METHODS = ("check_data", "train", "evaluate")
 
 def _parameters(fn: object, drop_self: bool) -> list[tuple[str, object, object]]:
     params = list(inspect.signature(fn).parameters.values())  # type: ignore[arg-type]
-    return [(p.name, p.kind, p.default) for p in params[1 if drop_self else 0:]]
+    return [(p.name, p.kind, p.default) for p in params[1 if drop_self else 0 :]]
 
 
 def test_every_task_the_config_allows_is_registered() -> None:
@@ -36,13 +36,23 @@ def test_each_registered_task_satisfies_the_protocol(name: str) -> None:
 
 
 def test_a_module_without_a_member_is_no_task() -> None:
-    members = {"METRICS": ("a",), "MAIN_METRIC": "a", "SCORES": (), "check_data": print, "train": print,
-               "evaluate": print}
+    members = {
+        "METRICS": ("a",),
+        "MAIN_METRIC": "a",
+        "SCORES": (),
+        "check_data": print,
+        "train": print,
+        "evaluate": print,
+    }
     assert isinstance(SimpleNamespace(**members), Task)
     for left_out in members:
-        assert not isinstance(SimpleNamespace(**{k: v for k, v in members.items() if k != left_out}), Task), left_out
+        assert not isinstance(SimpleNamespace(**{k: v for k, v in members.items() if k != left_out}), Task), (
+            left_out
+        )
 
 
 def test_an_unknown_task_is_a_clear_error() -> None:
-    with pytest.raises(FedscanError, match="unknown task 'restoration'; allowed: segmentation, classification"):
+    with pytest.raises(
+        FedscanError, match="unknown task 'restoration'; allowed: segmentation, classification"
+    ):
         get_task("restoration")
