@@ -245,7 +245,7 @@ def _segmentation(
         sel = np.flatnonzero(series == s)
         pred, truth, unc = preds[sel], masks[sel], entropy[sel]
         spacing = tuple(float(v) for v in np.asarray(data.spacing)[idx[sel][0]])
-        dice = segmentation.volume_metrics(pred, truth, spacing, cfg.num_classes)["dice"]  # type: ignore[arg-type]
+        dice = segmentation.volume_metrics(pred, truth, spacing, cfg.num_classes)["dice"]  # type: ignore[arg-type]  # spacing: numpy row
         # a series without lesion has no Dice: it is right when nothing is predicted either
         error = (1.0 - dice) if math.isfinite(dice) else float((pred > 0).any())
         ranked.append((error, float(unc.mean()), int(s), sel, dice))

@@ -198,7 +198,7 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
 
 def _number(value: object, default: float) -> float:
     try:
-        out = float(value)  # type: ignore[arg-type]
+        out = float(value)  # type: ignore[arg-type]  # any header value; what float() refuses is the default
     except (TypeError, ValueError):
         return default
     return out if np.isfinite(out) else default

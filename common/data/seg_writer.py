@@ -79,7 +79,7 @@ def _sources(hdr: SeriesHeader, labels: np.ndarray) -> tuple[list[Dataset], np.n
     if len(files) == 1:
         ds = pydicom.dcmread(files[0], stop_before_pixels=True)
         frames = np.zeros((int(ds.NumberOfFrames), *labels.shape[1:]), dtype=labels.dtype)
-        frames[[int(f) for f in hdr.frames]] = labels  # type: ignore[arg-type]
+        frames[[int(f) for f in hdr.frames]] = labels  # type: ignore[arg-type]  # frames are set here
         return [ds], frames
     raise ValueError(
         f"the series' slices come from {len(files)} multi-frame files; a SEG can reference "

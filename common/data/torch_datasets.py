@@ -31,7 +31,7 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = int(self.indices[i])
-        y = torch.from_numpy(np.array(self.data.masks[j], dtype=np.int64))[None]  # type: ignore[index]
+        y = torch.from_numpy(np.array(self.data.masks[j], dtype=np.int64))[None]  # type: ignore[index]  # __init__ checked masks
         return _image(self.data, j), y
 
 
@@ -50,7 +50,7 @@ class ImageDataset(Dataset):
         return int(self.samples.size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return _image(self.data, int(self.slice_of[i])), int(self.data.target[self.samples[i]])  # type: ignore[index]
+        return _image(self.data, int(self.slice_of[i])), int(self.data.target[self.samples[i]])  # type: ignore[index]  # labelled data
 
 
 class ExamDataset(Dataset):
@@ -68,4 +68,4 @@ class ExamDataset(Dataset):
         k = int(self.samples[i])
         idx = self.slices[k]
         x = torch.from_numpy(np.array(self.data.images[idx], dtype=np.float32))[:, None]
-        return x, int(self.data.target[k])  # type: ignore[index]
+        return x, int(self.data.target[k])  # type: ignore[index]  # slices_of() checked labels
