@@ -9,7 +9,6 @@ import typer
 from fedscan.common.cli import run_options as opt
 from fedscan.common.cli.root import app, console, user_errors
 from fedscan.common.cli.run_display import print_result, round_progress
-from fedscan.common.config import read_toml
 
 
 @app.command("run")
@@ -48,7 +47,7 @@ def run_cmd(
     """
     with user_errors():
         settings = opt.given_settings(ctx.params)
-        if secagg is None and not (config and "secagg" in read_toml(config)):
+        if secagg is None and not opt.config_sets(config, "secagg"):
             settings["secagg"] = True  # deployment: on unless the config or --no-secagg says otherwise
         cfg = opt.run_config(config, settings)
         from fedscan.server.coordinator import run_deployment

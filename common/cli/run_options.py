@@ -8,7 +8,16 @@ from typing import Any
 
 import typer
 
-from fedscan.common.config import MODELS, STRATEGIES, TASKS, RunConfig, load_run_config
+from fedscan.common.config import (
+    MODELS,
+    STRATEGIES,
+    TASKS,
+    RunConfig,
+    flat_settings,
+    load_run_config,
+    read_toml,
+)
+from fedscan.common.errors import FedscanError
 
 # The run settings the two commands take, by run-config key, and the flag that sets each: error
 # messages name the flag a user typed (`--out`, `--lr`), not the key.
@@ -61,6 +70,17 @@ def flags_of(keys: list[str]) -> str:
     """The flags behind these settings or options, as a user typed them."""
     other = {"config": CONFIG_FLAG, "overwrite": OVERWRITE_FLAG}
     return ", ".join(FLAGS.get(k) or other.get(k) or "--" + k.replace("_", "-") for k in keys)
+
+
+def config_sets(config: Path | None, key: str) -> bool:
+    """Whether the --config file sets ``key``, flat or in its group's table (a file that cannot be
+    read says no here: building the run config names the problem)."""
+    if config is None:
+        return False
+    try:
+        return key in flat_settings(read_toml(config))
+    except (ValueError, FedscanError):
+        return False
 
 
 def run_config(config: Path | None, settings: dict[str, Any]) -> RunConfig:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from fedscan.common.cli import app
 from fedscan.common.cli import run_options as opt
 from fedscan.common.cli.run_display import round_progress
+from fedscan.common.errors import FedscanError
 from fedscan.common.report_schema import RunReport
 from fedscan.common.run_events import ReportUpdated, RoundFinished, RunStarted
 
@@ -107,3 +108,47 @@ def test_the_progress_shows_each_event_s_text(capsys: pytest.CaptureFixture) -> 
     err = capsys.readouterr().err  # the bar and the lines are on stderr
     assert "run started: 2 sites, 2 rounds" in err and "round 1/2 done: mean dice 0.500 (a 0.500)" in err
     assert "fedscan_event" not in err
+
+
+@pytest.mark.parametrize(
+    ("toml", "flag", "secure"),
+    [
+        ("", [], True),  # deployment: on by default
+        ("secagg = false\n", [], False),
+        ("[secure_aggregation]\nenabled = false\n", [], False),  # the group's table says the same
+        ("[secure_aggregation]\nenabled = false\n", ["--secagg"], True),
+        ("", ["--no-secagg"], False),
+    ],
+)
+def test_run_turns_secure_aggregation_on_unless_told_otherwise(
+    toml: str, flag: list[str], secure: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedscan.common.config import RunConfig
+    from fedscan.server import coordinator
+
+    got: list[RunConfig] = []
+
+    def run_deployment(cfg: RunConfig, *args: object, **kwargs: object) -> dict:
+        got.append(cfg)
+        raise FedscanError("stopped here")
+
+    monkeypatch.setattr(coordinator, "run_deployment", run_deployment)
+    config = tmp_path / "run.toml"
+    config.write_text(toml)
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--superlink",
+            "h:1",
+            "--ca",
+            "ca.crt",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "out"),
+            *flag,
+        ],
+    )
+    assert res.exit_code == 2 and "stopped here" in res.output, res.output
+    assert got[0].secagg is secure
