@@ -217,7 +217,9 @@ def test_a_supernode_without_tls_cannot_connect(fed: Federation) -> None:
             start_new_session=True,
         )
         fed.procs["insecure"] = proc
-        time.sleep(12)
+        deadline = time.monotonic() + 60  # wait for its first failed attempt, not a fixed time
+        while "Connection attempt failed" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
     text = log.read_text()
     assert "Connection attempt failed" in text and "SuperNode ID" not in text
     stop_process_tree(proc)
