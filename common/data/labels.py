@@ -92,7 +92,12 @@ def _map_on_grid(data: np.ndarray, inv: np.ndarray, series: SeriesHeader) -> np.
 
     Voxel index = base_k + column * u + row * v: affine in the pixel indices, so it is enough to
     check that u, v and every base_k are integers (within a tolerance bound that accumulates
-    over the image) and that the four corners of every slice are inside the volume."""
+    over the image) and that the four corners of every slice are inside the volume.
+
+    Not highdicom's Volume.match_geometry, which does the same permute, flip and crop (0.4
+    against 2.3 ms here for 100 slices of 512x512): it needs evenly spaced slices (a series with
+    a gap is kept here), pads a mask that does not cover the series where this reports it, and
+    importing highdicom costs 0.24 s a process that reads no DICOM SEG."""
     rows, cols = series.shape
     dr, dc = series.spacing
     m = inv[:3, :3] @ _LPS_TO_RAS

@@ -356,19 +356,14 @@ def _dicom_slice(
     ds.PixelSpacing = [f"{profile.pixel_spacing_mm:.4f}"] * 2
     ds.SliceThickness = f"{profile.slice_thickness_mm:.2f}"
     ds.SliceLocation = f"{ipp[2]:.4f}"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = profile.pixel_representation
     ds.RescaleIntercept = f"{profile.rescale_intercept:g}"
     ds.RescaleSlope = f"{profile.rescale_slope:g}"
     ds.RescaleType = "HU"
     ds.WindowCenter = f"{profile.window_center:g}"
     ds.WindowWidth = f"{profile.window_width:g}"
-    ds.PixelData = stored.tobytes()
+    # Rows, Columns, SamplesPerPixel, BitsAllocated/Stored, HighBit, PixelRepresentation (from
+    # the dtype: int16 or uint16 by the profile) and Pixel Data
+    ds.set_pixel_data(stored, "MONOCHROME2", 16, generate_instance_uid=False)
     return ds
 
 

@@ -79,6 +79,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
+from monai.networks.utils import one_hot
 from scipy import ndimage
 
 CLASSIFICATION_METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
@@ -150,15 +151,14 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, num_classes: 
 def _one_vs_rest_counts(pred: np.ndarray, targets: np.ndarray, num_classes: int) -> torch.Tensor:
     """(C, 4) one-vs-rest counts [TP, FP, TN, FN] per class, from MONAI's ``get_confusion_matrix``."""
 
-    def one_hot(labels: np.ndarray) -> torch.Tensor:
+    def hot(labels: np.ndarray) -> torch.Tensor:
         # MONAI wants (batch, classes, ...): the whole set is one "sample" whose cases are the
         # spatial positions, so the counts are summed over all cases.
-        hot = torch.nn.functional.one_hot(torch.from_numpy(labels), num_classes)
-        return hot.T[None].float()
+        return one_hot(torch.from_numpy(labels)[None, None], num_classes, dim=1)
 
     # MONAI returns the counts as float32 whatever the input; they are exact up to 2**24 cases,
     # and float64 keeps the ratios computed from them at full precision.
-    return get_confusion_matrix(one_hot(pred), one_hot(targets))[0].to(torch.float64)
+    return get_confusion_matrix(hot(pred), hot(targets))[0].to(torch.float64)
 
 
 def _ratio(name: str, counts: torch.Tensor) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+from monai.networks.utils import one_hot
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -120,9 +121,8 @@ def predict(
 
 def _onehot_volume(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     """(D, H, W) labels -> (1, C, H, W, D) one-hot, as MONAI metrics expect."""
-    t = torch.from_numpy(labels.astype(np.int64))
-    oh = torch.nn.functional.one_hot(t, n_classes).permute(3, 1, 2, 0)
-    return oh[None].float()
+    t = torch.from_numpy(labels.astype(np.int64))[None, None]
+    return one_hot(t, n_classes, dim=1).permute(0, 1, 3, 4, 2)
 
 
 def volume_metrics(

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from fedscan.common.config import RunConfig
-from fedscan.common.data.preprocess import FOREGROUND_CLIP, fit_images, fit_labels, normalize, robust_zscore
+from fedscan.common.data.preprocess import (
+    FOREGROUND_CLIP,
+    crop_or_pad,
+    fit_images,
+    fit_labels,
+    normalize,
+    resize_labels,
+    robust_zscore,
+)
 
 
 def test_ct_is_windowed_and_mr_is_clipped_then_z_scored() -> None:
@@ -78,6 +88,31 @@ def test_resample_to_spacing_keeps_physical_size() -> None:
     # without a target spacing: padded to square and resized; spacing follows the resize
     out2, spacing2 = fit_images(img, (1.0, 2.0), 64, None)
     assert out2.shape == (1, 64, 64) and spacing2 == pytest.approx((100 / 64, 200 / 64))
+
+
+def test_centre_crop_and_pad_split_the_difference() -> None:
+    stack = np.arange(2 * 6 * 7, dtype=np.float32).reshape(2, 6, 7)
+    out = crop_or_pad(stack, 3, 10, fill=-1.0)
+    # rows 6 -> 3 keep rows 1..3 ((6 - 3) // 2 = 1 off the top); columns 7 -> 10: 1 before, 2 after
+    assert out.shape == (2, 3, 10)
+    np.testing.assert_array_equal(out[:, :, 1:8], stack[:, 1:4])
+    assert (out[:, :, 0] == -1.0).all() and (out[:, :, 8:] == -1.0).all()
+    crop = crop_or_pad(stack, 4, 4)  # a crop alone copies nothing
+    assert np.shares_memory(crop, stack)
+    np.testing.assert_array_equal(crop, stack[:, 1:5, 1:5])
+
+
+def test_multi_class_labels_resize_as_their_class_maps() -> None:
+    labels = np.zeros((3, 60, 44), dtype=np.uint8)
+    labels[:, 10:40, 5:30] = 1
+    labels[:, 20:50, 20:40] = 2
+    labels[1, 45:, :] = 3
+    out = resize_labels(labels, 32)
+    maps = torch.from_numpy(np.stack([labels == c for c in range(4)], axis=1).astype(np.float32))
+    resized = F.interpolate(maps, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    assert out.dtype == np.uint8 and out.shape == (3, 32, 32)
+    np.testing.assert_array_equal(out, resized.argmax(dim=1).numpy())
+    assert set(np.unique(out[1])) == {0, 1, 2, 3} and 3 not in out[0]
 
 
 def test_config_checks_preprocessing_values() -> None:
