@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
         record, metrics, name = site_round.plain_train(
             msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
         )
-    # dict(metrics): the record takes a dict[str, MetricRecordValues], which dict[str, float] is not
+    # dict(metrics) (twice here): MetricRecord takes a dict[str, MetricRecordValues]; dict is invariant
     content = RecordDict(
         {"arrays": record, "metrics": MetricRecord(dict(metrics)), "site": ConfigRecord({"name": name})}
     )
