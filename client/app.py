@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedscan.client import secagg
@@ -52,7 +53,9 @@ def train(msg: Message, context: Context) -> Message:
     with _site_errors("training"):
         if secagg.is_secure(msg):  # the SecAgg+ protocol drives this message
 
-            def masked_train(arrays, conf, ctxt):  # noqa: ANN001, ANN202  (the stage that trains)
+            def masked_train(  # the stage that trains
+                arrays: ArrayRecord, conf: dict, ctxt: Context
+            ) -> tuple[Any, dict[str, float], str]:
                 from fedscan.client import site_round
 
                 return site_round.train(arrays, conf, ctxt, cfg, secure=True)
@@ -66,10 +69,11 @@ def train(msg: Message, context: Context) -> Message:
         from fedscan.client import site_round
 
         record, metrics, name = site_round.plain_train(
-            msg.content["arrays"], dict(msg.content["config"]), context, cfg
+            msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
         )
+    # dict(metrics) (twice here): MetricRecord takes a dict[str, MetricRecordValues]; dict is invariant
     content = RecordDict(
-        {"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name})}
+        {"arrays": record, "metrics": MetricRecord(dict(metrics)), "site": ConfigRecord({"name": name})}
     )
     return Message(content=content, reply_to=msg)
 
@@ -80,6 +84,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     with _site_errors("evaluation"):
         from fedscan.client import site_round
 
-        metrics, name = site_round.evaluate(msg.content["arrays"], dict(msg.content["config"]), context, cfg)
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name})})
+        metrics, name = site_round.evaluate(
+            msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
+        )
+    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "site": ConfigRecord({"name": name})})
     return Message(content=content, reply_to=msg)

@@ -49,7 +49,7 @@ class SiteConfig(BaseModel):
     key: Path = Field(description="the node-authentication private key (OpenSSH, 0600)")
     cache_dir: Path = Field(description="where preprocessed arrays are kept")
     runtime_port: int = Field(
-        9094, ge=1, le=65535, description="SuperNode's local runtime API port (127.0.0.1)"
+        default=9094, ge=1, le=65535, description="SuperNode's local runtime API port (127.0.0.1)"
     )
 
 

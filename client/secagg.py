@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
@@ -63,7 +63,9 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
                     f"the server's array for {k} has shape {np.shape(a)}, the model's {tuple(local[k].shape)}"
                 )
         params = ctxt.state.config_records[RECORD_KEY_STATE]  # saved by the mod at setup
-        clip, max_weight = float(params["clipping_range"]), float(params["max_weight"])
+        # numbers there: the mod keeps them as SecAggPlusState's float fields
+        clip = float(cast(float, params["clipping_range"]))
+        max_weight = float(cast(float, params["max_weight"]))
         n = int(metrics["num-examples"])
         if QUALITY_FACTOR in metrics:  # quality weighting: the masked weight is count x quality factor
             n = max(1, round(n * float(metrics[QUALITY_FACTOR])))
@@ -84,7 +86,7 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
                 100 * clipped,
                 clip,
             )
-        scalars = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
+        scalars: dict[str, Scalar] = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
         scalars[CLIPPED_FRACTION] = clipped
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), n, scalars)
         return Message(fitres_to_recorddict(res, keep_input=False), reply_to=inner)

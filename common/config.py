@@ -83,31 +83,38 @@ class SecureAggregationSettings(BaseModel):
 
     model_config = _GROUP_CONFIG
 
-    enabled: bool = Field(False, description="secure aggregation (SecAgg+): the server learns only the sum")
+    enabled: bool = Field(
+        default=False, description="secure aggregation (SecAgg+): the server learns only the sum"
+    )
     shares: int | None = Field(
-        None, ge=2, le=1024, description="SecAgg+: sites each site shares its secrets with (default: all)"
+        default=None,
+        ge=2,
+        le=1024,
+        description="SecAgg+: sites each site shares its secrets with (default: all)",
     )
     threshold: int | None = Field(
-        None,
+        default=None,
         ge=2,
         le=1024,
         description="SecAgg+: shares needed to reconstruct (default: a majority of the shares)",
     )
-    clipping_range: float = Field(8.0, gt=0, le=1e6, description="SecAgg+: updates are clipped to +-this")
+    clipping_range: float = Field(
+        default=8.0, gt=0, le=1e6, description="SecAgg+: updates are clipped to +-this"
+    )
     quantization_range: int | None = Field(
-        None,
+        default=None,
         ge=2**8,
         le=2**31,
         description="SecAgg+: quantization levels (default: the most the 2^32 modulus allows for the "
         "round's sites)",
     )
     max_weight: float = Field(
-        10_000.0,
+        default=10_000.0,
         ge=1,
         description="SecAgg+: above every site's example count (weights are count / max_weight)",
     )
     timeout: float = Field(
-        600.0,
+        default=600.0,
         gt=0,
         le=7 * 86400,
         description="SecAgg+: seconds each protocol stage waits (the stage that trains waits "
@@ -162,35 +169,41 @@ class AggregationSettings(BaseModel):
 
     model_config = _GROUP_CONFIG
 
-    strategy: str = Field("fedavg", description=f"one of: {', '.join(STRATEGIES)}")
+    strategy: str = Field(default="fedavg", description=f"one of: {', '.join(STRATEGIES)}")
     proximal_mu: float = Field(
-        0.01, ge=0, le=100, description="fedprox: weight µ of the proximal term µ/2·‖w − w_global‖²"
+        default=0.01, ge=0, le=100, description="fedprox: weight µ of the proximal term µ/2·‖w − w_global‖²"
     )
     server_learning_rate: float | None = Field(
-        None,
+        default=None,
         gt=0,
         le=10,
         description="fedavgm, fedadam, fedyogi: server learning rate (default 1.0 "
         "for fedavgm, 0.01 otherwise)",
     )
-    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum")
-    server_tau: float = Field(1e-3, gt=0, le=1, description="fedadam, fedyogi: adaptivity τ")
+    server_momentum: float = Field(default=0.9, ge=0, lt=1, description="fedavgm: server momentum")
+    server_tau: float = Field(default=1e-3, gt=0, le=1, description="fedadam, fedyogi: adaptivity τ")
     trimmed_fraction: float | None = Field(
-        None,
+        default=None,
         ge=0,
         lt=0.5,
         description="fedtrimmedavg: fraction of the sites' values cut at each end, per coordinate "
         "(default: one site's)",
     )
     quality_weighting: bool = Field(
-        False, description="weight sites by example count x data-quality factor (see quality_snr_reference)"
+        default=False,
+        description="weight sites by example count x data-quality factor (see quality_snr_reference)",
     )
     quality_snr_reference: float = Field(
-        30.0, gt=0, le=1e4, description="quality weighting: a site at or above this SNR gets factor 1"
+        default=30.0, gt=0, le=1e4, description="quality weighting: a site at or above this SNR gets factor 1"
     )
-    quality_floor: float = Field(0.25, gt=0, le=1, description="quality weighting: the lowest quality factor")
+    quality_floor: float = Field(
+        default=0.25, gt=0, le=1, description="quality weighting: the lowest quality factor"
+    )
     quality_max_share: float = Field(
-        0.5, gt=0, le=1, description="quality weighting: the largest share of the aggregate one site may hold"
+        default=0.5,
+        gt=0,
+        le=1,
+        description="quality weighting: the largest share of the aggregate one site may hold",
     )
 
     @field_validator("strategy")
@@ -204,33 +217,33 @@ class DataSettings(BaseModel):
 
     model_config = _GROUP_CONFIG
 
-    data_root: Path | None = Field(None, description="folder of site folders")
-    cache_dir: Path | None = Field(None, description="preprocessed-data cache")
+    data_root: Path | None = Field(default=None, description="folder of site folders")
+    cache_dir: Path | None = Field(default=None, description="preprocessed-data cache")
     workers: int = Field(
-        1,
+        default=1,
         ge=0,
         le=64,
         description="worker processes that read and preprocess a site's DICOM on a cold "
         "cache "
         "(0: one per core, at most 4); a machine-local setting",
     )
-    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="patients held out")
-    image_size: int = Field(96, ge=32, le=1024, description="square side, multiple of 16")
+    val_fraction: float = Field(default=0.25, gt=0.0, lt=1.0, description="patients held out")
+    image_size: int = Field(default=96, ge=32, le=1024, description="square side, multiple of 16")
     pixel_spacing: float | None = Field(
-        None,
+        default=None,
         gt=0.0,
         le=50.0,
         description="resample in-plane to this spacing (mm), then centre-crop or pad to image_size; "
         "unset: pad to square and resize to image_size",
     )
-    ct_window: tuple[float, float] = Field((40.0, 400.0), description="(level, width) HU")
+    ct_window: tuple[float, float] = Field(default=(40.0, 400.0), description="(level, width) HU")
     ct_normalization: Literal["window", "foreground"] = Field(
-        "window",
+        default="window",
         description="CT intensities: the HU window, or a z-score over each series' body (foreground), "
         "which undoes differences in scanner calibration between sites",
     )
     intensity_percentiles: tuple[float, float] = Field(
-        (0.5, 99.5), description="MR and other non-CT series: clip to these percentiles, then z-score"
+        default=(0.5, 99.5), description="MR and other non-CT series: clip to these percentiles, then z-score"
     )
 
     @field_validator("image_size")
@@ -260,12 +273,18 @@ class NetworkSettings(BaseModel):
 
     model_config = _GROUP_CONFIG
 
-    model: str = Field("unet", description=f"one of: {', '.join(MODELS)}; default: unet or mil by task")
-    base_channels: int = Field(16, ge=4, le=256, description="U-Net and MIL encoder width")
-    unet_depth: int = Field(4, ge=1, le=6, description="U-Net pooling stages")
-    segnet_width: float = Field(1.0, gt=0.0, le=2.0, description="SegNet channel multiplier; 1.0 = VGG16")
-    num_classes: int = Field(2, ge=2, le=64, description="classes (for segmentation, background included)")
-    mil_chunk_size: int = Field(32, ge=1, le=4096, description="images encoded at once per exam")
+    model: str = Field(
+        default="unet", description=f"one of: {', '.join(MODELS)}; default: unet or mil by task"
+    )
+    base_channels: int = Field(default=16, ge=4, le=256, description="U-Net and MIL encoder width")
+    unet_depth: int = Field(default=4, ge=1, le=6, description="U-Net pooling stages")
+    segnet_width: float = Field(
+        default=1.0, gt=0.0, le=2.0, description="SegNet channel multiplier; 1.0 = VGG16"
+    )
+    num_classes: int = Field(
+        default=2, ge=2, le=64, description="classes (for segmentation, background included)"
+    )
+    mil_chunk_size: int = Field(default=32, ge=1, le=4096, description="images encoded at once per exam")
 
     @field_validator("model")
     @classmethod
@@ -371,61 +390,68 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, ignored_types=(_InGroup,))
 
-    task: str = Field("segmentation", description=f"one of: {', '.join(TASKS)}")
+    task: str = Field(default="segmentation", description=f"one of: {', '.join(TASKS)}")
     fault_site: str | None = Field(
-        None, description="simulation only: the site whose updates are made faulty"
+        default=None, description="simulation only: the site whose updates are made faulty"
     )
     fault_kind: Literal["scale", "nan"] | None = Field(
-        None, description="simulation only: scale (the update times fault_scale) or nan (all values NaN)"
+        default=None,
+        description="simulation only: scale (the update times fault_scale) or nan (all values NaN)",
     )
-    fault_scale: float = Field(100.0, description="simulation only: the factor of a 'scale' fault")
-    rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
+    fault_scale: float = Field(default=100.0, description="simulation only: the factor of a 'scale' fault")
+    rounds: int = Field(default=3, ge=1, le=10_000, description="federated rounds")
     local_epochs: int = Field(
-        6,
+        default=6,
         ge=0,
         le=1000,
         description="local epochs per round (0: no training, the sites send the global weights back: "
         "times the protocol alone)",
     )
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Adam learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant",
+        default="constant",
         description="the learning rate over the rounds: constant, or cosine decay to lr_final_fraction",
     )
     lr_final_fraction: float = Field(
-        0.05,
+        default=0.05,
         ge=0.0,
         le=1.0,
         description="cosine schedule: the last round's learning rate, as a fraction of learning_rate",
     )
-    batch_size: int = Field(4, ge=1, le=4096)
+    batch_size: int = Field(default=4, ge=1, le=4096)
     class_weights: list[float] | Literal["balanced"] | None = Field(
-        None, description="classification loss weights per class, or 'balanced' (per site)"
+        default=None, description="classification loss weights per class, or 'balanced' (per site)"
     )
     explain_scores: bool = Field(
-        True,
+        default=True,
         description="final round: each site also computes the shareable explanation scores "
         "(uncertainty AUROC; Grad-CAM energy in the lesion)",
     )
-    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")
-    channels_last: bool = Field(True, description="channels_last memory layout on CUDA")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    amp: bool = Field(default=True, description="mixed precision on CUDA (bf16 where supported)")
+    channels_last: bool = Field(default=True, description="channels_last memory layout on CUDA")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
     sites: int = Field(
-        3,
+        default=3,
         ge=1,
         le=64,
         description="synthetic hospitals in simulation; in deployment, the sites a run waits for",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output: Path = Field(Path("fedscan-out"), description="output folder")
+    output: Path = Field(default=Path("fedscan-out"), description="output folder")
     count_rounding: int = Field(
-        1, ge=1, le=10_000, description="sites disclose their example count rounded up to a multiple of this"
+        default=1,
+        ge=1,
+        le=10_000,
+        description="sites disclose their example count rounded up to a multiple of this",
     )
     wait_timeout: float = Field(
-        600.0, gt=0, le=7 * 86400, description="seconds to wait for the sites a round needs before failing"
+        default=600.0,
+        gt=0,
+        le=7 * 86400,
+        description="seconds to wait for the sites a round needs before failing",
     )
     round_timeout: float = Field(
-        3600.0, gt=0, le=7 * 86400, description="seconds a round waits for the sites' replies"
+        default=3600.0, gt=0, le=7 * 86400, description="seconds a round waits for the sites' replies"
     )
 
     secure_aggregation: SecureAggregationSettings = Field(default_factory=SecureAggregationSettings)

@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, overload
 
 import psutil
 
@@ -215,6 +215,12 @@ class FlowerProcess:
     def poll(self) -> int | None:
         assert self.proc is not None
         return self.proc.poll()
+
+    @overload
+    def wait(self, give_up: None = None, every: float = 1.0) -> int: ...
+
+    @overload
+    def wait(self, give_up: Callable[[], bool], every: float = 1.0) -> int | None: ...
 
     def wait(self, give_up: Callable[[], bool] | None = None, every: float = 1.0) -> int | None:
         """Wait until the process exits; its exit code. ``give_up`` is asked ``every`` seconds: when it

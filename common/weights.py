@@ -30,7 +30,7 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 def norm_keys(model: nn.Module) -> frozenset[str]:
     """The state keys of the model's normalization layers (weights, biases, running statistics):
     what FedBN keeps at each site."""
-    keys = set()
+    keys: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, _NORM_TYPES):
             keys.update(f"{name}.{k}" if name else k for k in module.state_dict())

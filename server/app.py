@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -179,7 +179,7 @@ def main(grid: Grid, context: Context) -> None:
             hint = "change the secagg_ settings, or run with --no-secagg"
             raise FedscanError(str(exc), hint=hint) from None
         train_grid = SecureTrainGrid(
-            deadline_grid,
+            cast(Grid, deadline_grid),  # a Grid by duck typing: it passes on what it does not change
             context,
             run,
             progress=lambda msg, *args: write_event(RunWarning(message=msg % args)),

@@ -34,6 +34,7 @@ from fedscan.common.data.site_arrays import SiteData
 from fedscan.common.models.registry import build_model
 from fedscan.common.tasks.fedbn_layers import LocalLayers
 from fedscan.common.tasks.local_training import LocalSite, evaluate_local, run_precision, site_seed
+from fedscan.common.tasks.precision import move_model
 from fedscan.common.tasks.registry import get_task, task_metrics
 from fedscan.common.tasks.schedule import round_lr
 from fedscan.server.checkpoint import load_checkpoint
@@ -95,7 +96,7 @@ def train_like_federation(model: nn.Module, site: LocalSite, run: RunConfig) -> 
             precision=run_precision(run),
         )
         steps += int(metrics.get("steps", 0))
-        model.to("cpu", memory_format=torch.contiguous_format)
+        move_model(model, "cpu", torch.contiguous_format)
     return steps
 
 

@@ -80,10 +80,10 @@ def init_server(d: Path, hosts: list[str], port: int = DEFAULT_PORT, force: bool
     """Create the CA and the SuperLink's certificate for ``hosts`` (plus localhost for local
     administration). Existing keys are kept unless ``force``."""
     p = _paths(d)
-    for key in ("ca_key", "key"):
-        if p[key].exists() and not force:
+    for key_name in ("ca_key", "key"):
+        if p[key_name].exists() and not force:
             raise FedscanError(
-                f"{p[key]} already exists; not overwriting a key",
+                f"{p[key_name]} already exists; not overwriting a key",
                 hint="pass --force to make new keys (every site must then get the new ca.crt)",
             )
     names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))

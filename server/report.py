@@ -421,7 +421,7 @@ def cross_site_table(rep: dict[str, Any]) -> tuple[list[str], list[str], list[li
     sites = report_sites(rep, cross)
     values = []
     for model in models:
-        row = cross.get(model) if isinstance(cross.get(model), dict) else {}
+        row = found if isinstance(found := cross.get(model), dict) else {}
         cells = [row.get(s) for s in sites]
         values.append([number(c.get(main)) if isinstance(c, dict) else None for c in cells])
     return models, sites, values
@@ -583,8 +583,8 @@ def _optional_sections(rep: dict[str, Any]) -> list[str]:
         if warnings:
             lines += [""] + [f"⚠ {w}" for w in warnings]
     if rep.get("quality"):
-        cols, rows = quality_table(rep)
-        if rows and cols:
+        cols, quality_rows = quality_table(rep)
+        if quality_rows and cols:
             lines += [
                 "",
                 "## Site quality",
@@ -592,7 +592,7 @@ def _optional_sections(rep: dict[str, Any]) -> list[str]:
                 "| site | " + " | ".join(t for _, t, _ in cols) + " |",
                 "| --- | " + " | ".join("---:" for _ in cols) + " |",
             ]
-            lines += [f"| {_md_cell(s)} | " + " | ".join(vals) + " |" for s, vals in rows]
+            lines += [f"| {_md_cell(s)} | " + " | ".join(vals) + " |" for s, vals in quality_rows]
     if rep.get("explanation_scores"):
         head, rows = explanation_table(rep)
         lines += [

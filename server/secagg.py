@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import FitIns, FitRes, MessageType, Parameters, Scalar
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, MessageType, Parameters, Scalar
 from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -62,12 +62,14 @@ class _OneAggregate(LegacyStrategy):
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return None
 
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         return [(proxy, FitIns(parameters, dict(self.config))) for proxy in client_manager.all().values()]
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
-    ):
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         # SecAggPlusWorkflow puts the same unmasked aggregate into every surviving result
         if results:
             self.aggregate = results[0][1].parameters
@@ -76,13 +78,17 @@ class _OneAggregate(LegacyStrategy):
             self.sites = len(results)
         return self.aggregate, {}
 
-    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
         return []
 
-    def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]):
+    def aggregate_evaluate(
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
+    ) -> tuple[float | None, dict[str, Scalar]]:
         return None, {}
 
-    def evaluate(self, server_round: int, parameters: Parameters):
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return None
 
 
@@ -100,7 +106,9 @@ def secure_train_round(
     ``deltas_of``: the global weights the sites train from. Returns the example-weighted mean of
     the sites' deltas (None when the protocol could not finish, e.g. too few sites left), the
     total example count, and each survivor's plaintext scalar metrics."""
-    strategy = _OneAggregate({**dict(train_config), "server-round": server_round})
+    # the round's config as a legacy FitIns holds it: Scalar values, the only ones the sites'
+    # recorddict_to_fitins accepts
+    strategy = _OneAggregate({**cast(dict[str, Scalar], dict(train_config)), "server-round": server_round})
     manager = SimpleClientManager()
     run_id = context.run_id
     for node_id in node_ids:
@@ -179,12 +187,12 @@ def _decode(global_arrays: ArrayRecord, delta: ArrayRecord) -> ArrayRecord:
     return from_state(decode_aggregate(base, delta.to_numpy_ndarrays()))
 
 
-def _summary(metrics: list[dict[str, Scalar]], n: int) -> dict[str, float | int]:
+def _summary(metrics: list[dict[str, Scalar]], n: int) -> dict[str, MetricRecordValues]:
     """The survivors' plaintext scalars as one record: the example-weighted mean of each metric,
     the slowest site's compute time, and the total example count."""
     weights = [float(m.get("num-examples", 0) or 0) for m in metrics]
     names = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float))} - {"num-examples"}
-    out: dict[str, float | int] = {
+    out: dict[str, MetricRecordValues] = {
         k: float(
             np.average([float(m.get(k, 0.0)) for m in metrics], weights=weights if sum(weights) else None)
         )
@@ -220,9 +228,9 @@ class SecureTrainGrid:
         if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
             return self._grid.send_and_receive(messages, timeout=timeout)
         first = messages[0]
-        global_arrays = first.content["arrays"]
-        config = first.content["config"]
-        server_round = int(config["server-round"])
+        global_arrays = first.content.array_records["arrays"]  # as FedAvg.configure_train names them
+        config = first.content.config_records["config"]
+        server_round = int(cast(int, config["server-round"]))  # FedAvg.configure_train writes an int
         nodes = [m.metadata.dst_node_id for m in messages]
         try:
             plan = self.run.secagg_plan(len(nodes))  # for the sites this round really has

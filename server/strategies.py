@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -26,7 +26,6 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
-    Strategy,
 )
 
 from fedscan.common.config import AggregationSettings, RunConfig
@@ -72,7 +71,7 @@ def _seconds(replies: list[Message]) -> dict[str, float]:
             continue
         for rec in msg.content.metric_records.values():
             if COMPUTE_SECONDS in rec:
-                out[site_name(msg)] = float(rec[COMPUTE_SECONDS])
+                out[site_name(msg)] = float(cast(float, rec[COMPUTE_SECONDS]))  # a site's seconds: a number
     return out
 
 
@@ -85,8 +84,9 @@ SECURE_AGGREGATE = "secure-aggregate"
 OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
-class PerSiteEvaluation(Strategy):
-    """Mixin: keeps ``site_history[round] = {site: metrics}``, then aggregates as usual.
+class PerSiteEvaluation(FedAvg):
+    """Mixin over FedAvg, from which every strategy here derives: keeps
+    ``site_history[round] = {site: metrics}``, then aggregates as usual.
 
     ``round_offset``: the rounds a resumed run did before this ``start()``. Flower counts the
     rounds of every ``start()`` from 1; the mixin passes on ``round + round_offset``, so that the
@@ -111,8 +111,8 @@ class PerSiteEvaluation(Strategy):
         for name, value in state.items():
             setattr(self, name, value)
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # the concrete strategy's arguments
+        super().__init__(*args, **kwargs)
         self.site_history: dict[int, SiteMetrics] = {}
         # seconds each site computed, per round: {"train": {site: s}, "evaluate": {site: s}}
         self.compute_seconds: dict[int, dict[str, dict[str, float]]] = {}
@@ -129,14 +129,18 @@ class PerSiteEvaluation(Strategy):
         # each site's share of the aggregate, per round, under quality weighting
         self.weight_shares: dict[int, dict[str, float]] = {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         server_round += self.round_offset
         self._global_shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         if self.run is not None:  # this round's learning rate, on the run's schedule
             config = ConfigRecord({**config, "lr": round_lr(self.run, server_round)})
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
+        return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         # a fixed order (by site name), so that the floating-point sums do not depend on which
         # site answered first: the same seed gives the same model in simulation and deployment
@@ -154,23 +158,25 @@ class PerSiteEvaluation(Strategy):
         self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
         self.before_aggregation(replies)
         if self.quality_max_share is None or not replies:
-            return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
+            return super().aggregate_train(server_round, replies)
         # quality weighting: the training replies are weighted by the weights written here (the
         # evaluation replies, which carry none, keep Flower's weighting by example count)
         self.weight_shares[server_round] = _quality_weights(
             replies, self.quality_max_share, self.quality_floor
         )
-        by_count, self.weighted_by_key = self.weighted_by_key, QUALITY_WEIGHT  # type: ignore[attr-defined]
+        by_count, self.weighted_by_key = self.weighted_by_key, QUALITY_WEIGHT
         try:
-            return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
+            return super().aggregate_train(server_round, replies)
         finally:
             self.weighted_by_key = by_count
 
     def before_aggregation(self, replies: list[Message]) -> None:
         """A hook for a strategy that adapts to the round's kept replies (nothing by default)."""
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[safe-super]
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
@@ -180,7 +186,7 @@ class PerSiteEvaluation(Strategy):
             site: {k: v for k, v in m.items() if k != COMPUTE_SECONDS}
             for site, m in site_metrics_from_replies(replies).items()
         }
-        return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
+        return super().aggregate_evaluate(server_round, replies)
 
 
 def capped_shares(weights: dict[str, float], max_share: float) -> dict[str, float]:
@@ -208,9 +214,9 @@ def _quality_weights(replies: list[Message], max_share: float, floor: float) -> 
     raw = {}
     for msg in replies:
         rec = next(iter(msg.content.metric_records.values()))
-        q = float(rec.get(QUALITY_FACTOR, 1.0))
+        q = float(cast(float, rec.get(QUALITY_FACTOR, 1.0)))  # the site's factor: a number
         q = min(1.0, max(floor, q)) if math.isfinite(q) else 1.0
-        n = float(rec["num-examples"])
+        n = float(cast(float, rec["num-examples"]))  # a count
         raw[site_name(msg)] = n * q if math.isfinite(n) and n > 0 else 0.0
     shares = capped_shares(raw, max_share)
     for msg in replies:
@@ -288,7 +294,9 @@ class PerSiteFedBN(PerSiteFedAvg):
         self.local_keys = local_keys
         self._round_arrays: ArrayRecord | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._round_arrays = arrays
         messages = super().configure_train(server_round, arrays, config, grid)
         self._global_shapes = {
@@ -296,7 +304,9 @@ class PerSiteFedBN(PerSiteFedAvg):
         }
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         for msg in replies:  # a secure aggregate holds them (unchanged): the shared layers only
             if not msg.has_error() and "arrays" in msg.content.array_records:
@@ -359,7 +369,7 @@ def build_strategy(
         min_train_nodes=n_sites,
         min_evaluate_nodes=n_sites,
         min_available_nodes=n_sites,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
     if quality:
         strategy.quality_max_share = cfg.quality_max_share

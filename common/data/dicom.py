@@ -197,9 +197,9 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return arr
 
 
-def _number(value: object, default: float) -> float:
+def _number(value: Any, default: float) -> float:  # a header value, typed Any as pydicom types it
     try:
-        out = float(value)  # type: ignore[arg-type]  # any header value; what float() refuses is the default
+        out = float(value)  # what float() refuses is the default
     except (TypeError, ValueError):
         return default
     return out if np.isfinite(out) else default
