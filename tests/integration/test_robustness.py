@@ -63,26 +63,31 @@ class InProcessGrid:
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Five small synthetic hospitals (4 patients each), as `fedscan synth` draws them."""
+    """Five small synthetic hospitals (8 patients each, 2 of them for validation), as `fedscan synth`
+    draws them."""
     root = tmp_path_factory.mktemp("robust") / "sites"
     for i, profile in enumerate(make_profiles(len(SITES), 3)):
-        write_site(root, profile.model_copy(update={"n_patients": 4}), 3, i)
+        write_site(root, profile.model_copy(update={"n_patients": 8}), 3, i)
     return root
 
 
 def federate(root: Path, out: Path, strategy: str, fault: str | None = None) -> dict:
-    # small and fast, but trained to near its plateau: earlier, any difference in the aggregate
-    # (even among honest sites) moves the Dice by more than 5% while it still climbs
+    # small and fast, but trained to its plateau, with the learning rate decayed over the rounds
+    # (cosine) and 2 validation patients a site: with 1 validation patient and a constant rate, two
+    # honest runs that differ only in the seed ended 12% apart, and any difference in the aggregate
+    # moved the final Dice by more than 5% (measured: trimmed mean 0.69 honest, 0.74 with the
+    # scaled site, both still climbing at round 10); here the curves flatten from round 9
     run = RunConfig(
         strategy=strategy,
         data_root=root,
         sites=len(SITES),
-        rounds=10,
-        local_epochs=4,
+        rounds=12,
+        local_epochs=2,
         image_size=32,
         base_channels=8,
         unet_depth=2,
-        learning_rate=3e-3,
+        learning_rate=1e-2,
+        lr_schedule="cosine",
         seed=2,
         output=out,
         cache_dir=root.parent / "cache",
