@@ -50,7 +50,7 @@ from fedscan.common.flower_runtime import (
     write_app_dir,
 )
 from fedscan.common.run_events import ReportUpdated, RunEvent, RunFailed
-from fedscan.server.report import write_report_files
+from fedscan.server.report import ReportWriter
 
 log = logging.getLogger("fedscan.coordinator")
 
@@ -308,13 +308,15 @@ def run_deployment(
     failure: list[RunFailed] = []
     started = threading.Event()  # the ServerApp has said something: the run is running
 
+    write_report = ReportWriter(out)
+
     def on_run_event(event: RunEvent) -> None:
         started.set()
         if isinstance(event, ReportUpdated):
             latest.clear()
             latest.update(event.report.as_dict())
             try:
-                write_report_files(out, latest)
+                write_report(latest)
             except OSError as exc:
                 log.warning("cannot write the report into %s: %s", out, exc)
             return

@@ -23,6 +23,8 @@ import io
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -189,14 +191,42 @@ class RunRecorder:
         return rep
 
 
-def write_report_files(out: Path, rep: dict[str, Any]) -> list[Path]:
-    """report.json, then everything made from it (see :func:`write_derived_files`), each atomically.
+DERIVED_REFRESH_S = 10.0  # the most a running report's derived files lag behind its report.json
 
-    Returns the paths written.
+
+class ReportWriter:
+    """Writes a run's report files each time its report changes: report.json every time; while
+    the run goes on (status "running"), the files made from it (report.md, per_site.csv, the
+    figures, report.html) at most every ``refresh_s`` seconds, since drawing the figures costs
+    about 0.3 s, a tenth of a small simulated round; at a run's end (any other status), all."""
+
+    def __init__(
+        self, out: Path, refresh_s: float = DERIVED_REFRESH_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.out = Path(out)
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._derived_at: float | None = None
+
+    def __call__(self, rep: dict[str, Any]) -> list[Path]:
+        now = self.clock()
+        derived = (
+            rep.get("status") != "running"
+            or self._derived_at is None
+            or now - self._derived_at >= self.refresh_s
+        )
+        if derived:
+            self._derived_at = now
+        return write_report_files(self.out, rep, derived=derived)
+
+
+def write_report_files(out: Path, rep: dict[str, Any], *, derived: bool = True) -> list[Path]:
+    """report.json, then (unless ``derived`` is off) everything made from it (see
+    :func:`write_derived_files`), each atomically. Returns the paths written.
     """
     path = Path(out) / REPORT_JSON
     atomic_write_bytes(path, (json.dumps(rep, indent=2) + "\n").encode())
-    return [path, *write_derived_files(out, rep)]
+    return [path, *(write_derived_files(out, rep) if derived else [])]
 
 
 def write_derived_files(out: Path, rep: dict[str, Any]) -> list[Path]:

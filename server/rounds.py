@@ -28,7 +28,7 @@ from fedscan.common.run_events import (
     UpdateRejected,
 )
 from fedscan.common.tasks.registry import task_metrics
-from fedscan.server.report import RunRecorder, write_report_files
+from fedscan.server.report import ReportWriter, RunRecorder
 from fedscan.server.strategies import SECURE_AGGREGATE
 
 
@@ -97,6 +97,7 @@ class RunRounds:
         self.recorder = RunRecorder(self.run.output, cfg)
         self.metric = task_metrics(self.run.task)[1]
         self._round_start = clock()
+        self.report_writer = ReportWriter(self.run.output, clock=clock)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -108,9 +109,11 @@ class RunRounds:
         self.recorder.sites += sorted({s for h in history for s in h["per_site"]} - set(self.recorder.sites))
 
     def publish(self, status: str) -> dict[str, Any]:
-        """Write the report files and send the report; return the report."""
+        """Write the report files (see :class:`ReportWriter`: while the run goes on, the files
+        made from report.json are refreshed at most every few seconds) and send the report;
+        return the report."""
         rep = self.recorder.report(status)
-        self.write("the report", lambda: write_report_files(self.run.output, rep))
+        self.write("the report", lambda: self.report_writer(rep))
         self.emit(ReportUpdated(report=RunReport.model_validate(rep)))
         return rep
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fedscan.common.cli import app
 from fedscan.server import figures
-from fedscan.server.report import cross_site_table, summarize, write_report_files
+from fedscan.server.report import ReportWriter, cross_site_table, summarize, write_report_files
 
 SITES = ["site-a", "site-b", "site-c", "<b>bold</b>"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -300,3 +300,26 @@ def test_report_command_errors(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "is not a fedscan report" in _output(result)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_a_running_report_redraws_its_derived_files_at_most_every_refresh(tmp_path: Path) -> None:
+    """report.json follows every update; report.md and the figures at most every refresh_s while
+    the run goes on, and always at its end."""
+    now = [0.0]
+    write = ReportWriter(tmp_path, refresh_s=10.0, clock=lambda: now[0])
+    rep = build_report()
+    full = write({**rep, "status": "running", "rounds_completed": 1})
+    assert {p.name for p in full} >= {"report.json", "report.md", "report.html", "per_site.csv"}
+    md_first = (tmp_path / "report.md").read_text()
+
+    now[0] = 5.0
+    assert [p.name for p in write({**rep, "status": "running", "rounds_completed": 2})] == ["report.json"]
+    assert json.loads((tmp_path / "report.json").read_text())["rounds_completed"] == 2
+    assert (tmp_path / "report.md").read_text() == md_first  # not yet redrawn
+
+    now[0] = 10.0
+    assert "report.md" in {p.name for p in write({**rep, "status": "running", "rounds_completed": 3})}
+    now[0] = 11.0
+    ended = write({**rep, "status": "complete", "rounds_completed": 3})
+    assert {"report.md", "report.html"} <= {p.name for p in ended}
+    assert (tmp_path / "report.md").read_text() != md_first
