@@ -39,8 +39,22 @@ def otsu_threshold(img: np.ndarray, bins: int = 256) -> float:
     """The threshold that maximises the between-class variance of the histogram.
 
     fedscan's own rather than scikit-image's ``threshold_otsu`` (the same definition on a
-    256-bin histogram): ten lines, against a dependency of its own for one function."""
-    hist, edges = np.histogram(img, bins=bins)
+    256-bin histogram): ten lines, against a dependency of its own for one function. The
+    histogram is one multiply and a ``bincount`` rather than ``np.histogram``, whose exact-edge
+    corrections cost more passes than the rest of the SNR (figures in the comment below)."""
+    # np.histogram: 1.22 ms a 224x224 float32 slice, 1.88 at 512x512; this: 0.70 and 0.76 ms (the
+    # slice SNR as a whole: 1.72 -> 0.80 and 4.9 -> 1.57 ms). A value within float rounding
+    # of an inner bin edge may fall in the neighbouring bin: on 96 slices of the synthetic sites
+    # every threshold came out the same.
+    x = np.asarray(img)
+    flat = (x if x.dtype == np.float64 else x.astype(np.float32, copy=False)).ravel()
+    lo, hi = float(flat.min()), float(flat.max())
+    if not hi > lo:  # one value: np.histogram's range, so the threshold lies below it as before
+        lo, hi = lo - 0.5, hi + 0.5
+    idx = ((flat - flat.dtype.type(lo)) * flat.dtype.type(bins / (hi - lo))).astype(np.intp)
+    np.minimum(idx, bins - 1, out=idx)
+    hist = np.bincount(idx, minlength=bins)
+    edges = np.linspace(lo, hi, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2.0
     w0 = np.cumsum(hist).astype(np.float64)
     w1 = w0[-1] - w0
@@ -55,17 +69,19 @@ def slice_snr(img: np.ndarray) -> float:
     if not np.isfinite(img).all() or float(img.max()) == float(img.min()):
         return float("nan")
     t = otsu_threshold(img)
-    # class means from masked sums, not from copies of each class (a third of the slice's cost), nor
-    # from scipy.ndimage.mean over the two labels: the same means at 10.1 against 2.7 ms a 512x512
-    # slice (1.6 against 0.34 ms at 224x224)
-    is_fg = img > t
+    # class means from sums, not from copies of each class, nor from scipy.ndimage.mean over the
+    # two labels (10.1 against 2.7 ms a 512x512 slice, 1.6 against 0.34 at 224x224), nor from a
+    # masked sum (``sum(where=)``: 1.85 ms at 512, 0.40 at 224): the foreground's sum is a float32
+    # dot product with the mask, 0.07 and 0.013 ms, within 2e-7 of the float64 sum
+    flat = np.asarray(img, dtype=np.float32).ravel()
+    is_fg = flat > t
     n_fg = int(np.count_nonzero(is_fg))
     n_bg = img.size - n_fg
     sigma = noise_sigma(img)
     if n_fg == 0 or n_bg == 0 or not sigma > 0:
         return float("nan")
-    total = float(img.sum(dtype=np.float64))
-    fg_sum = float(img.sum(dtype=np.float64, where=is_fg))
+    total = float(flat.sum(dtype=np.float64))
+    fg_sum = float(np.dot(flat, is_fg.astype(np.float32)))
     return float((fg_sum / n_fg - (total - fg_sum) / n_bg) / sigma)
 
 
