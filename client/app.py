@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedscan.client import secagg
@@ -71,11 +71,15 @@ def train(msg: Message, context: Context) -> Message:
         record, metrics, name = site_round.plain_train(
             msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
         )
-    # dict(metrics) (twice here): MetricRecord takes a dict[str, MetricRecordValues]; dict is invariant
     content = RecordDict(
-        {"arrays": record, "metrics": MetricRecord(dict(metrics)), "site": ConfigRecord({"name": name})}
+        {"arrays": record, "metrics": MetricRecord(_values(metrics)), "site": ConfigRecord({"name": name})}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _values(metrics: dict[str, float]) -> dict[str, MetricRecordValues]:
+    """The site's metrics as MetricRecord types them (dict is invariant in its values): no copy."""
+    return cast(dict[str, MetricRecordValues], metrics)
 
 
 @app.evaluate()
@@ -87,5 +91,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics, name = site_round.evaluate(
             msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
         )
-    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "site": ConfigRecord({"name": name})})
+    content = RecordDict({"metrics": MetricRecord(_values(metrics)), "site": ConfigRecord({"name": name})})
     return Message(content=content, reply_to=msg)
