@@ -72,6 +72,11 @@ def offline_env(flwr_home: Path) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    # The SuperExec (a site's, and the SuperLink's for the ServerApp) asks for a new task every
+    # FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds, 1.0 by Flower's default: each message waited 0.5 s
+    # on average before its ClientApp process started. One AcquireTask is one local HTTP request;
+    # an explicit value in the environment is kept.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     # make sure the Flower executables of this interpreter's environment are found first
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env

@@ -45,20 +45,26 @@ class InProcessGrid:
             for k in range(len(SITES))
         }
         self.sent = 0
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        replies = []
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        """Each site answers at once; its reply waits here for ``pull_messages``."""
+        ids = []
         for msg in messages:
             self.sent += 1
             msg.metadata.__dict__["_message_id"] = f"m{self.sent}"
             msg = message_from_proto(message_to_proto(msg))
             handler = client_train if msg.metadata.message_type == "train" else client_evaluate
             reply: Message = handler(msg, self.contexts[msg.metadata.dst_node_id])
-            replies.append(message_from_proto(message_to_proto(reply)))
-        return replies
+            self.replies[msg.metadata.message_id] = message_from_proto(message_to_proto(reply))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,66 @@ def test_waiting_for_sites_gives_up_after_the_timeout() -> None:
         grid.get_node_ids()
 
 
+class _Reply:
+    def __init__(self, to: str) -> None:
+        self.metadata = type("Meta", (), {"reply_to_message_id": to})()
+
+
+class _LinkGrid:
+    """push_messages/pull_messages as the SuperLink answers them: replies arrive over pulls."""
+
+    def __init__(self, arrivals: list[list[str]]) -> None:
+        self.arrivals = arrivals
+        self.pulls: list[set[str]] = []
+
+    def push_messages(self, messages: list[str]) -> list[str | None]:
+        return [None if m == "malformed" else f"id-{m}" for m in messages]  # Flower: None, not pushed
+
+    def pull_messages(self, ids: set[str]) -> list[_Reply]:
+        self.pulls.append(set(ids))
+        got = self.arrivals.pop(0) if self.arrivals else []
+        return [_Reply(f"id-{m}") for m in got]
+
+
+def _link(
+    arrivals: list[list[str]], timeout: float = 10
+) -> tuple[DeadlineGrid, _LinkGrid, list[float], list[float]]:
+    link = _LinkGrid(arrivals)
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    grid = DeadlineGrid(link, needed=1, timeout=timeout, clock=lambda: now[0], poll=0.2, sleep=sleep)  # type: ignore[arg-type]
+    return grid, link, now, slept
+
+
+def test_replies_are_pulled_every_poll_until_all_came() -> None:
+    grid, link, _, slept = _link([[], ["a"], [], ["c", "b"]])
+    replies = grid.send_and_receive(["a", "b", "c", "malformed"], timeout=60)  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-a", "id-b", "id-c"]
+    # asks only for what is still missing, never for the message that was not pushed
+    assert link.pulls == [
+        {"id-a", "id-b", "id-c"},
+        {"id-a", "id-b", "id-c"},
+        {"id-b", "id-c"},
+        {"id-b", "id-c"},
+    ]
+    assert slept == [0.2, 0.2, 0.2]  # no sleep after the last reply came
+
+
+def test_send_and_receive_gives_up_at_the_timeout_with_what_came() -> None:
+    grid, link, now, _ = _link([["a"]] + [[]] * 100, timeout=1.0)
+    replies = grid.send_and_receive(["a", "b"], timeout=1.0)  # type: ignore[arg-type]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["id-a"]
+    assert 1.0 <= now[0] < 1.2 + 1e-9 and len(link.pulls) == 6
+    grid, link, now, _ = _link([[]] * 30 + [["a"]])
+    replies = grid.send_and_receive(["a"], timeout=None)  # type: ignore[arg-type]
+    assert len(replies) == 1 and len(link.pulls) == 31  # no timeout: waits for every reply
+
+
 def test_round_timing_overhead() -> None:
     t = timing(10.0, {"train": {"a": 4.0, "b": 6.0}, "evaluate": {"a": 1.0, "b": 0.5}})
     assert t["slowest_compute_seconds"] == 7.0  # slowest training + slowest evaluation
