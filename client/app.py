@@ -8,21 +8,23 @@ locally; the server gets only a generic reason, never a path, a DICOM value or a
 identifier.
 
 A deployed SuperNode starts one ClientApp process per message. This module imports only Flower
-and the configuration; the training code (torch, MONAI, the data pipeline) is imported when a
-message needs it, so the SecAgg+ stages that only exchange keys and shares start quickly.
+and the configuration; the work goes through ``fedscan.client.site_runner``: to the site's warm
+worker when `fedscan site start` runs one, else in this process (the simulation), where the
+training code (torch, MONAI, the data pipeline) is imported when a message first needs it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedscan.client import secagg
+from fedscan.client import secagg, site_runner
 from fedscan.common.config import AppConfig
 from fedscan.common.errors import FedscanError
 
@@ -55,20 +57,13 @@ def train(msg: Message, context: Context) -> Message:
 
             def masked_train(  # the stage that trains
                 arrays: ArrayRecord, conf: dict, ctxt: Context
-            ) -> tuple[Any, dict[str, float], str]:
-                from fedscan.client import site_round
+            ) -> tuple[Mapping[str, np.ndarray], dict[str, float], str]:
+                return site_runner.secure_train(arrays, conf, ctxt, cfg)
 
-                return site_round.train(arrays, conf, ctxt, cfg, secure=True)
-
-            def model_keys() -> list[str]:
-                from fedscan.client import site_round
-
-                return site_round.model_keys(cfg)
-
-            return secagg.secure_train(msg, context, masked_train, model_keys)
-        from fedscan.client import site_round
-
-        record, metrics, name = site_round.plain_train(
+            return secagg.secure_train(
+                msg, context, masked_train, lambda: site_runner.model_keys(context, cfg)
+            )
+        record, metrics, name = site_runner.plain_train(
             msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
         )
     content = RecordDict(
@@ -86,9 +81,7 @@ def _values(metrics: dict[str, float]) -> dict[str, MetricRecordValues]:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     with _site_errors("evaluation"):
-        from fedscan.client import site_round
-
-        metrics, name = site_round.evaluate(
+        metrics, name = site_runner.evaluate(
             msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
         )
     content = RecordDict({"metrics": MetricRecord(_values(metrics)), "site": ConfigRecord({"name": name})})

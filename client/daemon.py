@@ -2,20 +2,28 @@
 
 `site init` makes the site's node-authentication key pair (ECDSA P-384 in OpenSSH format, as
 Flower's SuperNode authentication expects) and a site config file; the public key goes to the
-coordinator, who registers it. `site start` checks the config and the data, then runs
+coordinator, who registers it. `site start` checks the config and the data, starts the site's
+warm worker (``fedscan.client.site_worker``: the process that trains and evaluates for every
+message, so that the ClientApp Flower starts per message stays light), then runs
 `flower-supernode` with TLS, the site's key and its node config (site name, data folder,
-cache folder). It stays in the foreground for systemd, restarts the SuperNode with a
-backoff when it exits on a network failure, and stops with exit code 3 when the coordinator
-refuses the site (an unregistered or removed key): retrying would not help.
+cache folder, the worker's socket). It stays in the foreground for systemd, restarts the
+SuperNode with a backoff when it exits on a network failure, restarts the worker when it
+exits, and stops with exit code 3 when the coordinator refuses the site (an unregistered or
+removed key): retrying would not help. A worker that keeps dying at start stops the site with
+exit code 1 and a message pointing at its log.
 
 A site folder holds `site.toml`, `site.key` (0600, never leaves the machine), `site.pub`,
-`cache/` (preprocessed arrays) and `logs/supernode.log`. The only connection is outbound, to
-the coordinator's one port.
+`cache/` (preprocessed arrays), `run/worker.sock` (0600, in a 0700 folder) and
+`logs/supernode.log`, `logs/worker.log`. The only connection is outbound, to the
+coordinator's one port.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +45,11 @@ EXIT_REFUSED = 3
 # what flower-supernode prints when the SuperLink will not activate its key (not registered,
 # or removed); other activation errors (network, TLS, a SuperLink hiccup) are worth retrying
 _ACTIVATION_REFUSED = "Failed to activate SuperNode"
+# a worker that exits this many times in a row, each within WORKER_SETTLE_SECONDS of its start,
+# is broken (an environment or code problem), not unlucky: the site stops and says so
+WORKER_MAX_QUICK_EXITS = 5
+WORKER_SETTLE_SECONDS = 60.0
+_UNIX_PATH_MAX = 100  # AF_UNIX paths are limited to 107 bytes on Linux; keep a margin
 
 
 class SiteConfig(BaseModel):
@@ -88,11 +101,13 @@ def load_site(d: Path) -> SiteConfig:
     return cfg
 
 
-def supernode_command(cfg: SiteConfig, superlink: str, ca: Path) -> list[str]:
-    node_config = " ".join(
-        f'{k}="{v}"'
-        for k, v in (("site-name", cfg.name), ("data-dir", cfg.data_dir), ("cache-dir", cfg.cache_dir))
-    )
+def supernode_command(
+    cfg: SiteConfig, superlink: str, ca: Path, worker_socket: Path | None = None
+) -> list[str]:
+    items = [("site-name", cfg.name), ("data-dir", cfg.data_dir), ("cache-dir", cfg.cache_dir)]
+    if worker_socket is not None:  # the key fedscan.client.site_runner reads
+        items.append(("worker-socket", worker_socket))
+    node_config = " ".join(f'{k}="{v}"' for k, v in items)
     return [
         flower_exe("flower-supernode"),
         "--superlink",
@@ -142,12 +157,34 @@ def start_site(
     home = d / "flwr-home"
     home.mkdir(exist_ok=True)
     fp = pki.fingerprint((d / "site.pub").read_bytes()) if (d / "site.pub").is_file() else "unknown"
-    cmd = supernode_command(cfg, superlink, ca)
+    env = site_env(home, threads)
+    with WorkerSupervisor(cfg.name, worker_socket_path(d), env, logs / "worker.log", on_line) as worker:
+        return _supervise(cfg, superlink, ca, worker, env, logs, fp, max_restarts, on_line)
+
+
+def _supervise(
+    cfg: SiteConfig,
+    superlink: str,
+    ca: Path,
+    worker: WorkerSupervisor,
+    env: dict[str, str],
+    logs: Path,
+    fp: str,
+    max_restarts: int | None,
+    on_line: Callable[[str], None],
+) -> int:
+    cmd = supernode_command(cfg, superlink, ca, worker.socket)
     restarts, backoff = 0, 5.0
     while True:
         on_line(f"site {cfg.name}: connecting to {superlink} (key {fp})")
         started = time.monotonic()
-        result = _run_supernode(cmd, home, logs / "supernode.log", on_line, threads)
+        result = _run_supernode(cmd, env, logs / "supernode.log", on_line, worker.broken)
+        if worker.broken.is_set():
+            on_line(
+                f"site {cfg.name}: the warm worker exited {WORKER_MAX_QUICK_EXITS} times in a row within "
+                f"{WORKER_SETTLE_SECONDS:.0f}s of starting; stopping the site. See {logs / 'worker.log'}."
+            )
+            return 1
         if result is None:  # we were asked to stop
             on_line(f"site {cfg.name}: stopped")
             return 0
@@ -172,17 +209,92 @@ def start_site(
         backoff = min(backoff * 2, 300.0)
 
 
+def site_env(home: Path, threads: int | None = None) -> dict[str, str]:
+    """The environment of the site's processes: Flower's offline settings, and with ``threads``
+    the CPU threads of the worker and of every ClientApp process the SuperNode starts."""
+    env = offline_env(home)
+    if threads:
+        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    return env
+
+
+def worker_socket_path(d: Path) -> Path:
+    """Where the site's worker listens: ``run/worker.sock`` in the site folder, or, when that path
+    is too long for a Unix socket, in a private temporary folder (removed when the site stops)."""
+    path = d / "run" / "worker.sock"
+    if len(str(path).encode()) <= _UNIX_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="fedscan-site-")) / "worker.sock"  # mkdtemp: 0700
+
+
+class WorkerSupervisor:
+    """Keeps the site's warm worker running while the site runs: it starts the worker, and
+    starts it again when it exits (after 1 s, doubling to 30 s; back to 1 s once a worker has run
+    for a minute). After WORKER_MAX_QUICK_EXITS quick exits in a row it gives up and sets
+    ``broken``. The worker's output goes to its log only."""
+
+    first_backoff = 1.0
+
+    def __init__(
+        self, site: str, socket: Path, env: dict[str, str], log_path: Path, on_line: Callable[[str], None]
+    ) -> None:
+        self.site = site
+        self.socket = socket
+        self.cmd = [sys.executable, "-m", "fedscan.client.site_worker", "--socket", str(socket)]
+        self.env = env
+        self.log_path = log_path
+        self.on_line = on_line
+        self.broken = threading.Event()
+        self.starts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="site-worker", daemon=True)
+
+    def __enter__(self) -> WorkerSupervisor:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        backoff, quick = self.first_backoff, 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.starts += 1
+            with FlowerProcess(self.cmd, self.env, self.log_path) as proc:
+                code = proc.wait(give_up=self._stop.is_set, every=0.5)
+            if code is None or self._stop.is_set():
+                return
+            if time.monotonic() - started > WORKER_SETTLE_SECONDS:
+                backoff, quick = self.first_backoff, 0
+            quick += 1
+            if quick >= WORKER_MAX_QUICK_EXITS:
+                self.broken.set()
+                return
+            self.on_line(
+                f"site {self.site}: the warm worker exited (code {code}); restarting it in {backoff:.0f}s"
+            )
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 30.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self.socket.parent.name.startswith("fedscan-site-"):  # a temporary folder of ours
+            shutil.rmtree(self.socket.parent, ignore_errors=True)
+
+
 def _run_supernode(
-    cmd: list[str], home: Path, log_path: Path, on_line: Callable[[str], None], threads: int | None = None
+    cmd: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    on_line: Callable[[str], None],
+    give_up: threading.Event | None = None,
 ) -> tuple[int, bool] | None:
     """Run the SuperNode, mirroring its output (and its ClientApps', which share the pipe).
 
     Returns (exit code, refused) once the SuperNode process itself has exited, or None when
-    interrupted; its whole process tree is then stopped (``FlowerProcess``). ``refused``: the
-    SuperLink would not activate this node's key, which flower-supernode only says in its log."""
-    env = offline_env(home)
-    if threads:  # inherited by every ClientApp process the SuperNode starts
-        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    interrupted or ``give_up`` was set; its whole process tree is then stopped
+    (``FlowerProcess``). ``refused``: the SuperLink would not activate this node's key, which
+    flower-supernode only says in its log."""
     refused = threading.Event()
 
     def mirror(line: str) -> None:
@@ -192,8 +304,10 @@ def _run_supernode(
 
     with FlowerProcess(cmd, env, log_path, mirror) as node:
         try:
-            code = node.wait()
+            code = node.wait() if give_up is None else node.wait(give_up=give_up.is_set)
         except KeyboardInterrupt:
+            return None
+        if code is None:
             return None
         node.stop()  # lingering children release the pipe; the reader has seen every line
     return code, refused.is_set()

@@ -12,11 +12,11 @@ the scalar training metrics, among them the fraction of the update cut by the cl
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import cast
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
@@ -27,9 +27,9 @@ from fedscan.common.secagg_numerics import encode_update
 
 log = logging.getLogger("fedscan.client")
 
-# (global arrays, round config, context) -> (the trained torch model, its metrics, the site's name);
-# this module is imported per message, so it does not import torch itself
-TrainFn = Callable[[ArrayRecord, dict, Context], tuple[Any, dict[str, float], str]]
+# (global arrays, round config, context) -> (the trained model's state as numpy arrays by name, its
+# metrics, the site's name); this module is imported per message, so it does not import torch
+TrainFn = Callable[[ArrayRecord, dict, Context], tuple[Mapping[str, np.ndarray], dict[str, float], str]]
 
 
 def is_secure(msg: Message) -> bool:
@@ -52,15 +52,12 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         model_keys = keys()
         if len(global_np) != len(model_keys):
             raise ValueError(f"the server sent {len(global_np)} arrays; the model has {len(model_keys)}")
-        from fedscan.common.array_records import from_state  # torch: needed only in the stage that trains
-
-        arrays = from_state(dict(zip(model_keys, global_np, strict=True)))
-        model, metrics, _site = train(arrays, dict(fitins.config), ctxt)
-        local = model.state_dict()
+        arrays = ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(model_keys, global_np, strict=True)})
+        local, metrics, _site = train(arrays, dict(fitins.config), ctxt)
         for k, a in zip(model_keys, global_np, strict=True):  # the arrays pair with the names by position
-            if tuple(local[k].shape) != tuple(np.shape(a)):
+            if np.shape(local[k]) != np.shape(a):
                 raise ValueError(
-                    f"the server's array for {k} has shape {np.shape(a)}, the model's {tuple(local[k].shape)}"
+                    f"the server's array for {k} has shape {np.shape(a)}, the model's {np.shape(local[k])}"
                 )
         params = ctxt.state.config_records[RECORD_KEY_STATE]  # saved by the mod at setup
         # numbers there: the mod keeps them as SecAggPlusState's float fields
@@ -77,7 +74,7 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
             )
             n = int(max_weight)
         delta, clipped = encode_update(
-            global_np, [local[k].detach().cpu().numpy() for k in model_keys], clip, n / max_weight
+            global_np, [np.asarray(local[k]) for k in model_keys], clip, n / max_weight
         )
         if clipped:
             log.warning(
