@@ -36,6 +36,7 @@ from fedscan.common.errors import FedscanError
 log = logging.getLogger("fedscan.worker")
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+REQUEST_READ_SECONDS = 60.0  # a request is a model's arrays over a local socket: well under a second
 
 
 def handle(req: WorkerRequest, record: ArrayRecord | None) -> tuple[WorkerReply, ArrayRecord | None]:
@@ -116,11 +117,13 @@ def serve(sock: socket.socket) -> None:
                     "refused a connection from user id %d (this worker serves user id %d only)", uid, me
                 )
                 continue
+            conn.settimeout(REQUEST_READ_SECONDS)  # a client that connects and stalls must not block the site
             try:
                 req, record = receive_request(conn)
-            except ProtocolError as exc:
-                log.warning("ignored a request that is not one of ours: %s", exc)
+            except (ProtocolError, OSError) as exc:  # socket.timeout is an OSError
+                log.warning("ignored a request that is not one of ours, or did not arrive: %s", exc)
                 continue
+            conn.settimeout(None)
             reply, out = handle(req, record)
             try:
                 send(conn, reply, out)
