@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 
@@ -180,6 +181,15 @@ def plain_train(
     # FedBN: the normalization layers stay here
     record = to_record(model, exclude=norm_keys(model) if cfg.run.strategy == "fedbn" else frozenset())
     return injected_fault(record, arrays, context, cfg, name), metrics, name
+
+
+def secure_train(
+    arrays: ArrayRecord, conf: dict, context: Context, cfg: AppConfig
+) -> tuple[dict[str, np.ndarray], dict[str, float], str]:
+    """Train for SecAgg+'s masking stage: the trained model's whole state as numpy arrays by name
+    (what ``fedscan.client.secagg`` encodes and masks), its metrics and the site's name."""
+    model, metrics, name = train(arrays, conf, context, cfg, secure=True)
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, metrics, name
 
 
 def model_keys(cfg: AppConfig) -> list[str]:

@@ -120,8 +120,7 @@ def secure_train(
     if path is None:
         from fedscan.client import site_round
 
-        model, metrics, name = site_round.train(arrays, conf, context, cfg, secure=True)
-        return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, metrics, name
+        return site_round.secure_train(arrays, conf, context, cfg)
     reply, record = ask(path, "train_secure", context, conf, arrays)
     record = _record(record, "train_secure")
     return {k: record[k].numpy() for k in record}, reply.metrics, reply.site

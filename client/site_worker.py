@@ -62,8 +62,8 @@ def handle(req: WorkerRequest, record: ArrayRecord | None) -> tuple[WorkerReply,
             out, metrics, name = site_round.plain_train(record, conf, context, cfg)
             return WorkerReply(metrics=metrics, site=name, pid=pid), out
         if req.op == "train_secure":
-            model, metrics, name = site_round.train(record, conf, context, cfg, secure=True)
-            return WorkerReply(metrics=metrics, site=name, pid=pid), from_state(model.state_dict())
+            state, metrics, name = site_round.secure_train(record, conf, context, cfg)
+            return WorkerReply(metrics=metrics, site=name, pid=pid), from_state(state)
         metrics, name = site_round.evaluate(record, conf, context, cfg)
         return WorkerReply(metrics=metrics, site=name, pid=pid), None
     except FedscanError as exc:
