@@ -9,8 +9,9 @@ message, so that the ClientApp Flower starts per message stays light), then runs
 cache folder, the worker's socket). It stays in the foreground for systemd, restarts the
 SuperNode with a backoff when it exits on a network failure, restarts the worker when it
 exits, and stops with exit code 3 when the coordinator refuses the site (an unregistered or
-removed key): retrying would not help. A worker that keeps dying at start stops the site with
-exit code 1 and a message pointing at its log.
+removed key): retrying would not help. A runtime port another program holds is a clear error
+(exit code 2) before anything starts. A worker or a SuperNode that keeps dying at start stops
+the site with exit code 1 and a message pointing at its log.
 
 A site folder holds `site.toml`, `site.key` (0600, never leaves the machine), `site.pub`,
 `cache/` (preprocessed arrays), `run/worker.sock` (0600, in a 0700 folder) and
@@ -20,8 +21,10 @@ coordinator's one port.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -45,6 +48,14 @@ EXIT_REFUSED = 3
 # what flower-supernode prints when the SuperLink will not activate its key (not registered,
 # or removed); other activation errors (network, TLS, a SuperLink hiccup) are worth retrying
 _ACTIVATION_REFUSED = "Failed to activate SuperNode"
+# what flower-supernode prints when its runtime API cannot listen (the port was taken between
+# fedscan's check and the SuperNode's start): restarting would fail the same way
+_RUNTIME_API_FAILED = "SuperNode Runtime HTTP API failed to start"
+# a SuperNode that exits this many times in a row, each within SUPERNODE_SETTLE_SECONDS of its
+# start, is failing on something a restart does not fix (flower-supernode retries network
+# failures itself, without exiting): the site stops and points at the log
+SUPERNODE_MAX_QUICK_EXITS = 5
+SUPERNODE_SETTLE_SECONDS = 60.0
 # a worker that exits this many times in a row, each within WORKER_SETTLE_SECONDS of its start,
 # is broken (an environment or code problem), not unlucky: the site stops and says so
 WORKER_MAX_QUICK_EXITS = 5
@@ -151,6 +162,7 @@ def start_site(
     if ":" not in superlink:
         raise FedscanError(f"--superlink {superlink!r} must be HOST:PORT")
     check_images(SiteDir(cfg.name, cfg.data_dir))
+    check_runtime_port(cfg)
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     logs = d / "logs"
     logs.mkdir(exist_ok=True)
@@ -160,6 +172,32 @@ def start_site(
     env = site_env(home, threads)
     with WorkerSupervisor(cfg.name, worker_socket_path(d), env, logs / "worker.log", on_line) as worker:
         return _supervise(cfg, superlink, ca, worker, env, logs, fp, max_restarts, on_line)
+
+
+def _port_busy_error(cfg: SiteConfig) -> FedscanError:
+    return FedscanError(
+        f"site {cfg.name}: the SuperNode's runtime port 127.0.0.1:{cfg.runtime_port} is already in use "
+        "by another program (another site on this machine, or an earlier SuperNode still running)",
+        hint="pick a free port with `fedscan site start --runtime-port PORT`, or set runtime_port "
+        "in site.toml; each site on one machine needs its own",
+    )
+
+
+def check_runtime_port(cfg: SiteConfig) -> None:
+    """FedscanError naming the port when the SuperNode could not listen on its runtime port.
+
+    Bound as the SuperNode's server binds it (SO_REUSEADDR, so a port left in TIME_WAIT by a
+    SuperNode that just stopped is free), and released at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", cfg.runtime_port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise _port_busy_error(cfg) from None
+            raise FedscanError(
+                f"site {cfg.name}: cannot listen on 127.0.0.1:{cfg.runtime_port}: {exc.strerror}"
+            ) from None
 
 
 def _supervise(
@@ -174,7 +212,7 @@ def _supervise(
     on_line: Callable[[str], None],
 ) -> int:
     cmd = supernode_command(cfg, superlink, ca, worker.socket)
-    restarts, backoff = 0, 5.0
+    restarts, backoff, quick = 0, 5.0, 0
     while True:
         on_line(f"site {cfg.name}: connecting to {superlink} (key {fp})")
         started = time.monotonic()
@@ -188,13 +226,23 @@ def _supervise(
         if result is None:  # we were asked to stop
             on_line(f"site {cfg.name}: stopped")
             return 0
-        code, refused = result
-        if refused:
+        code, cause = result
+        if cause == "refused":
             on_line(
                 f"site {cfg.name}: the coordinator refused this site's key ({fp}); it is not registered "
                 "or was removed. Ask the coordinator to run `fedscan server add-site`."
             )
             return EXIT_REFUSED
+        if cause == "port":
+            raise _port_busy_error(cfg)
+        quick = quick + 1 if time.monotonic() - started < SUPERNODE_SETTLE_SECONDS else 0
+        if quick >= SUPERNODE_MAX_QUICK_EXITS:
+            on_line(
+                f"site {cfg.name}: the SuperNode exited {quick} times in a row within "
+                f"{SUPERNODE_SETTLE_SECONDS:.0f}s of starting (last exit code {code}); this is not a "
+                f"network failure, so the site stops. See {logs / 'supernode.log'}."
+            )
+            return 1
         restarts += 1  # a SuperNode does not end by itself (code 0: the SuperLink ended the session)
         if max_restarts is not None and restarts > max_restarts:
             on_line(f"site {cfg.name}: the SuperNode failed {restarts} times; giving up")
@@ -288,18 +336,21 @@ def _run_supernode(
     log_path: Path,
     on_line: Callable[[str], None],
     give_up: threading.Event | None = None,
-) -> tuple[int, bool] | None:
+) -> tuple[int, str | None] | None:
     """Run the SuperNode, mirroring its output (and its ClientApps', which share the pipe).
 
-    Returns (exit code, refused) once the SuperNode process itself has exited, or None when
+    Returns (exit code, cause) once the SuperNode process itself has exited, or None when
     interrupted or ``give_up`` was set; its whole process tree is then stopped
-    (``FlowerProcess``). ``refused``: the SuperLink would not activate this node's key, which
-    flower-supernode only says in its log."""
-    refused = threading.Event()
+    (``FlowerProcess``). ``cause``, from what flower-supernode only says in its log: "refused"
+    (the SuperLink would not activate this node's key), "port" (its runtime API could not
+    listen), or None."""
+    causes: list[str] = []
 
     def mirror(line: str) -> None:
         if _ACTIVATION_REFUSED in line:
-            refused.set()
+            causes.append("refused")
+        elif _RUNTIME_API_FAILED in line or "address already in use" in line:
+            causes.append("port")
         on_line(line)
 
     with FlowerProcess(cmd, env, log_path, mirror) as node:
@@ -310,4 +361,4 @@ def _run_supernode(
         if code is None:
             return None
         node.stop()  # lingering children release the pipe; the reader has seen every line
-    return code, refused.is_set()
+    return code, causes[0] if causes else None

@@ -214,3 +214,82 @@ def test_the_clientapp_imports_no_torch_until_a_message_needs_it() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_busy_runtime_port_stops_the_site_with_the_port_named(tmp_path: Path, synth_root: Path) -> None:
+    """`fedscan site start` on a runtime port another program holds says which port and how to
+    pick another, exits non-zero at once, and starts no SuperNode and no worker (no restart loop)."""
+    import socket
+    import subprocess
+    import sys
+
+    init_site(tmp_path / "site", "hospital-a", synth_root / "hospital-a")
+    (tmp_path / "ca.crt").write_text("not read before the SuperNode starts\n")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cmd = [sys.executable, "-c", "from fedscan.common.cli import main; main()", "site", "start"]
+        cmd += [
+            "--dir",
+            str(tmp_path / "site"),
+            "--superlink",
+            "127.0.0.1:1",
+            "--ca",
+            str(tmp_path / "ca.crt"),
+        ]
+        res = subprocess.run([*cmd, "--runtime-port", str(port)], capture_output=True, text=True, timeout=120)
+    text = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode == 2, text
+    assert f"127.0.0.1:{port} is already in use" in text and "hospital-a" in text
+    assert "--runtime-port PORT" in text
+    assert "Traceback" not in text and "restarting" not in text
+    assert not (tmp_path / "site" / "logs" / "supernode.log").exists()
+    assert not (tmp_path / "site" / "logs" / "worker.log").exists()
+
+
+def test_a_free_runtime_port_passes_the_check(tmp_path: Path, synth_root: Path) -> None:
+    import socket
+
+    from fedscan.client.daemon import check_runtime_port
+
+    cfg, _ = init_site(tmp_path / "site", "hospital-a", synth_root / "hospital-a")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    check_runtime_port(cfg.model_copy(update={"runtime_port": port}))  # no error: nothing listens there
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(FedscanError, match=f"127.0.0.1:{port} is already in use"):
+            check_runtime_port(cfg.model_copy(update={"runtime_port": port}))
+
+
+def test_a_supernode_that_keeps_failing_at_start_stops_the_site(
+    tmp_path: Path, synth_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quick exits of the SuperNode (not network failures: flower-supernode retries those itself)
+    stop the site after SUPERNODE_MAX_QUICK_EXITS; a runtime port taken after the check is the
+    clear port error, not a restart."""
+    import threading
+    import types
+
+    from fedscan.client import daemon
+
+    cfg, _ = init_site(tmp_path / "site", "hospital-a", synth_root / "hospital-a")
+    worker = types.SimpleNamespace(socket=tmp_path / "w.sock", broken=threading.Event())
+    exits: list[tuple[int, str | None]] = []
+    waits: list[float] = []
+    monkeypatch.setattr(daemon, "_run_supernode", lambda *a, **k: exits.pop(0))
+    monkeypatch.setattr(daemon.time, "sleep", waits.append)
+    lines: list[str] = []
+    args = (cfg, "127.0.0.1:1", tmp_path / "ca.crt", worker, {}, tmp_path, "fp", None, lines.append)
+
+    exits[:] = [(1, None)] * daemon.SUPERNODE_MAX_QUICK_EXITS
+    assert daemon._supervise(*args) == 1
+    assert waits == [5.0, 10.0, 20.0, 40.0] and not exits
+    assert "exited 5 times in a row" in lines[-1] and "supernode.log" in lines[-1]
+
+    exits[:] = [(1, None), (1, "port")]
+    with pytest.raises(FedscanError, match=f"127.0.0.1:{cfg.runtime_port} is already in use"):
+        daemon._supervise(*args)
