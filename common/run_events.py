@@ -104,6 +104,18 @@ class UpdateRejected(_Event):
         return f"round {self.round}: rejected the update of {self.site}: {self.reason}"
 
 
+class TrainingMissing(_Event):
+    """Sites of the run sent no usable training update in a round (it failed, timed out or was
+    rejected): the round's model is the other sites' aggregate."""
+
+    fedscan_event: Literal["training_missing"] = "training_missing"
+    round: int
+    sites: list[str]
+
+    def text(self) -> str:
+        return f"round {self.round}: no training update from {', '.join(self.sites)}"
+
+
 class EvaluationsMissing(_Event):
     """Sites of the run sent no evaluation in a round."""
 
@@ -166,6 +178,7 @@ RunEvent = Annotated[
     | SecureAggregation
     | RunWarning
     | UpdateRejected
+    | TrainingMissing
     | EvaluationsMissing
     | RoundFinished
     | ReportUpdated

@@ -146,6 +146,11 @@ class RunRecorder:
         missing = [s for s in self.sites if s not in per_site]
         if missing:  # a site that failed or dropped out is named, not silently absent
             entry["missing_sites"] = missing
+        if aggregation and "sites_trained" in aggregation:  # plaintext: whose update is in the model
+            trained = set(aggregation["sites_trained"])
+            untrained = [s for s in self.sites if s not in trained]
+            if untrained:  # failed, timed out or rejected: this round's model is the others'
+                entry["missed_training"] = untrained
         self.history = [h for h in self.history if h["round"] != server_round] + [entry]
         return summarize(entry["per_site"], self.cfg.run.task)
 

@@ -25,6 +25,7 @@ from fedscan.common.run_events import (
     RunFailed,
     RunFinished,
     RunStarted,
+    TrainingMissing,
     UpdateRejected,
 )
 from fedscan.common.tasks.registry import task_metrics
@@ -39,6 +40,7 @@ class RoundLedger(Protocol):
     site_history: dict[int, dict[str, dict[str, float]]]
     compute_seconds: dict[int, dict[str, dict[str, float]]]
     train_records: dict[int, int]
+    trained: dict[int, list[str]]
     rejected: dict[int, dict[str, str]]
     weight_shares: dict[int, dict[str, float]]
 
@@ -149,6 +151,8 @@ class RunRounds:
             "sites_aggregated": sites,
             "rejected": rejected,
         }
+        if not secure and server_round in ledger.trained:  # SecAgg+ names no site's update
+            agg["sites_trained"] = list(ledger.trained[server_round])
         if server_round in ledger.weight_shares:  # quality weighting
             agg["weight_share"] = {s: round(v, 4) for s, v in ledger.weight_shares[server_round].items()}
         return agg
@@ -178,6 +182,9 @@ class RunRounds:
         self.write("a checkpoint", lambda: save_checkpoint(server_round))
         self.publish("running")
         self._round_start = self.clock()
+        untrained = self.history[-1].get("missed_training")
+        if untrained:
+            self.emit(TrainingMissing(round=server_round, sites=list(untrained)))
         missing = self.history[-1].get("missing_sites")
         if missing:
             self.emit(EvaluationsMissing(round=server_round, sites=list(missing)))

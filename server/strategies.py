@@ -119,6 +119,8 @@ class PerSiteEvaluation(FedAvg):
         # how many training records the aggregation step received per round: one per site in
         # plaintext, exactly one (the secure aggregate) under SecAgg+
         self.train_records: dict[int, int] = {}
+        # the sites whose training update went into the aggregate, per round (plaintext)
+        self.trained: dict[int, list[str]] = {}
         # training updates rejected before aggregation, per round: {site: reason}
         self.rejected: dict[int, dict[str, str]] = {}
         self._global_shapes: dict[str, tuple[int, ...]] | None = None  # of the round's global model
@@ -155,6 +157,7 @@ class PerSiteEvaluation(FedAvg):
                 kept.append(msg)
         replies = kept
         self.train_records[server_round] = len(replies)
+        self.trained[server_round] = [site_name(m) for m in replies]
         self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
         self.before_aggregation(replies)
         if self.quality_max_share is None or not replies:

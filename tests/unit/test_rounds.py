@@ -19,6 +19,7 @@ from fedscan.common.run_events import (
     RunFailed,
     RunFinished,
     RunStarted,
+    TrainingMissing,
     UpdateRejected,
 )
 from fedscan.server.rounds import RunRounds
@@ -30,6 +31,7 @@ class Ledger:
     site_history: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     compute_seconds: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     train_records: dict[int, int] = field(default_factory=dict)
+    trained: dict[int, list[str]] = field(default_factory=dict)
     rejected: dict[int, dict[str, str]] = field(default_factory=dict)
     weight_shares: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -67,11 +69,13 @@ def test_two_rounds_make_the_history_the_report_the_checkpoints_and_the_events(t
     ledger.site_history[1] = {"a": seg(0.25), "b": seg(0.75, 24)}
     ledger.compute_seconds[1] = {"train": {"a": 3.0, "b": 4.0}, "evaluate": {"a": 1.0, "b": 0.5}}
     ledger.train_records[1] = 2
+    ledger.trained[1] = ["a", "b"]
     ledger.rejected[1] = {}
     rounds.finish(1, saved.append)
     clock.now += 5.0
     ledger.site_history[2] = {"a": seg(0.6)}  # b sent no evaluation
     ledger.train_records[2] = 1
+    ledger.trained[2] = ["a"]  # b's update was rejected: the round's model is a's alone
     ledger.rejected[2] = {"b": "its update holds NaN or infinite values"}
     ledger.weight_shares[2] = {"a": 1.0}
     rounds.finish(2, saved.append)
@@ -86,8 +90,10 @@ def test_two_rounds_make_the_history_the_report_the_checkpoints_and_the_events(t
         "records_seen_by_strategy": 2,
         "sites_aggregated": 2,
         "rejected": {},
+        "sites_trained": ["a", "b"],
     }
-    assert second["missing_sites"] == ["b"]
+    assert "missed_training" not in first
+    assert second["missing_sites"] == ["b"] and second["missed_training"] == ["b"]
     assert second["aggregation"]["rejected"] == {"b": "its update holds NaN or infinite values"}
     assert second["aggregation"]["weight_share"] == {"a": 1.0}
 
@@ -96,6 +102,7 @@ def test_two_rounds_make_the_history_the_report_the_checkpoints_and_the_events(t
         RunStarted(sites=2, rounds=2),
         RoundFinished(round=1, rounds=2, metric="dice", mean=0.5, per_site={"a": 0.25, "b": 0.75}),
         UpdateRejected(round=2, site="b", reason="its update holds NaN or infinite values"),
+        TrainingMissing(round=2, sites=["b"]),
         EvaluationsMissing(round=2, sites=["b"]),
         RoundFinished(round=2, rounds=2, metric="dice", mean=0.6, per_site={"a": 0.6}),
         RunFinished(metric="dice", mean=0.6),
