@@ -58,6 +58,7 @@ def handle(req: WorkerRequest, record: ArrayRecord | None) -> tuple[WorkerReply,
             return WorkerReply(keys=site_round.model_keys(cfg), pid=pid), None
         if record is None:
             raise ValueError(f"a {req.op} request came without the global arrays")
+        log.info("round %s: %s started (worker %d)", conf.get("server-round", "?"), req.op, pid)
         if req.op == "train":
             out, metrics, name = site_round.plain_train(record, conf, context, cfg)
             return WorkerReply(metrics=metrics, site=name, pid=pid), out

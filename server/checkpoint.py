@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord
 
 from fedscan.common.array_records import from_state, to_state
 from fedscan.common.atomic import atomic_write_bytes
-from fedscan.common.config import RunConfig
+from fedscan.common.config import RunConfig, load_run_config
 from fedscan.common.errors import FedscanError
 
 GLOBAL_MODEL = "global_model.pt"
@@ -149,6 +149,33 @@ def load_resume(path: Path) -> Resume:
             f"{path} is not a complete fedscan checkpoint (missing or wrong {exc})",
             hint="remove it to resume from the round before, or start the run anew",
         ) from None
+
+
+def find_resume_point(out: Path, command: str) -> tuple[RunConfig, Path, Resume]:
+    """The run config saved in ``out`` (its ``output`` set to ``out``), its last checkpoint and what
+    that holds, checked: a FedscanError when there is no run, no checkpoint or nothing left to run.
+    ``command``: the one that started the run (`fedscan simulate`, `fedscan run`), for the hints."""
+    out = Path(out).expanduser().resolve()
+    hint = f"pass the --out folder of an earlier `{command}`"
+    if not out.is_dir():
+        raise FedscanError(f"cannot resume: {out} does not exist", hint=hint)
+    if not (out / RUN_CONFIG).is_file():
+        raise FedscanError(f"cannot resume: {out} holds no run ({RUN_CONFIG} is missing)", hint=hint)
+    cfg = load_run_config(out / RUN_CONFIG).model_copy(update={"output": out})
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise FedscanError(
+            f"cannot resume the run in {out}: it has no checkpoint (it stopped before its first round ended)",
+            hint=f"start it anew: {command} --config {out / RUN_CONFIG} --overwrite",
+        )
+    resumed = load_resume(ckpt)
+    if resumed.server_round >= cfg.rounds:
+        raise FedscanError(
+            f"the run in {out} is already complete: its last checkpoint is of round {resumed.server_round} "
+            f"of {cfg.rounds}",
+            hint="nothing to resume; for more rounds, start a new run",
+        )
+    return cfg, ckpt, resumed
 
 
 def save_run_config(out: Path, cfg: RunConfig) -> Path:

@@ -277,10 +277,13 @@ def run_deployment(
     overwrite: bool = False,
     on_event: Callable[[RunEvent], None] | None = None,
     on_stage: Callable[[str], None] = print,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
     """Submit a run to a live SuperLink, follow its run events (``on_event`` gets each), write the
     report files into ``cfg.output``; return report.json's content. Raises FedscanError when the
-    run fails. ``on_stage`` gets what the coordinator itself does."""
+    run fails. ``on_stage`` gets what the coordinator itself does. With ``resume_from`` (a round's
+    checkpoint in ``cfg.output``, see ``checkpoint.find_resume_point``) the run continues after that
+    round in its folder, with the strategy's state and the history the checkpoint holds."""
     from fedscan.server.simulate import check_output, clear_output
 
     if cfg.fault_site is not None:
@@ -297,10 +300,11 @@ def run_deployment(
     if ":" not in superlink:
         raise FedscanError(f"--superlink {superlink!r} must be HOST:PORT")
     out = Path(cfg.output).expanduser().resolve()
-    clear_output(out, check_output(out, overwrite))
+    if resume_from is None:  # a resumed run keeps its folder
+        clear_output(out, check_output(out, overwrite))
     # the sites' own folders and caches come from their node config, never from the coordinator
     run = cfg.model_copy(update={"output": out, "data_root": None, "cache_dir": None})
-    app_cfg = AppConfig(run=run, site_names=[])
+    app_cfg = AppConfig(run=run, site_names=[], resume_from=resume_from)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     flower_log = logs / "flower.log"
@@ -338,9 +342,14 @@ def run_deployment(
         (home / "config.toml").write_text(tomli_w.dumps(conf))
         overrides = tmp_path / "run-config.toml"
         overrides.write_text(tomli_w.dumps(app_cfg.to_run_config()))
+        rounds = (
+            f"{run.rounds} rounds"
+            if resume_from is None
+            else f"the rounds after the checkpoint's of {run.rounds}"
+        )
         on_stage(
             f"submitting the run to {superlink}: waiting for {run.sites} sites "
-            f"(up to {run.wait_timeout:.0f}s), {run.rounds} rounds"
+            f"(up to {run.wait_timeout:.0f}s), {rounds}"
         )
         t0 = time.monotonic()
         run_id = submit_run(

@@ -29,7 +29,7 @@ from typing import Any
 
 import tomli_w
 
-from fedscan.common.config import EXAM_MODELS, AppConfig, RunConfig, load_run_config
+from fedscan.common.config import EXAM_MODELS, AppConfig, RunConfig
 from fedscan.common.data.layout import SiteDir, check_site, discover_sites
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.errors import FedscanError
@@ -43,7 +43,7 @@ from fedscan.common.flower_runtime import (
     write_app_dir,
 )
 from fedscan.common.run_events import RunEvent
-from fedscan.server.checkpoint import RUN_CONFIG, latest_checkpoint, load_resume
+from fedscan.server.checkpoint import RUN_CONFIG, find_resume_point
 from fedscan.server.report import (
     FIGURES_DIR,
     PER_SITE_CSV,
@@ -323,26 +323,8 @@ def compare_sites(
 def find_resume(out: Path) -> tuple[RunConfig, Path, int]:
     """The run config saved in ``out``, its last checkpoint and that checkpoint's round, checked:
     a FedscanError when there is no run, no checkpoint, nothing left to run, or its data is gone."""
-    out = Path(out).expanduser().resolve()
-    hint = "pass the --out folder of an earlier `fedscan simulate`"
-    if not out.is_dir():
-        raise FedscanError(f"cannot resume: {out} does not exist", hint=hint)
-    if not (out / RUN_CONFIG).is_file():
-        raise FedscanError(f"cannot resume: {out} holds no run ({RUN_CONFIG} is missing)", hint=hint)
-    cfg = load_run_config(out / RUN_CONFIG).model_copy(update={"output": out})
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        raise FedscanError(
-            f"cannot resume the run in {out}: it has no checkpoint (it stopped before its first round ended)",
-            hint=f"start it anew: fedscan simulate --config {out / RUN_CONFIG} --overwrite",
-        )
-    resumed = load_resume(ckpt)
-    if resumed.server_round >= cfg.rounds:
-        raise FedscanError(
-            f"the run in {out} is already complete: its last checkpoint is of round {resumed.server_round} "
-            f"of {cfg.rounds}",
-            hint="nothing to resume; for more rounds, start a new run",
-        )
+    cfg, ckpt, resumed = find_resume_point(out, "fedscan simulate")
+    out = Path(cfg.output)
     data_root = Path(cfg.data_root) if cfg.data_root is not None else None
     if data_root is None or not data_root.is_dir():
         raise FedscanError(

@@ -39,14 +39,30 @@ def run_cmd(
     ),
     secagg: bool | None = opt.option("secagg", "Secure aggregation (SecAgg+). Default: on in deployment."),
     overwrite: bool = opt.OVERWRITE,
+    resume: Path | None = typer.Option(
+        None,
+        "--resume",
+        metavar="OUT",
+        help="Continue the stopped run in the output folder OUT after its last completed round, with the "
+        "settings it was started with (OUT/run_config.toml), e.g. after the SuperLink was restarted.",
+    ),
 ) -> None:
     """Run a federation on a live SuperLink: the coordinator's command.
 
     Waits for --sites registered sites (up to --wait-timeout), trains for --rounds rounds,
     streams progress per round, and writes report.json, per_site.csv and report.md into --out.
+    With --resume OUT it continues a stopped run from its last checkpoint instead.
     """
     with user_errors():
         settings = opt.given_settings(ctx.params)
+        if resume is not None:
+            given = [
+                k
+                for k, v in {**settings, "config": config, "overwrite": overwrite or None}.items()
+                if v is not None
+            ]
+            _resume(resume, given, superlink, ca)
+            return
         if secagg is None and not opt.config_sets(config, "secagg"):
             settings["secagg"] = True  # deployment: on unless the config or --no-secagg says otherwise
         cfg = opt.run_config(config, settings)
@@ -62,3 +78,34 @@ def run_cmd(
                 on_stage=lambda line: console.print(f"  {line}", highlight=False),
             )
         print_result(report, Path(cfg.output))
+
+
+def _resume(out: Path, given: list[str], superlink: str, ca: Path) -> None:
+    """`fedscan run --resume OUT`: the run's own settings only, so that it ends as it would have."""
+    from fedscan.common.errors import FedscanError
+
+    if given:
+        raise FedscanError(
+            "--resume continues a run with the settings it was started with; it takes no other options "
+            f"than --superlink and --ca (got {opt.flags_of(given)})",
+            hint=f"drop them, or start a new run; the run's settings are in {out / 'run_config.toml'}",
+        )
+    from fedscan.server.checkpoint import find_resume_point
+    from fedscan.server.coordinator import run_deployment
+
+    cfg, ckpt, resumed = find_resume_point(out, "fedscan run")
+    done = resumed.server_round
+    console.print(
+        f"  resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})",
+        highlight=False,
+    )
+    with round_progress(cfg.rounds, done) as on_event:
+        report = run_deployment(
+            cfg,
+            superlink,
+            ca,
+            resume_from=ckpt,
+            on_event=on_event,
+            on_stage=lambda line: console.print(f"  {line}", highlight=False),
+        )
+    print_result(report, Path(cfg.output))
