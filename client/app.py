@@ -11,6 +11,8 @@ A deployed SuperNode starts one ClientApp process per message. This module impor
 and the configuration; the work goes through ``fedscan.client.site_runner``: to the site's warm
 worker when `fedscan site start` runs one, else in this process (the simulation), where the
 training code (torch, MONAI, the data pipeline) is imported when a message first needs it.
+A message's arrays come packed into one Flower object (``fedscan.common.packed_records``); the
+reply is packed when the request was.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.clientapp import ClientApp
 from fedscan.client import secagg, site_runner
 from fedscan.common.config import AppConfig
 from fedscan.common.errors import FedscanError
+from fedscan.common.packed_records import packed, unpacked
 
 log = logging.getLogger("fedscan.client")
 
@@ -51,6 +54,13 @@ def _site_errors(what: str) -> Iterator[None]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    with _site_errors("training"):
+        msg, was_packed = unpacked(msg)
+    reply = _train(msg, context)
+    return packed(reply) if was_packed else reply  # answer as asked: a server that packs unpacks
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     with _site_errors("training"):
         if secagg.is_secure(msg):  # the SecAgg+ protocol drives this message
@@ -81,6 +91,7 @@ def _values(metrics: dict[str, float]) -> dict[str, MetricRecordValues]:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     with _site_errors("evaluation"):
+        msg, _ = unpacked(msg)  # the reply holds no arrays
         metrics, name = site_runner.evaluate(
             msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
         )

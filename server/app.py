@@ -22,6 +22,7 @@ from fedscan.common.array_records import to_record
 from fedscan.common.config import AppConfig
 from fedscan.common.errors import FedscanError
 from fedscan.common.models.registry import build_model
+from fedscan.common.packed_records import PackError, packed, unpacked
 from fedscan.common.run_events import (
     RunEvent,
     RunFailed,
@@ -104,12 +105,15 @@ class DeadlineGrid:
         return ids
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        waiting = {mid for mid in self._grid.push_messages(messages) if mid}  # "" / None: not pushed
+        """Push ``messages`` with their arrays packed into one object each (``common.packed_records``)
+        and return the replies that came within ``timeout`` seconds, unpacked."""
+        pushed = self._grid.push_messages([packed(m) for m in messages])
+        waiting = {mid for mid in pushed if mid}  # "" / None: not pushed
         end = None if timeout is None else self._clock() + timeout
         replies: list[Message] = []
         while waiting:
             got = list(self._grid.pull_messages(waiting))
-            replies.extend(got)
+            replies.extend(_unpacked_reply(m) for m in got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
             if not waiting or (end is not None and self._clock() >= end):
                 break
@@ -118,6 +122,14 @@ class DeadlineGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def _unpacked_reply(msg: Message) -> Message:
+    try:
+        return unpacked(msg)[0]
+    except PackError as exc:  # left packed: the strategy rejects arrays that are not the model's
+        log.warning("node %s sent a reply whose arrays cannot be unpacked: %s", msg.metadata.src_node_id, exc)
+        return msg
 
 
 class OutputFolder:

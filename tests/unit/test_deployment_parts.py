@@ -124,6 +124,14 @@ class _Reply:
     def __init__(self, to: str) -> None:
         self.metadata = type("Meta", (), {"reply_to_message_id": to})()
 
+    def has_content(self) -> bool:  # nothing to unpack
+        return False
+
+
+class _Sent(str):
+    def has_content(self) -> bool:  # nothing to pack
+        return False
+
 
 class _LinkGrid:
     """push_messages/pull_messages as the SuperLink answers them: replies arrive over pulls."""
@@ -158,7 +166,7 @@ def _link(
 
 def test_replies_are_pulled_every_poll_until_all_came() -> None:
     grid, link, _, slept = _link([[], ["a"], [], ["c", "b"]])
-    replies = grid.send_and_receive(["a", "b", "c", "malformed"], timeout=60)  # type: ignore[arg-type]
+    replies = grid.send_and_receive([_Sent(m) for m in ("a", "b", "c", "malformed")], timeout=60)  # type: ignore[arg-type]
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-a", "id-b", "id-c"]
     # asks only for what is still missing, never for the message that was not pushed
     assert link.pulls == [
@@ -172,11 +180,11 @@ def test_replies_are_pulled_every_poll_until_all_came() -> None:
 
 def test_send_and_receive_gives_up_at_the_timeout_with_what_came() -> None:
     grid, link, now, _ = _link([["a"]] + [[]] * 100, timeout=1.0)
-    replies = grid.send_and_receive(["a", "b"], timeout=1.0)  # type: ignore[arg-type]
+    replies = grid.send_and_receive([_Sent("a"), _Sent("b")], timeout=1.0)  # type: ignore[arg-type]
     assert [r.metadata.reply_to_message_id for r in replies] == ["id-a"]
     assert 1.0 <= now[0] < 1.2 + 1e-9 and len(link.pulls) == 6
     grid, link, now, _ = _link([[]] * 30 + [["a"]])
-    replies = grid.send_and_receive(["a"], timeout=None)  # type: ignore[arg-type]
+    replies = grid.send_and_receive([_Sent("a")], timeout=None)  # type: ignore[arg-type]
     assert len(replies) == 1 and len(link.pulls) == 31  # no timeout: waits for every reply
 
 

@@ -28,6 +28,7 @@ from fedscan.common.cli import app as cli
 from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.dicom import list_files
 from fedscan.common.models.registry import build_model
+from fedscan.common.packed_records import is_packed, packed, unpacked
 
 PHI = {
     "PatientName": "ZZSECRET^ALICE^QUINN",
@@ -125,6 +126,8 @@ def test_a_training_round_sends_no_phi(
             )
             reply = handler(msg, _context(cfg, k))
             assert reply.has_content()
+            if kind == "train" and k == 0:
+                plain_update = reply.content.array_records["arrays"]
             sent += message_to_proto(reply).SerializeToString()
             # exactly what the README lists, and the counts rounded up to a multiple of 7
             metrics = reply.content["metrics"]
@@ -136,6 +139,18 @@ def test_a_training_round_sends_no_phi(
                 assert "uncertainty_auroc" in metrics  # round 1 of 1 is the final round: the scores are in
             assert metrics["num-examples"] > 0 and metrics["num-examples"] % 7 == 0
             assert dict(reply.content["site"]) == {"name": f"hospital-{'ab'[k]}"}
+    # a request whose arrays came packed into one object is answered packed, with the same update
+    conf = {"server-round": 1, "local-epochs": 1, "lr": 1e-3, "batch-size": 4}
+    msg = Message(
+        content=RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    reply = client_train(packed(msg), _context(cfg, 0))
+    assert is_packed(reply.content.array_records["arrays"])
+    sent += message_to_proto(reply).SerializeToString()  # the packed layout is checked for PHI too
+    update = unpacked(reply)[0].content.array_records["arrays"]
+    assert [(k, a.data) for k, a in update.items()] == [(k, a.data) for k, a in plain_update.items()]
     assert len(sent) > 10_000  # the weights were really in there
     assert _leaks(sent, secrets) == []
     assert str(root).encode() not in sent
