@@ -157,7 +157,7 @@ class PerSiteEvaluation(FedAvg):
                 kept.append(msg)
         replies = kept
         self.train_records[server_round] = len(replies)
-        self.trained[server_round] = [site_name(m) for m in replies]
+        self.trained[server_round] = [site_name(m) for m in replies if not m.has_error()]
         self.compute_seconds.setdefault(server_round, {})["train"] = _seconds(replies)
         self.before_aggregation(replies)
         if self.quality_max_share is None or not replies:

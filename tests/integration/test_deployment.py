@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from test_simulate import FEDSCAN, flower_processes, run_cli
 
 from fedscan.common.data.synthetic import synthesize
@@ -174,6 +177,116 @@ def test_two_rounds_through_fedscan_run_match_simulation(fed: Federation) -> Non
         assert set(dep) == set(ref)
         assert dep["num_examples"] == ref["num_examples"]  # the same patient split
         assert abs(dep["dice"] - ref["dice"]) < 0.05, (site, dep["dice"], ref["dice"])
+
+
+def _wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None):  # type: ignore[no-untyped-def]
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` (or when ``proc`` ends)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (code {proc.returncode}) before {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"no {what} within {timeout}s")
+
+
+PLAIN_ARGS = ["--image-size", "32", "--seed", "3", "--device", "cpu", "--no-secagg"]
+
+
+@pytest.mark.integration
+def test_a_site_whose_worker_dies_in_round_2_misses_only_that_round(fed: Federation) -> None:
+    """The warm worker of one site is killed while it trains in round 2: the daemon starts it again,
+    the run completes, the report names round 2 as the round that site missed, and the site
+    trains again in round 3."""
+    out = fed.root / "worker-killed"
+    worker_log = fed.root / "hospital-c" / "logs" / "worker.log"
+    already = worker_log.read_text().count("listening on")
+    run = fed.spawn(
+        "run-killed",
+        "run",
+        "--superlink",
+        fed.superlink,
+        "--ca",
+        str(fed.ca),
+        "--sites",
+        "3",
+        "--out",
+        str(out),
+        "--rounds",
+        "3",
+        "--local-epochs",
+        "3",  # hospital-c, the largest site, trains for seconds: the kill lands while it trains
+        *PLAIN_ARGS,
+    )
+
+    def training_round_2() -> int | None:
+        for line in worker_log.read_text().splitlines():
+            if "round 2: train started (worker " in line:
+                return int(line.rsplit("(worker ", 1)[1].rstrip(")"))
+        return None
+
+    pid = _wait_for("round 2 training at hospital-c", training_round_2, timeout=600, proc=run)
+    os.kill(pid, signal.SIGKILL)
+    assert run.wait(timeout=600) == 0, fed.output("run-killed")
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["rounds_completed"] == 3
+    first, second, third = report["history"]
+    assert second["missed_training"] == ["hospital-c"]
+    assert second["aggregation"]["sites_trained"] == ["hospital-a", "hospital-b"]
+    assert "missed_training" not in first and "missed_training" not in third
+    assert third["aggregation"]["sites_trained"] == SITES  # back in round 3
+    assert set(third["per_site"]) == set(SITES)
+    assert "round 2: no training update from hospital-c" in " ".join(fed.output("run-killed").split())
+    assert "the warm worker exited" in fed.output("hospital-c")
+    assert worker_log.read_text().count("listening on") == already + 1  # started again, once
+
+
+@pytest.mark.integration
+def test_a_run_resumed_after_the_superlink_was_killed_ends_bit_identical(fed: Federation) -> None:
+    """The SuperLink is killed (SIGKILL) after round 2 of 4 and started again on its state database;
+    `fedscan run --resume OUT` ends with the same weights, bit for bit, and the same per-site
+    history as a run that was never interrupted."""
+    args = ["--superlink", fed.superlink, "--ca", str(fed.ca), "--sites", "3", "--rounds", "4"]
+    args += ["--local-epochs", "1", *PLAIN_ARGS]
+    whole = run_cli("run", *args, "--out", str(fed.root / "whole"), timeout=900)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    part = fed.root / "part"
+    run = fed.spawn("run-part", "run", *args, "--out", str(part))
+    _wait_for("round 2 checkpoint", (part / "checkpoints" / "round-002.pt").is_file, timeout=600, proc=run)
+    # a crash: `fedscan server start`, flower-superlink (in a session of its own), its SuperExec and
+    # the ServerApp, all at once, with no chance to clean up
+    coordinator = psutil.Process(fed.procs["superlink"].pid)
+    tree = [coordinator, *coordinator.children(recursive=True)]
+    assert any("flwr-serverapp" in " ".join(p.cmdline()) for p in tree)
+    for proc in tree:
+        proc.kill()
+    psutil.wait_procs(tree, timeout=60)
+    assert run.wait(timeout=300) != 0
+    assert json.loads((part / "report.json").read_text())["rounds_completed"] in (2, 3)
+
+    fed.spawn("superlink", "server", "start", "--dir", str(fed.coord))
+    fed.wait_ready()
+    fed.wait_online(SITES, timeout=180)
+    res = run_cli(
+        "run", "--resume", str(part), "--superlink", fed.superlink, "--ca", str(fed.ca), timeout=900
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming the run" in res.stdout + res.stderr
+
+    ref = json.loads((fed.root / "whole" / "report.json").read_text())
+    got = json.loads((part / "report.json").read_text())
+    assert got["status"] == "complete" and got["rounds_completed"] == 4
+    assert [h["per_site"] for h in got["history"]] == [h["per_site"] for h in ref["history"]]
+    a = torch.load(fed.root / "whole" / "global_model.pt", weights_only=True)["state_dict"]
+    b = torch.load(part / "global_model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = run_cli(
+        "run", "--resume", str(part), "--superlink", fed.superlink, "--ca", str(fed.ca), "--rounds", "5"
+    )
+    assert again.returncode == 2 and "takes no other options" in " ".join(again.stderr.split())
 
 
 @pytest.mark.integration
