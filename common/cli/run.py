@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from fedscan.common.cli import run_options as opt
 from fedscan.common.cli.root import app, console, user_errors
 from fedscan.common.cli.run_display import print_result, round_progress
+from fedscan.common.config import RunConfig
 
 
 @app.command("run")
@@ -65,19 +67,23 @@ def run_cmd(
             return
         if secagg is None and not opt.config_sets(config, "secagg"):
             settings["secagg"] = True  # deployment: on unless the config or --no-secagg says otherwise
-        cfg = opt.run_config(config, settings)
-        from fedscan.server.coordinator import run_deployment
+        _deploy(opt.run_config(config, settings), superlink, ca, overwrite=overwrite)
 
-        with round_progress(cfg.rounds) as on_event:
-            report = run_deployment(
-                cfg,
-                superlink,
-                ca,
-                overwrite=overwrite,
-                on_event=on_event,
-                on_stage=lambda line: console.print(f"  {line}", highlight=False),
-            )
-        print_result(report, Path(cfg.output))
+
+def _deploy(cfg: RunConfig, superlink: str, ca: Path, done: int = 0, **kw: Any) -> None:
+    """Run ``cfg`` on the SuperLink (after round ``done`` of a resumed run), showing its progress."""
+    from fedscan.server.coordinator import run_deployment
+
+    with round_progress(cfg.rounds, done) as on_event:
+        report = run_deployment(
+            cfg,
+            superlink,
+            ca,
+            on_event=on_event,
+            on_stage=lambda line: console.print(f"  {line}", highlight=False),
+            **kw,
+        )
+    print_result(report, Path(cfg.output))
 
 
 def _resume(out: Path, given: list[str], superlink: str, ca: Path) -> None:
@@ -91,7 +97,6 @@ def _resume(out: Path, given: list[str], superlink: str, ca: Path) -> None:
             hint=f"drop them, or start a new run; the run's settings are in {out / 'run_config.toml'}",
         )
     from fedscan.server.checkpoint import find_resume_point
-    from fedscan.server.coordinator import run_deployment
 
     cfg, ckpt, resumed = find_resume_point(out, "fedscan run")
     done = resumed.server_round
@@ -99,13 +104,4 @@ def _resume(out: Path, given: list[str], superlink: str, ca: Path) -> None:
         f"  resuming the run in {cfg.output} after round {done} of {cfg.rounds} ({ckpt.name})",
         highlight=False,
     )
-    with round_progress(cfg.rounds, done) as on_event:
-        report = run_deployment(
-            cfg,
-            superlink,
-            ca,
-            resume_from=ckpt,
-            on_event=on_event,
-            on_stage=lambda line: console.print(f"  {line}", highlight=False),
-        )
-    print_result(report, Path(cfg.output))
+    _deploy(cfg, superlink, ca, done, resume_from=ckpt)
