@@ -265,7 +265,8 @@ def test_a_run_resumed_after_the_superlink_was_killed_ends_bit_identical(fed: Fe
         proc.kill()
     psutil.wait_procs(tree, timeout=60)
     assert run.wait(timeout=300) != 0
-    assert json.loads((part / "report.json").read_text())["rounds_completed"] in (2, 3)
+    # the report is published just after the checkpoint is written: the kill may fall between them
+    assert json.loads((part / "report.json").read_text())["rounds_completed"] in (1, 2, 3)
 
     fed.spawn("superlink", "server", "start", "--dir", str(fed.coord))
     fed.wait_ready()
