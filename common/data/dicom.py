@@ -40,6 +40,8 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
+from fedscan.common.data.dicom_header import NotFast, RawHeader, read_raw_header
+
 log = logging.getLogger(__name__)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -214,10 +216,14 @@ def _number(value: Any, default: float) -> float:  # a header value, typed Any a
 # endian, a value that does not parse) goes through pydicom, so the result is pydicom's.
 _FAST_VRS = frozenset({"US", "DS", "IS", "UI", "CS"})
 _TAGS: dict[str, int] = {}
+# a header as the scan reads it: pydicom's, or fedscan's faster RawHeader (dicom_header.py)
+Header = Dataset | RawHeader
 
 
-def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
+def _value(ds: Header, keyword: str, default: Any = None) -> Any:
     """``ds.get(keyword, default)`` for a top-level element of a header, converted as pydicom does."""
+    if isinstance(ds, RawHeader):
+        return ds.get(keyword, default)
     tag = _TAGS.get(keyword)
     if tag is None:
         tag = _TAGS[keyword] = int(tag_for_keyword(keyword) or 0)
@@ -284,10 +290,15 @@ def read_header(path: Path) -> Dataset | Skipped:
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit and explicit VR little endian
 
 
-def _native_layout(ds: Dataset) -> tuple[int, str, int, bool] | None:
+def _meta(ds: Header, keyword: str) -> str:
+    """A file meta element (transfer syntax, media storage SOP class) as text; '' if absent."""
+    return str(getattr(ds, "file_meta", None) and ds.file_meta.get(keyword, "") or "")
+
+
+def _native_layout(ds: Header) -> tuple[int, str, int, bool] | None:
     """(offset, dtype, bits stored, explicit VR) when the pixels can be read straight from the
     file: uncompressed little endian, one frame, one sample. None means: let pydicom decode."""
-    syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    syntax = _meta(ds, "TransferSyntaxUID")
     if (
         syntax not in _NATIVE_SYNTAXES
         or "NumberOfFrames" in ds
@@ -304,7 +315,7 @@ def _native_layout(ds: Dataset) -> tuple[int, str, int, bool] | None:
     return int(getattr(ds, "fedscan_pixel_offset", -1)), dtype, stored, not implicit
 
 
-def _bits_range(ds: Dataset) -> tuple[int, int]:
+def _bits_range(ds: Header) -> tuple[int, int]:
     bits = int(_value(ds, "BitsStored", _value(ds, "BitsAllocated", 16)) or 16)
     if int(_value(ds, "PixelRepresentation", 0) or 0) == 1:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -317,7 +328,7 @@ def _item(groups: Dataset | None, seq: str) -> Dataset | None:
     return groups[seq].value[0]
 
 
-def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
+def _slices_of(path: Path, ds: Header) -> list[_Slice] | str:
     """The slices a greyscale image file contributes, or why it contributes none."""
     shape = (int(_value(ds, "Rows")), int(_value(ds, "Columns")))
     if shape[0] < 1 or shape[1] < 1:
@@ -325,9 +336,7 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
     sop = str(_value(ds, "SOPInstanceUID", ""))
     if not sop:
         return "image without SOPInstanceUID"
-    syntax = uid_name(
-        getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""), "unknown transfer syntax"
-    )
+    syntax = uid_name(_meta(ds, "TransferSyntaxUID"), "unknown transfer syntax")
     invert = str(_value(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     lut = "ModalityLUTSequence" in ds
     lo_hi = _bits_range(ds)
@@ -367,6 +376,8 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
 
     if "NumberOfFrames" not in ds:
         return [make(None, top_ipp, top_iop, top_spacing, top_thick, top_slope, top_icpt)]
+    if isinstance(ds, RawHeader):
+        raise NotFast("multi-frame")  # functional groups are sequences: pydicom reads them
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and len(per_frame) != n_frames:
@@ -399,10 +410,9 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice] | str:
     return out
 
 
-def _classify(path: Path, ds: Dataset) -> list[_Slice] | str | None:
+def _classify(path: Path, ds: Header) -> list[_Slice] | str | None:
     """Slices of an image, None for a DICOM SEG, or the reason the file is not used."""
-    meta = getattr(ds, "file_meta", Dataset())
-    sop_class = str(_value(ds, "SOPClassUID", meta.get("MediaStorageSOPClassUID", "")))
+    sop_class = str(_value(ds, "SOPClassUID", _meta(ds, "MediaStorageSOPClassUID")))
     if sop_class == MEDIA_DIRECTORY_STORAGE or "DirectoryRecordSequence" in ds:
         return "a DICOMDIR (a media index, not an image)"
     if sop_class == SEG_STORAGE:
@@ -449,34 +459,51 @@ def _seg_references(ds: Dataset) -> list[str]:
     return [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", [])]
 
 
-def scan_file(path: Path, seg_only: bool = False) -> FileScan:
+def scan_file(path: Path, seg_only: bool = False, fast: bool = True) -> FileScan:
     """Read one file's header and classify it. Never raises for a bad file. ``seg_only``: the
-    file is only looked at as a possible DICOM SEG (files under labels/)."""
+    file is only looked at as a possible DICOM SEG (files under labels/). ``fast``: try
+    fedscan's own header reader first (``dicom_header``); pydicom reads whatever it leaves."""
+    if fast and not seg_only:
+        raw = read_raw_header(path)
+        if raw is not None:
+            try:
+                return _scan_header(path, raw)
+            except NotFast:
+                pass
     ds = read_header(path)
     if isinstance(ds, Skipped):
         return FileScan(path, skipped=ds)
     if seg_only:
         is_seg = str(ds.get("SOPClassUID", "")) == SEG_STORAGE
         return FileScan(path, seg_refs=_seg_references(ds) if is_seg else None)
+    return _scan_header(path, ds)
+
+
+def _scan_header(path: Path, ds: Header) -> FileScan:
+    """Classify a file by its header; ``NotFast`` passes through for pydicom to read the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = _classify(path, ds)
             if result is None:
+                if isinstance(ds, RawHeader):
+                    raise NotFast("a DICOM SEG")  # its references are a sequence
                 return FileScan(path, seg_refs=_seg_references(ds))
+            if isinstance(result, str):
+                return FileScan(path, skipped=Skipped(path, result))
+            meta = SeriesMeta(
+                series_uid=str(_value(ds, "SeriesInstanceUID")),
+                study_uid=str(_value(ds, "StudyInstanceUID", "")),
+                patient_id=str(_value(ds, "PatientID", "")),
+                modality=standard_modality(_value(ds, "Modality", "")),
+                manufacturer=str(_value(ds, "Manufacturer", "")).strip()[:64],
+            )
+    except NotFast:
+        raise
     except Exception as exc:  # noqa: BLE001 - a malformed header must not stop the scan
         return FileScan(
             path, skipped=Skipped(path, "unreadable image header", f"{type(exc).__name__}: {exc}")
         )
-    if isinstance(result, str):
-        return FileScan(path, skipped=Skipped(path, result))
-    meta = SeriesMeta(
-        series_uid=str(_value(ds, "SeriesInstanceUID")),
-        study_uid=str(_value(ds, "StudyInstanceUID", "")),
-        patient_id=str(_value(ds, "PatientID", "")),
-        modality=standard_modality(_value(ds, "Modality", "")),
-        manufacturer=str(ds.get("Manufacturer", "")).strip()[:64],
-    )
     return FileScan(path, slices=result, series=meta)
 
 
