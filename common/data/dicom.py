@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,23 @@ class Skipped:
     detail: str = ""  # e.g. the decoder's message; local log only
 
 
+@dataclass(frozen=True)
+class EncodedPixels:
+    """Where a single-frame file's compressed Pixel Data starts, and what its decoder needs.
+
+    With it, ``read_series`` hands the encapsulated bytes straight to pydicom's decoder for the
+    transfer syntax instead of letting ``pydicom.pixels.pixel_array`` parse the file's data set
+    again: ``read_series`` of the 224x224 synthetic CT in RLE took 0.30 instead of 0.93 ms a
+    slice, the same values (measured in one run on the 2-core development machine)."""
+
+    offset: int  # the Pixel Data element, as the header scan found it
+    syntax: str  # transfer syntax UID
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    photometric: str
+
+
 @dataclass
 class SeriesHeader:
     """One series' slices, read without pixel data, in geometric order.
@@ -95,6 +113,7 @@ class SeriesHeader:
     native: list[tuple[int, str, int, bool] | None] = field(
         default_factory=list
     )  # per slice, see read_series
+    encoded: list[EncodedPixels | None] = field(default_factory=list)  # per slice, see read_series
     geometry: bool = True
     warnings: list[str] = field(default_factory=list)  # fedscan's wording, like Skipped.reason
 
@@ -132,6 +151,7 @@ class SeriesHeader:
             lut=self.lut[idx],
             transfer_syntaxes=pick(self.transfer_syntaxes) if self.transfer_syntaxes else [],
             native=pick(self.native) if self.native else [],
+            encoded=pick(self.encoded) if self.encoded else [],
             warnings=list(self.warnings),
         )
 
@@ -162,6 +182,7 @@ class _Slice:
     lut: bool
     syntax: str
     native: tuple[int, str, int, bool] | None = None
+    encoded: EncodedPixels | None = None
 
 
 # DICOM's defined terms (PS3.3 C.7.3.1.1.1); anything else is reported as "other"
@@ -315,6 +336,32 @@ def _native_layout(ds: Header) -> tuple[int, str, int, bool] | None:
     return int(getattr(ds, "fedscan_pixel_offset", -1)), dtype, stored, not implicit
 
 
+_ENCAPSULATED_SYNTAXES = frozenset(str(uid) for uid in pydicom.uid.AllTransferSyntaxes if uid.is_encapsulated)
+
+
+def _encoded_layout(ds: Header) -> EncodedPixels | None:
+    """How pydicom's decoder can read the file's compressed pixels without the file's data set:
+    single frame, one sample, no Modality LUT Sequence or offset tables beside the pixels."""
+    syntax = _meta(ds, "TransferSyntaxUID")
+    if (
+        syntax not in _ENCAPSULATED_SYNTAXES
+        or any(k in ds for k in ("NumberOfFrames", "ModalityLUTSequence", "ExtendedOffsetTable"))
+        or int(_value(ds, "SamplesPerPixel", 1) or 1) != 1
+    ):
+        return None
+    bits = int(_value(ds, "BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32):
+        return None
+    return EncodedPixels(
+        offset=int(getattr(ds, "fedscan_pixel_offset", -1)),
+        syntax=syntax,
+        bits_allocated=bits,
+        bits_stored=int(_value(ds, "BitsStored", bits) or bits),
+        pixel_representation=int(_value(ds, "PixelRepresentation", 0) or 0),
+        photometric=str(_value(ds, "PhotometricInterpretation", "")).strip(),
+    )
+
+
 def _bits_range(ds: Header) -> tuple[int, int]:
     bits = int(_value(ds, "BitsStored", _value(ds, "BitsAllocated", 16)) or 16)
     if int(_value(ds, "PixelRepresentation", 0) or 0) == 1:
@@ -372,6 +419,7 @@ def _slices_of(path: Path, ds: Header) -> list[_Slice] | str:
             lut,
             syntax,
             _native_layout(ds) if frame is None else None,
+            _encoded_layout(ds) if frame is None else None,
         )
 
     if "NumberOfFrames" not in ds:
@@ -665,6 +713,7 @@ def _assemble(meta: SeriesMeta, slices: list[_Slice], skipped: list[Skipped]) ->
         lut=np.array([s.lut for s in kept], dtype=bool),
         transfer_syntaxes=[s.syntax for s in kept],
         native=[s.native for s in kept],
+        encoded=[s.encoded for s in kept],
         geometry=bool(geometric),
         warnings=warn,
     )
@@ -696,6 +745,42 @@ def _read_native(path: Path, layout: tuple[int, str, int, bool], shape: tuple[in
             shift = bits - stored
             arr = (arr << shift) >> shift
     return arr.reshape(shape)
+
+
+def _read_encoded(path: Path, layout: EncodedPixels, shape: tuple[int, int]) -> np.ndarray | None:
+    """A compressed single frame decoded by pydicom's decoder from the bytes after the Pixel
+    Data element's header; None when the element is not where and what the header scan saw,
+    or the decoder refuses it (then the file is read the usual way, and reported from there)."""
+    if layout.offset < 0:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(layout.offset)
+        head = fh.read(12)
+        if head[:4] != b"\xe0\x7f\x10\x00" or head[4:6] != b"OB" or head[8:12] != b"\xff\xff\xff\xff":
+            return None
+        data = fh.read()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # as_array's **kwargs are annotated as DecodeOptions each (pydicom means Unpack[...])
+            decoder = pydicom.pixels.get_decoder(layout.syntax)
+            as_array: Callable[..., tuple[np.ndarray, Any]] = decoder.as_array
+            arr, _ = as_array(
+                data,
+                rows=shape[0],
+                columns=shape[1],
+                samples_per_pixel=1,
+                number_of_frames=1,
+                bits_allocated=layout.bits_allocated,
+                bits_stored=layout.bits_stored,
+                pixel_representation=layout.pixel_representation,
+                photometric_interpretation=layout.photometric,
+                transfer_syntax_uid=pydicom.uid.UID(layout.syntax),
+                pixel_keyword="PixelData",
+            )
+    except Exception:  # noqa: BLE001 - the full read decides, and reports, what is wrong
+        return None
+    return arr if arr.shape == shape else None
 
 
 def _decode(path: Path, need_dataset: bool) -> tuple[np.ndarray, Dataset | None]:
@@ -744,6 +829,9 @@ def read_series(series: SeriesHeader) -> tuple[np.ndarray, np.ndarray, list[Skip
         try:
             layout = series.native[idx[0]] if series.native else None
             arr = _read_native(path, layout, series.shape) if layout is not None else None
+            encoded = series.encoded[idx[0]] if series.encoded else None
+            if arr is None and encoded is not None and not series.lut[idx[0]]:
+                arr = _read_encoded(path, encoded, series.shape)
             ds = None
             if arr is None:
                 arr, ds = _decode(path, bool(series.lut[idx[0]]))
