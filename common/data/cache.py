@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,9 +23,13 @@ CACHE_VERSION = 3  # 2: the series' SNR per slice; 3: classification lesion mask
 def cache_key(root: Path, files: list[Path], params: dict[str, object]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"v": CACHE_VERSION, **params}, sort_keys=True, default=str).encode())
+    prefix = os.path.join(str(root), "")
     for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = os.stat(f)
+        name = str(f)
+        # the text of f.relative_to(root), without building a Path a file: the warm read's cost
+        rel = name[len(prefix) :] if name.startswith(prefix) else str(f.relative_to(root))
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 

@@ -167,3 +167,25 @@ def test_meta_that_lies_about_the_encoding_and_empty_images(tmp_path: Path) -> N
     pixels, ok, _ = read_series(scan.series[0])
     assert ok.all()
     np.testing.assert_array_equal(pixels[0], img)
+
+
+def test_list_files_skips_hidden_entries_and_linked_folders(tmp_path: Path) -> None:
+    import os
+
+    from fedscan.common.data.dicom import list_files
+
+    root, outside = tmp_path / "images", tmp_path / "outside"
+    for d in ["a/b", "a-b", ".hidden/x", "c/.git", "c/d/e", "outside/sub"]:
+        (root / d if not d.startswith("outside") else tmp_path / d).mkdir(parents=True)
+    for f in ["a/b/1", "a-b/2", "a/3", ".hidden/x/4", "c/.git/5", "c/.6", "c/d/e/7", "top"]:
+        (root / f).write_text("x")
+    (outside / "z").write_text("z")
+    (outside / "sub" / "y").write_text("y")
+    os.symlink(outside / "z", root / "c" / "linked-file")
+    os.symlink(outside / "sub", root / "c" / "linked-folder")
+    os.symlink(outside / "missing", root / "c" / "broken-link")
+    os.mkfifo(root / "fifo")
+    listed = [p.relative_to(root).as_posix() for p in list_files(root)]
+    # sorted as paths (a/3 and a/b/1 before a-b/2), files behind links kept, linked folders not entered
+    assert listed == ["a/3", "a/b/1", "a-b/2", "c/d/e/7", "c/linked-file", "top"]
+    assert list_files(tmp_path / "nowhere") == []
