@@ -84,15 +84,21 @@ PHASES = [
 ]
 
 
-def make_sites(root: Path, n_sites: int, seed: int, matrix: int | None) -> list[SiteDir]:
-    """Synthetic segmentation sites; at the builder's own matrices unless ``matrix`` is set."""
-    if matrix is None:
+def make_sites(
+    root: Path, n_sites: int, seed: int, matrix: int | None, slices_per_patient: int | None = None
+) -> list[SiteDir]:
+    """Synthetic segmentation sites; at the builder's own matrices and series lengths unless
+    ``matrix`` or ``slices_per_patient`` is set."""
+    if matrix is None and slices_per_patient is None:
         synthesize(root, n_sites, seed)
     else:
         root.mkdir(parents=True)
         for i, prof in enumerate(make_profiles(n_sites, seed)):
-            fov = prof.matrix * prof.pixel_spacing_mm  # same field of view, finer pixels
-            prof = prof.model_copy(update={"matrix": matrix, "pixel_spacing_mm": round(fov / matrix, 4)})
+            if matrix is not None:
+                fov = prof.matrix * prof.pixel_spacing_mm  # same field of view, finer pixels
+                prof = prof.model_copy(update={"matrix": matrix, "pixel_spacing_mm": round(fov / matrix, 4)})
+            if slices_per_patient is not None:
+                prof = prof.model_copy(update={"slices_per_patient": slices_per_patient})
             write_site(root, prof, seed, i)
     return discover_sites(root)
 
@@ -249,6 +255,12 @@ def main() -> None:
         default=[1, 2],
         help="worker processes for the cold runs (1: in this process; it also gives the profile)",
     )
+    ap.add_argument(
+        "--slices-per-patient",
+        type=int,
+        default=None,
+        help="series length (the synthetic builder's is 12; a CT series is often 50-300)",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile one cold ingestion of the first set")
     ap.add_argument("--top", type=int, default=20, help="functions listed by --profile")
     args = ap.parse_args()
@@ -271,7 +283,9 @@ def main() -> None:
         first: list[SiteDir] | None = None
         for matrix in [None, *args.matrix]:
             tag = "drawn" if matrix is None else str(matrix)
-            base = make_sites(tmp / f"m{tag}" / "explicit", args.sites, args.seed, matrix)
+            base = make_sites(
+                tmp / f"m{tag}" / "explicit", args.sites, args.seed, matrix, args.slices_per_patient
+            )
             for key in args.syntaxes:
                 name, uid = SYNTAXES[key]
                 try:
