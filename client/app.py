@@ -12,7 +12,10 @@ and the configuration; the work goes through ``fedscan.client.site_runner``: to 
 worker when `fedscan site start` runs one, else in this process (the simulation), where the
 training code (torch, MONAI, the data pipeline) is imported when a message first needs it.
 A message's arrays come packed into one Flower object (``fedscan.common.packed_records``); the
-reply is packed when the request was.
+reply is packed when the request was. A plaintext training message may also ask for the
+evaluation of the model it carries (``EVALUATE_CONFIG``, see ``fedscan.server.round_loop``): the
+site evaluates first, then trains, and answers both in one reply; when only the training fails,
+the reply still carries the evaluation, and the failure's category under ``TRAINING_FAILED``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from flwr.clientapp import ClientApp
 from fedscan.client import secagg, site_runner
 from fedscan.common.config import AppConfig
 from fedscan.common.errors import FedscanError
+from fedscan.common.message_keys import EVALUATE_CONFIG, EVALUATION, TRAINING_FAILED
 from fedscan.common.packed_records import packed, unpacked
 
 log = logging.getLogger("fedscan.client")
@@ -40,16 +44,23 @@ class SiteFailure(RuntimeError):
     """What the server is told when a site fails: a category, no details."""
 
 
+def _failure(what: str, exc: Exception) -> SiteFailure:
+    """What the server is told of ``exc``, logged here in full."""
+    if isinstance(exc, FedscanError):
+        log.error("site %s failed: %s", what, exc)
+        return SiteFailure(f"site {what} failed: data or configuration problem (see the site log)")
+    log.error("site %s failed", what, exc_info=exc)
+    return SiteFailure(f"site {what} failed: internal error (see the site log)")
+
+
 @contextmanager
 def _site_errors(what: str) -> Iterator[None]:
     try:
         yield
-    except FedscanError as exc:
-        log.error("site %s failed: %s", what, exc)
-        raise SiteFailure(f"site {what} failed: data or configuration problem (see the site log)") from None
-    except Exception:
-        log.exception("site %s failed", what)
-        raise SiteFailure(f"site {what} failed: internal error (see the site log)") from None
+    except SiteFailure:
+        raise  # already told as what it is (an evaluation inside a training message)
+    except Exception as exc:
+        raise _failure(what, exc) from None
 
 
 @app.train()
@@ -73,12 +84,33 @@ def _train(msg: Message, context: Context) -> Message:
             return secagg.secure_train(
                 msg, context, masked_train, lambda: site_runner.model_keys(context, cfg)
             )
-        record, metrics, name = site_runner.plain_train(
-            msg.content.array_records["arrays"], dict(msg.content.config_records["config"]), context, cfg
-        )
+        arrays = msg.content.array_records["arrays"]
+        evaluation = None
+        if EVALUATE_CONFIG in msg.content.config_records:  # the model it carries, evaluated first
+            with _site_errors("evaluation"):
+                eval_conf = dict(msg.content.config_records[EVALUATE_CONFIG])
+                evaluation, name = site_runner.evaluate(arrays, eval_conf, context, cfg)
+        try:
+            record, metrics, name = site_runner.plain_train(
+                arrays, dict(msg.content.config_records["config"]), context, cfg
+            )
+        except Exception as exc:
+            if evaluation is None:
+                raise
+            # the evaluation still counts: the training failure goes with it, as its category
+            content = RecordDict(
+                {
+                    EVALUATION: MetricRecord(_values(evaluation)),
+                    "site": ConfigRecord({"name": name}),
+                    TRAINING_FAILED: ConfigRecord({"reason": str(_failure("training", exc))}),
+                }
+            )
+            return Message(content=content, reply_to=msg)
     content = RecordDict(
         {"arrays": record, "metrics": MetricRecord(_values(metrics)), "site": ConfigRecord({"name": name})}
     )
+    if evaluation is not None:
+        content[EVALUATION] = MetricRecord(_values(evaluation))
     return Message(content=content, reply_to=msg)
 
 

@@ -11,3 +11,11 @@ CLIPPED_FRACTION = "secagg_clipped"
 # quality weighting: the data-quality factor a site sends with its update (see
 # ``fedscan.common.data.quality.quality_factor``)
 QUALITY_FACTOR = "quality_factor"
+
+# a plaintext training message may carry the evaluation of the model it holds (the previous
+# round's global model): its config under this key; the site evaluates before it trains, and
+# its reply carries the evaluation's metrics under EVALUATION (``fedscan.server.round_loop``)
+EVALUATE_CONFIG = "evaluate-config"
+EVALUATION = "evaluation"
+# in such a reply: the site evaluated, but its training failed ({"reason": a category, no details})
+TRAINING_FAILED = "training-failed"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedscan.common.array_records import to_record
@@ -33,6 +33,7 @@ from fedscan.common.run_events import (
 )
 from fedscan.common.weights import norm_keys
 from fedscan.server import checkpoint
+from fedscan.server.round_loop import run_rounds
 from fedscan.server.rounds import RunRounds
 from fedscan.server.strategies import PerSiteEvaluation, build_strategy
 
@@ -234,29 +235,30 @@ def main(grid: Grid, context: Context) -> None:
             )
         )
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def after_round(server_round: int, arrays: ArrayRecord, state: dict[str, Any]) -> None:
         if server_round == 0:
             rounds.begin()
-            return None
+            return
 
         def save(done: int) -> None:
-            checkpoint.save_round(run.output, done, arrays, run, strategy.state(), rounds.history)
+            checkpoint.save_round(run.output, done, arrays, run, state, rounds.history)
 
         rounds.finish(server_round, save)
-        return None
 
     round_config = ConfigRecord(
         {"local-epochs": run.local_epochs, "lr": run.learning_rate, "batch-size": run.batch_size}
     )
     try:
-        strategy.start(
-            grid=train_grid,
-            initial_arrays=initial,
+        run_rounds(
+            strategy,
+            train_grid,
+            initial,
             num_rounds=run.rounds - strategy.round_offset,
             train_config=round_config,
             evaluate_config=ConfigRecord(),
-            evaluate_fn=after_round,
             timeout=run.round_timeout,
+            on_round=after_round,
+            fold=not run.secagg,  # SecAgg+'s stages carry the training messages
         )
     except BaseException as exc:
         rounds.fail(exc)

@@ -48,7 +48,12 @@ class RoundLedger(Protocol):
 def timing(round_seconds: float, compute: dict[str, dict[str, float]]) -> dict[str, Any]:
     """A round's wall time against the sites' compute. A round waits for the slowest site twice
     (training, then evaluation), so the compute bound is the slowest training plus the slowest
-    evaluation; the rest is overhead: messaging, process start-up, aggregation, waiting."""
+    evaluation; the rest is overhead: messaging, process start-up, aggregation, waiting.
+
+    In a folded plaintext run (``fedscan.server.round_loop``) a round's wall time is the time
+    from the previous round's results to its own: one exchange, in which the sites evaluate it
+    and train the next round; round 1's also holds the first training exchange, and the last
+    round's is its evaluation-only exchange."""
     train, evaluate = compute.get("train", {}), compute.get("evaluate", {})
     bound = max(train.values(), default=0.0) + max(evaluate.values(), default=0.0)
     return {
