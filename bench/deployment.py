@@ -11,7 +11,14 @@ slowest training plus the slowest evaluation: a round waits for both), and the r
 deployed SuperNode starts a fresh ClientApp process for every message), aggregation and
 waiting. Round 1 also includes each site's first preprocessing into its cache.
 
-    python bench/deployment.py [--rounds 3] [--local-epochs 2] [--image-size 64]
+The secure-aggregation mode is pinned on both sides (``--modes``: plaintext, SecAgg+ or both,
+each reported on its own; `fedscan run` defaults to SecAgg+, `fedscan simulate` to plaintext).
+In plaintext a round is one exchange (round r's evaluation rides on round r+1's training, see
+``fedscan.server.round_loop``), so the last round's time is its evaluation alone: the ratio is
+taken over the rounds between the first and the last (with 2 rounds: the second; every
+round's own figures are in the table).
+
+    python bench/deployment.py [--rounds 4] [--local-epochs 2] [--image-size 64] [--modes plain secagg]
 """
 
 from __future__ import annotations
@@ -122,10 +129,11 @@ def rows(report: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", nargs="+", default=["plain", "secagg"], choices=["plain", "secagg"])
     args = ap.parse_args()
     run_args = [
         "--rounds",
@@ -143,34 +151,55 @@ def main() -> None:
         root = Path(tmp)
         manifest = synthesize(root / "data", 3, seed=args.seed)
         sites = [p.name for p in manifest.sites]
-        t0 = time.monotonic()
-        cli("simulate", "--data-root", str(root / "data"), "--out", str(root / "sim"), *run_args)
-        sim_total = time.monotonic() - t0
-        sim = json.loads((root / "sim" / "report.json").read_text())
-        t0 = time.monotonic()
-        dep = deploy(root / "deploy", root / "data", sites, run_args)
-        dep_total = time.monotonic() - t0
+        for mode in args.modes:
+            flag = "--secagg" if mode == "secagg" else "--no-secagg"
+            t0 = time.monotonic()
+            cli(
+                "simulate",
+                "--data-root",
+                str(root / "data"),
+                "--out",
+                str(root / f"sim-{mode}"),
+                *run_args,
+                flag,
+            )
+            sim_total = time.monotonic() - t0
+            sim = json.loads((root / f"sim-{mode}" / "report.json").read_text())
+            t0 = time.monotonic()
+            dep = deploy(root / f"deploy-{mode}", root / "data", sites, [*run_args, flag])
+            dep_total = time.monotonic() - t0
+            report(args, mode, sim, dep, sim_total, dep_total)
+
+
+def report(
+    args: argparse.Namespace, mode: str, sim: dict, dep: dict, sim_total: float, dep_total: float
+) -> None:
     print(
-        f"3 sites, {args.rounds} rounds, U-Net {args.image_size}px, {args.local_epochs} local epochs; "
-        f"whole command: simulation {sim_total:.0f}s, deployment {dep_total:.0f}s (incl. setup)\n"
+        f"\n{'SecAgg+' if mode == 'secagg' else 'plaintext'}: 3 sites, {args.rounds} rounds, U-Net "
+        f"{args.image_size}px, {args.local_epochs} local epochs; whole command: simulation "
+        f"{sim_total:.0f}s, deployment {dep_total:.0f}s (incl. setup)\n"
     )
     print(
         "| round | simulation round s | simulation slowest compute s | simulation overhead | "
-        "deployment round s | deployment slowest compute s | deployment overhead | deployment / simulation |"
+        "deployment round s | deployment slowest compute s | deployment overhead | deployment overhead s "
+        "| deployment / simulation |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for s, d in zip(rows(sim), rows(dep), strict=True):
         print(
             f"| {s['round']} | {s['round_seconds']:.1f} | {s['slowest_compute_seconds']:.1f} | "
             f"{s['overhead_fraction']:.0%} | {d['round_seconds']:.1f} | {d['slowest_compute_seconds']:.1f} | "
-            f"{d['overhead_fraction']:.0%} | {d['round_seconds'] / s['round_seconds']:.2f}x |"
+            f"{d['overhead_fraction']:.0%} | {d['round_seconds'] - d['slowest_compute_seconds']:.1f} | "
+            f"{d['round_seconds'] / s['round_seconds']:.2f}x |"
         )
-    later = slice(1, None) if args.rounds > 1 else slice(None)
-    ratio = statistics.mean(d["round_seconds"] for d in rows(dep)[later]) / statistics.mean(
-        s["round_seconds"] for s in rows(sim)[later]
+    n = args.rounds
+    middle = slice(1, n - 1) if n >= 3 else slice(1, None) if n > 1 else slice(None)
+    ratio = statistics.mean(d["round_seconds"] for d in rows(dep)[middle]) / statistics.mean(
+        s["round_seconds"] for s in rows(sim)[middle]
     )
+    picked = [r["round"] for r in rows(dep)[middle]]
     print(
-        f"\nrounds after the first: deployment / simulation = {ratio:.2f}x; final mean Dice: simulation "
+        f"\nrounds {picked}: deployment / simulation = {ratio:.2f}x; final mean Dice: simulation "
         f"{sim['final']['mean']['dice']:.3f}, deployment {dep['final']['mean']['dice']:.3f}"
     )
 
