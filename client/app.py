@@ -15,7 +15,8 @@ A message's arrays come packed into one Flower object (``fedscan.common.packed_r
 reply is packed when the request was. A plaintext training message may also ask for the
 evaluation of the model it carries (``EVALUATE_CONFIG``, see ``fedscan.server.round_loop``): the
 site evaluates first, then trains, and answers both in one reply; when only the training fails,
-the reply still carries the evaluation, and the failure's category under ``TRAINING_FAILED``.
+the reply still carries the evaluation, and the failure's category under ``TRAINING_FAILED``;
+when only the evaluation fails, the site trains all the same and the reply carries no evaluation.
 """
 
 from __future__ import annotations
@@ -87,9 +88,11 @@ def _train(msg: Message, context: Context) -> Message:
         arrays = msg.content.array_records["arrays"]
         evaluation = None
         if EVALUATE_CONFIG in msg.content.config_records:  # the model it carries, evaluated first
-            with _site_errors("evaluation"):
-                eval_conf = dict(msg.content.config_records[EVALUATE_CONFIG])
+            eval_conf = dict(msg.content.config_records[EVALUATE_CONFIG])
+            try:
                 evaluation, name = site_runner.evaluate(arrays, eval_conf, context, cfg)
+            except Exception as exc:  # noqa: BLE001 - as a failed evaluation message: the site trains on
+                _failure("evaluation", exc)  # logged here; the round's report names the site missing
         try:
             record, metrics, name = site_runner.plain_train(
                 arrays, dict(msg.content.config_records["config"]), context, cfg

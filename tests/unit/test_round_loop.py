@@ -166,3 +166,55 @@ def test_split_replies_rebuilds_what_the_strategy_expects() -> None:
     assert evaluated[0].metadata.message_type == MessageType.EVALUATE
     assert set(evaluated[0].content.keys()) == {"metrics", "site"}
     assert evaluated[0].content["metrics"]["score"] == pytest.approx(1.0)
+
+
+def _folded_train_message() -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": torch.ones(2)}),
+            "config": ConfigRecord({"server-round": 2}),
+            EVALUATE_CONFIG: ConfigRecord({"server-round": 1}),
+        }
+    )
+    return Message(content, dst_node_id=11, message_type=MessageType.TRAIN)
+
+
+def _site_context(tmp_path: Any) -> Any:
+    from flwr.app import Context
+
+    from fedscan.common.config import AppConfig
+
+    cfg = AppConfig(run=RunConfig(rounds=2, output=tmp_path), site_names=["site-11"])
+    return Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+
+
+def test_a_site_answers_a_folded_message_whatever_half_of_it_fails(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ClientApp of a folded training message: evaluation first, then training. A failed
+    training keeps the evaluation and says only its category; a failed evaluation does not stop
+    the training."""
+    from fedscan.client import app as client_app
+    from fedscan.client import site_runner
+
+    metrics = {"num-examples": 10.0, "score": 0.5, "compute_seconds": 0.1}
+    update = ArrayRecord({"w": torch.full((2,), 2.0)})
+    secret = "/data/hospital/patient-0042.dcm could not be read"
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError(secret)
+
+    monkeypatch.setattr(site_runner, "evaluate", lambda *a: (dict(metrics), "site-11"))
+    monkeypatch.setattr(site_runner, "plain_train", broken)
+    reply = client_app.train(_folded_train_message(), _site_context(tmp_path))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {EVALUATION, "site", TRAINING_FAILED}
+    assert reply.content[EVALUATION]["score"] == 0.5
+    reason = str(reply.content.config_records[TRAINING_FAILED]["reason"])
+    assert reason == "site training failed: internal error (see the site log)" and secret not in reason
+
+    monkeypatch.setattr(site_runner, "evaluate", broken)
+    monkeypatch.setattr(site_runner, "plain_train", lambda *a: (update, {"num-examples": 10.0}, "site-11"))
+    reply = client_app.train(_folded_train_message(), _site_context(tmp_path))
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    np.testing.assert_array_equal(reply.content["arrays"]["w"].numpy(), [2.0, 2.0])
