@@ -131,7 +131,7 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
         fed.wait_online(SITES)
         config = tmp_path / "run.toml"
         # a dead site is waited for this long, twice in the test: long enough for the live sites
-        # (under 10 s of a stage here), short enough for the suite
+        # (a whole round's other stages took 15 s here), short enough for the suite
         config.write_text("secagg = true\nsecagg_timeout = 30\nround_timeout = 30\n")
 
         # 1. five sites, one dies after key sharing: the four survivors' aggregate
