@@ -111,7 +111,10 @@ class RawHeader:
                 return _U16.unpack(raw)[0]
             raise NotFast(keyword)
         if vr in ("DS", "IS"):
-            parts = raw.decode("ascii", errors="strict").strip(" \0").split("\\")
+            try:
+                parts = raw.decode("ascii").strip(" \0").split("\\")
+            except UnicodeDecodeError:
+                raise NotFast(keyword) from None
             if parts == [""]:
                 raise NotFast(keyword)
             try:
