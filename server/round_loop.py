@@ -22,7 +22,6 @@ messages go through the protocol's own stages and are not folded.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -30,8 +29,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from flwr.common.constant import ErrorCode
 
 from fedscan.common.message_keys import EVALUATE_CONFIG, EVALUATION, TRAINING_FAILED
-
-log = logging.getLogger("fedscan.server")
 
 
 class RoundStrategy(Protocol):
