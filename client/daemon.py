@@ -4,25 +4,29 @@
 Flower's SuperNode authentication expects) and a site config file; the public key goes to the
 coordinator, who registers it. `site start` checks the config and the data, starts the site's
 warm worker (``fedscan.client.site_worker``: the process that trains and evaluates for every
-message, so that the ClientApp Flower starts per message stays light), then runs
-`flower-supernode` with TLS, the site's key and its node config (site name, data folder,
-cache folder, the worker's socket). It stays in the foreground for systemd, restarts the
-SuperNode with a backoff when it exits on a network failure, restarts the worker when it
-exits, and stops with exit code 3 when the coordinator refuses the site (an unregistered or
-removed key): retrying would not help. A runtime port another program holds is a clear error
-(exit code 2) before anything starts. A worker or a SuperNode that keeps dying at start stops
-the site with exit code 1 and a message pointing at its log.
+message, so that the ClientApp process of each message stays light) and its task executor
+(``fedscan.client.site_executor``: it claims each task from the SuperNode's runtime API and
+runs it in a pre-imported process), then runs `flower-supernode --isolation process` with TLS,
+the site's key and its node config (site name, data folder, cache folder, the worker's socket).
+It stays in the foreground for systemd, restarts the SuperNode with a backoff when it exits on
+a network failure, restarts the worker and the executor when they exit, and stops with exit
+code 3 when the coordinator refuses the site (an unregistered or removed key): retrying would
+not help. A runtime port another program holds is a clear error (exit code 2) before anything
+starts. A worker, executor or SuperNode that keeps dying at start stops the site with exit code
+1 and a message pointing at its log.
 
 A site folder holds `site.toml`, `site.key` (0600, never leaves the machine), `site.pub`,
-`cache/` (preprocessed arrays), `run/worker.sock` (0600, in a 0700 folder) and
-`logs/supernode.log`, `logs/worker.log`. The only connection is outbound, to the
-coordinator's one port.
+`cache/` (preprocessed arrays), `run/worker.sock` and `run/superexec.secret` (0600, in a 0700
+folder) and `logs/supernode.log`, `logs/worker.log`, `logs/executor.log`. The only connection
+is outbound, to the coordinator's one port.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import secrets
 import shutil
 import socket
 import sys
@@ -113,8 +117,11 @@ def load_site(d: Path) -> SiteConfig:
 
 
 def supernode_command(
-    cfg: SiteConfig, superlink: str, ca: Path, worker_socket: Path | None = None
+    cfg: SiteConfig, superlink: str, ca: Path, secret_file: Path, worker_socket: Path | None = None
 ) -> list[str]:
+    """flower-supernode for the site: TLS to the coordinator, the runtime API on 127.0.0.1, and
+    ``--isolation process``: the site's own task executor (``fedscan.client.site_executor``, which
+    signs its requests with the secret in ``secret_file``) runs each task, not Flower's."""
     items = [("site-name", cfg.name), ("data-dir", cfg.data_dir), ("cache-dir", cfg.cache_dir)]
     if worker_socket is not None:  # the key fedscan.client.site_runner reads
         items.append(("worker-socket", worker_socket))
@@ -134,7 +141,9 @@ def supernode_command(
         "--port",
         str(cfg.runtime_port),
         "--isolation",
-        "subprocess",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret_file),
     ]
 
 
@@ -170,8 +179,37 @@ def start_site(
     home.mkdir(exist_ok=True)
     fp = pki.fingerprint((d / "site.pub").read_bytes()) if (d / "site.pub").is_file() else "unknown"
     env = site_env(home, threads)
-    with WorkerSupervisor(cfg.name, worker_socket_path(d), env, logs / "worker.log", on_line) as worker:
-        return _supervise(cfg, superlink, ca, worker, env, logs, fp, max_restarts, on_line)
+    secret = write_executor_secret(d / "run")
+    executor_cmd = [
+        sys.executable,
+        "-c",  # not -m: the fork server's children would import a __main__ module again, each task
+        "import sys; from fedscan.client.site_executor import main; sys.exit(main(sys.argv[1:]))",
+        "--runtime-api-address",
+        f"127.0.0.1:{cfg.runtime_port}",
+        "--secret-file",
+        str(secret),
+    ]
+    broken = threading.Event()
+    worker = WorkerSupervisor(cfg.name, worker_socket_path(d), env, logs / "worker.log", on_line, broken)
+    executor = ProcessSupervisor(
+        cfg.name, "task executor", executor_cmd, env, logs / "executor.log", on_line, broken
+    )
+    with worker, executor:
+        return _supervise(cfg, superlink, ca, worker, env, logs, fp, max_restarts, on_line, secret)
+
+
+def write_executor_secret(folder: Path) -> Path:
+    """A fresh SuperExec secret for this start of the site, 0600 in a 0700 folder: the SuperNode
+    answers AcquireTask only to a request signed with it, so only the site's own executor (this
+    user's) can claim the site's tasks from the runtime API."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    path = folder / "superexec.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path
 
 
 def _port_busy_error(cfg: SiteConfig) -> FedscanError:
@@ -210,17 +248,19 @@ def _supervise(
     fp: str,
     max_restarts: int | None,
     on_line: Callable[[str], None],
+    secret: Path,
 ) -> int:
-    cmd = supernode_command(cfg, superlink, ca, worker.socket)
+    cmd = supernode_command(cfg, superlink, ca, secret, worker.socket)
     restarts, backoff, quick = 0, 5.0, 0
     while True:
         on_line(f"site {cfg.name}: connecting to {superlink} (key {fp})")
         started = time.monotonic()
         result = _run_supernode(cmd, env, logs / "supernode.log", on_line, worker.broken)
-        if worker.broken.is_set():
+        if worker.broken.is_set():  # the worker's or the executor's supervisor gave up
             on_line(
-                f"site {cfg.name}: the warm worker exited {WORKER_MAX_QUICK_EXITS} times in a row within "
-                f"{WORKER_SETTLE_SECONDS:.0f}s of starting; stopping the site. See {logs / 'worker.log'}."
+                f"site {cfg.name}: the {worker.broken_by or 'task executor'} exited {WORKER_MAX_QUICK_EXITS} "
+                f"times in a row within {WORKER_SETTLE_SECONDS:.0f}s of starting; stopping the site. See "
+                f"{logs / ('worker.log' if worker.broken_by else 'executor.log')}."
             )
             return 1
         if result is None:  # we were asked to stop
@@ -275,29 +315,38 @@ def worker_socket_path(d: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="fedscan-site-")) / "worker.sock"  # mkdtemp: 0700
 
 
-class WorkerSupervisor:
-    """Keeps the site's warm worker running while the site runs: it starts the worker, and
-    starts it again when it exits (after 1 s, doubling to 30 s; back to 1 s once a worker has run
-    for a minute). After WORKER_MAX_QUICK_EXITS quick exits in a row it gives up and sets
-    ``broken``. The worker's output goes to its log only."""
+class ProcessSupervisor:
+    """Keeps one of the site's long-lived processes (the warm worker, the task executor) running
+    while the site runs: it starts it, and starts it again when it exits (after 1 s, doubling to
+    30 s; back to 1 s once it has run for a minute). After WORKER_MAX_QUICK_EXITS quick exits in
+    a row it gives up and sets ``broken`` (which the site's supervisors may share). The process's
+    output goes to its log only."""
 
     first_backoff = 1.0
 
     def __init__(
-        self, site: str, socket: Path, env: dict[str, str], log_path: Path, on_line: Callable[[str], None]
+        self,
+        site: str,
+        label: str,
+        cmd: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        on_line: Callable[[str], None],
+        broken: threading.Event | None = None,
     ) -> None:
         self.site = site
-        self.socket = socket
-        self.cmd = [sys.executable, "-m", "fedscan.client.site_worker", "--socket", str(socket)]
+        self.label = label
+        self.cmd = cmd
         self.env = env
         self.log_path = log_path
         self.on_line = on_line
-        self.broken = threading.Event()
+        self.broken = broken if broken is not None else threading.Event()
+        self.gave_up = False
         self.starts = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="site-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"site-{label}", daemon=True)
 
-    def __enter__(self) -> WorkerSupervisor:
+    def __enter__(self) -> ProcessSupervisor:
         self._thread.start()
         return self
 
@@ -314,10 +363,11 @@ class WorkerSupervisor:
                 backoff, quick = self.first_backoff, 0
             quick += 1
             if quick >= WORKER_MAX_QUICK_EXITS:
+                self.gave_up = True
                 self.broken.set()
                 return
             self.on_line(
-                f"site {self.site}: the warm worker exited (code {code}); restarting it in {backoff:.0f}s"
+                f"site {self.site}: the {self.label} exited (code {code}); restarting it in {backoff:.0f}s"
             )
             if self._stop.wait(backoff):
                 return
@@ -326,6 +376,31 @@ class WorkerSupervisor:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+class WorkerSupervisor(ProcessSupervisor):
+    """The supervisor of the site's warm worker, listening on ``socket``."""
+
+    def __init__(
+        self,
+        site: str,
+        socket: Path,
+        env: dict[str, str],
+        log_path: Path,
+        on_line: Callable[[str], None],
+        broken: threading.Event | None = None,
+    ) -> None:
+        cmd = [sys.executable, "-m", "fedscan.client.site_worker", "--socket", str(socket)]
+        super().__init__(site, "warm worker", cmd, env, log_path, on_line, broken)
+        self.socket = socket
+
+    @property
+    def broken_by(self) -> str | None:
+        """This supervisor's label when it gave up; None when another one sharing ``broken`` did."""
+        return self.label if self.gave_up else None
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
         if self.socket.parent.name.startswith("fedscan-site-"):  # a temporary folder of ours
             shutil.rmtree(self.socket.parent, ignore_errors=True)
 

@@ -35,6 +35,7 @@ class Federation:
         self.data = root / "data"
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.runtime_ports: dict[str, int] = {}
 
     @property
     def ca(self) -> Path:
@@ -62,6 +63,7 @@ class Federation:
         return (self.root / f"{name}.out").read_text()
 
     def start_site(self, name: str) -> subprocess.Popen:
+        self.runtime_ports[name] = port = free_port()
         return self.spawn(
             name,
             "site",
@@ -73,7 +75,7 @@ class Federation:
             "--ca",
             str(self.ca),
             "--runtime-port",
-            str(free_port()),
+            str(port),
             "--threads",
             "1",
         )
@@ -290,6 +292,42 @@ def test_a_run_resumed_after_the_superlink_was_killed_ends_bit_identical(fed: Fe
         "run", "--resume", str(part), "--superlink", fed.superlink, "--ca", str(fed.ca), "--rounds", "5"
     )
     assert again.returncode == 2 and "takes no other options" in " ".join(again.stderr.split())
+
+
+@pytest.mark.integration
+def test_only_the_sites_own_executor_can_claim_its_tasks(fed: Federation) -> None:
+    """The SuperNode runs with --isolation process: fedscan's executor claims each task, signing
+    AcquireTask with a secret only the site's user can read; an unsigned request is refused."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    site = fed.root / "hospital-a"
+    secret = site / "run" / "superexec.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and (site / "run").stat().st_mode & 0o777 == 0o700
+    assert "task executor" in (site / "logs" / "executor.log").read_text()
+    address = f"127.0.0.1:{fed.runtime_ports['hospital-a']}"
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+
+    def acquire(interceptors: list) -> object:  # type: ignore[type-arg]
+        client = RuntimeHttpClient.from_server_address(
+            server_address=address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), *interceptors],
+        )
+        try:
+            return client.AcquireTask(request)
+        finally:
+            client.close()
+
+    with pytest.raises(Exception, match="(?i)auth|permission|401|403|denied"):
+        acquire([])
+    signed = SuperExecAuthHttpInterceptor(
+        master_secret=secret.read_bytes(), protected_methods={"/flwr.proto.Runtime/AcquireTask"}
+    )
+    assert not acquire([signed]).HasField("task")  # accepted; no run is in progress
 
 
 @pytest.mark.integration

@@ -30,6 +30,8 @@ def flower_processes() -> set[int]:
         "flwr-simulation",
         "flwr-serverapp",
         "flwr-clientapp",
+        "fedscan.client.site_executor",  # a site's task executor and its fork server
+        "fedscan.client.site_worker",
         "raylet",
         "gcs_server",
     )

@@ -68,8 +68,10 @@ def test_site_keys_are_what_flower_reads(tmp_path: Path, synth_root: Path) -> No
     assert fp == "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
     loaded = load_site(tmp_path / "site")
     assert loaded.name == "hospital-a" and loaded.data_dir == (synth_root / "hospital-a").resolve()
-    cmd = supernode_command(loaded, "fl.example:9092", tmp_path / "ca.crt")
+    cmd = supernode_command(loaded, "fl.example:9092", tmp_path / "ca.crt", tmp_path / "superexec.secret")
     assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "ca.crt") and "--insecure" not in cmd
+    assert cmd[cmd.index("--isolation") + 1] == "process"  # the site's own executor runs the tasks
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(tmp_path / "superexec.secret")
     assert 'site-name="hospital-a"' in cmd[cmd.index("--node-config") + 1]
     with pytest.raises(FedscanError, match="not overwriting a key"):
         init_site(tmp_path / "site", "hospital-a", synth_root / "hospital-a")
@@ -291,7 +293,8 @@ def test_a_supernode_that_keeps_failing_at_start_stops_the_site(
     monkeypatch.setattr(daemon, "_run_supernode", lambda *a, **k: exits.pop(0))
     monkeypatch.setattr(daemon.time, "sleep", waits.append)
     lines: list[str] = []
-    args = (cfg, "127.0.0.1:1", tmp_path / "ca.crt", worker, {}, tmp_path, "fp", None, lines.append)
+    secret = tmp_path / "superexec.secret"
+    args = (cfg, "127.0.0.1:1", tmp_path / "ca.crt", worker, {}, tmp_path, "fp", None, lines.append, secret)
 
     exits[:] = [(1, None)] * daemon.SUPERNODE_MAX_QUICK_EXITS
     assert daemon._supervise(*args) == 1
