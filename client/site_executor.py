@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class TaskExecutor:
         self.stop = threading.Event()
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(PRELOAD)
-        self.running: list[BaseProcess] = []
+        self.running: dict[BaseProcess, tuple[int, float]] = {}  # process -> (task id, start)
         self.started = 0
         self.client = RuntimeHttpClient.from_server_address(
             server_address=runtime_api_address,
@@ -90,27 +91,30 @@ class TaskExecutor:
         proc.start()
         proc.join()
 
-    def launch(self, token: str) -> None:
+    def launch(self, token: str, task_id: int = 0) -> None:
         proc = self.ctx.Process(
             target=run_task, args=(self.address, token, os.getpid()), name="fedscan-task", daemon=False
         )
         proc.start()
-        self.running.append(proc)
+        self.running[proc] = (task_id, time.monotonic())
         self.started += 1
 
     def reap(self) -> None:
         for proc in [p for p in self.running if p.exitcode is not None]:
+            task_id, start = self.running.pop(proc)
+            took = time.monotonic() - start
             if proc.exitcode:
-                log.warning("task process %s exited with code %s", proc.pid, proc.exitcode)
+                log.warning("task %d: its process exited with code %s (%.2fs)", task_id, proc.exitcode, took)
+            else:
+                log.info("task %d: done in %.2fs", task_id, took)
             proc.close()
-            self.running.remove(proc)
 
     def poll_once(self) -> bool:
         """Ask for one task and start it; True when one was started."""
         res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if res.HasField("task") and res.token:
             log.info("task %d of run %d: starting", res.task.task_id, res.task.run_id)
-            self.launch(res.token)
+            self.launch(res.token, res.task.task_id)
             return True
         return False
 
