@@ -83,7 +83,7 @@ def _train(msg: Message, context: Context) -> Message:
                 return site_runner.secure_train(arrays, conf, ctxt, cfg)
 
             return secagg.secure_train(
-                msg, context, masked_train, lambda: site_runner.model_keys(context, cfg)
+                msg, context, masked_train, lambda: site_runner.model_keys(context, cfg), seed=cfg.run.seed
             )
         arrays = msg.content.array_records["arrays"]
         evaluation = None

@@ -11,6 +11,7 @@ the scalar training metrics, among them the fraction of the update cut by the cl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import cast
@@ -41,10 +42,27 @@ def round_count(n: int, step: int) -> int:
     return n if step <= 1 else int(-(-n // step) * step)
 
 
-def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[[], list[str]]) -> Message:
+def quantization_seed(seed: int, server_round: int, site: str) -> int:
+    """The seed of a site's stochastic rounding in one round's SecAgg+ quantization: the run's
+    seed, the round and the site's name, hashed (so each site and round draws its own)."""
+    digest = hashlib.sha256(f"fedscan-secagg-rounding:{seed}:{server_round}:{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def secure_train(
+    msg: Message, context: Context, train: TrainFn, keys: Callable[[], list[str]], seed: int = 0
+) -> Message:
     """Run SecAgg+ for this message; ``train(global_arrays, config, context)`` does the training
     (and reports the example count already rounded); ``keys()`` names the model's arrays in
-    order, asked for only in the stage that trains."""
+    order, asked for only in the stage that trains.
+
+    Flower's quantizer rounds stochastically with numpy's global generator, unseeded
+    (``flwr.common.secure_aggregation.quantization.quantize``, right after this function's reply
+    is handed back to ``secaggplus_mod``); the stage that trains seeds it with
+    ``quantization_seed(seed, round, site)`` as it answers, so that a round run again (a resumed
+    run) sends the same quantized update and the aggregate comes out bit for bit the same. The
+    rounding is not what hides the update (the masks are), so a seed the coordinator could know
+    costs nothing."""
 
     def masked_stage(inner: Message, ctxt: Context) -> Message:
         fitins = recorddict_to_fitins(inner.content, keep_input=True)
@@ -53,7 +71,7 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         if len(global_np) != len(model_keys):
             raise ValueError(f"the server sent {len(global_np)} arrays; the model has {len(model_keys)}")
         arrays = ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(model_keys, global_np, strict=True)})
-        local, metrics, _site = train(arrays, dict(fitins.config), ctxt)
+        local, metrics, site = train(arrays, dict(fitins.config), ctxt)
         for k, a in zip(model_keys, global_np, strict=True):  # the arrays pair with the names by position
             if np.shape(local[k]) != np.shape(a):
                 raise ValueError(
@@ -86,6 +104,8 @@ def secure_train(msg: Message, context: Context, train: TrainFn, keys: Callable[
         scalars: dict[str, Scalar] = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
         scalars[CLIPPED_FRACTION] = clipped
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), n, scalars)
+        server_round = int(cast(int, fitins.config.get("server-round", 0)))
+        np.random.seed(quantization_seed(seed, server_round, site))  # noqa: NPY002 - Flower's quantizer draws from it
         return Message(fitres_to_recorddict(res, keep_input=False), reply_to=inner)
 
     return secaggplus_mod(msg, context, masked_stage)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
@@ -31,18 +32,19 @@ FAULTY = "hospital-c"
 
 
 class InProcessGrid:
-    """The sites answer in this process through the real ClientApp handlers."""
+    """The sites (``cfg.site_names``) answer in this process through the real ClientApp handlers."""
 
     def __init__(self, cfg: AppConfig) -> None:
+        n = len(cfg.site_names)
         self.contexts = {
             k + 1: Context(
                 run_id=1,
                 node_id=k + 1,
-                node_config={"partition-id": k, "num-partitions": len(SITES)},
+                node_config={"partition-id": k, "num-partitions": n},
                 state=RecordDict(),
                 run_config=cfg.to_run_config(),
             )
-            for k in range(len(SITES))
+            for k in range(n)
         }
         self.sent = 0
         self.replies: dict[str, Message] = {}
@@ -65,6 +67,22 @@ class InProcessGrid:
 
     def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
         return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+
+
+def run_in_process(cfg: AppConfig) -> None:
+    """fedscan's ServerApp ``main`` over ``InProcessGrid``: a whole run in this process, with torch
+    on one thread, as each deployed test site trains (``--threads 1``), so that a reference run
+    here computes as the sites do."""
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # what a Flower process sets before it builds messages
+            for attr in ("_run_id", "_node_id", "_task_id"):
+                mp.setattr(TaskIdentity, attr, 1)
+            server_main(InProcessGrid(cfg), context)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +117,7 @@ def federate(root: Path, out: Path, strategy: str, fault: str | None = None) -> 
         cache_dir=root.parent / "cache",
         **({"fault_site": FAULTY, "fault_kind": fault} if fault else {}),
     )
-    cfg = AppConfig(run=run, site_names=SITES)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
-    with pytest.MonkeyPatch.context() as mp:  # what a Flower process sets before it builds messages
-        for attr in ("_run_id", "_node_id", "_task_id"):
-            mp.setattr(TaskIdentity, attr, 1)
-        server_main(InProcessGrid(cfg), context)
+    run_in_process(AppConfig(run=run, site_names=SITES))
     return json.loads((out / "report.json").read_text())
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from test_deployment import Federation
+from test_robustness import run_in_process
 from test_secagg import assert_matches_plaintext
 from test_simulate import FEDSCAN, flower_processes, run_cli
 
-from fedscan.common.config import RunConfig
+from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.flower_runtime import stop_process_tree
 from fedscan.common.models.registry import build_model
@@ -130,9 +131,10 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
             fed.start_site(name)
         fed.wait_online(SITES)
         config = tmp_path / "run.toml"
-        # a dead site is waited for this long, twice in the test: long enough for the live sites
-        # (a whole round's other stages took 15 s here), short enough for the suite
-        config.write_text("secagg = true\nsecagg_timeout = 30\nround_timeout = 30\n")
+        # a dead site is waited for this long: long enough for the live sites (a whole round's
+        # other stages took 15 s here before the site's task executor, 10 s since; the stage that
+        # trains about 3 s), short enough for the suite
+        config.write_text("secagg = true\nsecagg_timeout = 20\nround_timeout = 20\n")
 
         # 1. five sites, one dies after key sharing: the four survivors' aggregate
         out = tmp_path / "dropout"
@@ -144,19 +146,22 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
         survivors.mkdir()
         for name in SITES[:4]:
             shutil.copytree(fed.data / name, survivors / name)
+        # plaintext FedAvg over the four, by fedscan's ServerApp and ClientApp in this process
+        # (test_robustness.py's harness: no Ray to start; torch on one thread, as the sites train)
         plain = tmp_path / "plain"
-        res = run_cli(
-            "simulate",
-            "--data-root",
-            str(survivors),
-            "--rounds",
-            "1",
-            "--out",
-            str(plain),
-            "--no-secagg",
-            *ARGS,
+        reference = RunConfig(
+            data_root=survivors,
+            sites=4,
+            rounds=1,
+            image_size=32,
+            local_epochs=1,
+            seed=2,
+            device="cpu",
+            secagg=False,
+            output=plain,
+            cache_dir=tmp_path / "plain-cache",
         )
-        assert res.returncode == 0, res.stdout + res.stderr
+        run_in_process(AppConfig(run=reference, site_names=SITES[:4]))
         assert_matches_plaintext(
             out / "checkpoints" / "round-001.pt",
             plain / "checkpoints" / "round-001.pt",
@@ -169,9 +174,10 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
         # 2. four sites, two die after key sharing: 2 < threshold 3, the round fails cleanly
         # Round 2 must list only the two survivors. The SuperLink marks a silent site offline
         # within about 60 s (Flower's heartbeat), and round 1 outwaits that: its masking stage
-        # waits 45 s for the killed sites, then their evaluation waits until the SuperLink has
-        # marked them offline (an error reply) or 45 s more.
+        # waits 30 s for the killed sites, then their evaluation waits until the SuperLink has
+        # marked them offline (an error reply) or 30 s more.
         out2 = tmp_path / "below-threshold"
+        config.write_text("secagg = true\nsecagg_timeout = 30\nround_timeout = 30\n")
         report = _run_and_kill(fed, config, out2, min_sites=2, rounds=2, kill=["hospital-c", "hospital-d"])
         seen = [h["aggregation"]["records_seen_by_strategy"] for h in report["history"]]
         assert seen == [0, 1], seen  # round 1: no aggregate; round 2: the two survivors'
