@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -64,6 +65,9 @@ SUPERNODE_SETTLE_SECONDS = 60.0
 # is broken (an environment or code problem), not unlucky: the site stops and says so
 WORKER_MAX_QUICK_EXITS = 5
 WORKER_SETTLE_SECONDS = 60.0
+# how long a worker or executor that was sent SIGTERM waits for the site's own stop before it is
+# taken for one stopped alone and restarted
+STOP_GRACE_SECONDS = 30.0
 _UNIX_PATH_MAX = 100  # AF_UNIX paths are limited to 107 bytes on Linux; keep a margin
 
 
@@ -358,6 +362,11 @@ class ProcessSupervisor:
             with FlowerProcess(self.cmd, self.env, self.log_path) as proc:
                 code = proc.wait(give_up=self._stop.is_set, every=0.5)
             if code is None or self._stop.is_set():
+                return
+            # asked to stop (SIGTERM: it exits 0, or by the signal): the site is being stopped as a
+            # whole (systemd, or a process-tree stop), and the daemon sets _stop once it has
+            # stopped the SuperNode; a restart in between would outlive the site's stop
+            if code in (0, -signal.SIGTERM) and self._stop.wait(STOP_GRACE_SECONDS):
                 return
             if time.monotonic() - started > WORKER_SETTLE_SECONDS:
                 backoff, quick = self.first_backoff, 0

@@ -119,21 +119,34 @@ class TaskExecutor:
         return False
 
     def serve(self) -> None:
+        """Claim and start tasks until ``stop`` is set. While the runtime API does not answer (the
+        SuperNode is starting, or the daemon is restarting it) it asks again every
+        UNREACHABLE_SECONDS; the daemon, not this loop, decides when the site gives up."""
+        reachable: bool | None = None  # None: not yet answered since this executor started
         while not self.stop.is_set():
             self.reap()
             try:
                 started = self.poll_once()
-            except Exception as exc:  # noqa: BLE001 - the SuperNode is restarting; ask again shortly
-                log.debug("runtime API at %s did not answer: %s", self.address, exc)
+            except Exception as exc:  # noqa: BLE001 - the SuperNode is (re)starting; ask again shortly
+                if reachable:  # said once per outage: the daemon restarts the SuperNode, not this
+                    log.warning("the SuperNode's runtime API at %s does not answer (%s)", self.address, exc)
+                reachable = False if reachable is not None else None
                 self.stop.wait(UNREACHABLE_SECONDS)
                 continue
+            if reachable is False:
+                log.info("the SuperNode's runtime API at %s answers again", self.address)
+            reachable = True
             if not started:
                 self.stop.wait(self.poll_seconds)
 
     def close(self) -> None:
-        self.client.close()
+        """Stop the tasks still running (the SuperNode treats them as it treats a ClientApp that
+        died), then the runtime API client."""
         for proc in self.running:
-            proc.join(timeout=0)
+            proc.terminate()
+        for proc in self.running:
+            proc.join(timeout=5)
+        self.client.close()
 
 
 def read_secret(path: Path) -> bytes:
