@@ -17,6 +17,9 @@ evaluation of the model it carries (``EVALUATE_CONFIG``, see ``fedscan.server.ro
 site evaluates first, then trains, and answers both in one reply; when only the training fails,
 the reply still carries the evaluation, and the failure's category under ``TRAINING_FAILED``;
 when only the evaluation fails, the site trains all the same and the reply carries no evaluation.
+Under SecAgg+ the evaluation rides on the protocol's stage that trains (``fedscan.client.secagg``)
+in the same way, except that a site whose training fails there sends no reply the protocol could
+carry, so its evaluation of that model is missing too.
 """
 
 from __future__ import annotations
@@ -82,8 +85,22 @@ def _train(msg: Message, context: Context) -> Message:
             ) -> tuple[Mapping[str, np.ndarray], dict[str, float], str]:
                 return site_runner.secure_train(arrays, conf, ctxt, cfg)
 
+            def evaluate_first(  # the model it carries, evaluated before it trains
+                arrays: ArrayRecord, conf: dict, ctxt: Context
+            ) -> tuple[dict[str, float], str] | None:
+                try:
+                    return site_runner.evaluate(arrays, conf, ctxt, cfg)
+                except Exception as exc:  # noqa: BLE001 - as a failed evaluation message: the site trains on
+                    _failure("evaluation", exc)  # logged here; the round's report names the site missing
+                    return None
+
             return secagg.secure_train(
-                msg, context, masked_train, lambda: site_runner.model_keys(context, cfg), seed=cfg.run.seed
+                msg,
+                context,
+                masked_train,
+                lambda: site_runner.model_keys(context, cfg),
+                seed=cfg.run.seed,
+                evaluate=evaluate_first,
             )
         arrays = msg.content.array_records["arrays"]
         evaluation = None

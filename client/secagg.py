@@ -7,6 +7,11 @@ FitRes form the mod expects, with the update encoded as ``fedscan.common.secagg_
 describes, which the mod then quantizes and masks. What leaves the site in that stage: the
 masked vector, the (optionally rounded, and capped at ``secagg_max_weight``) example count, and
 the scalar training metrics, among them the fraction of the update cut by the clipping range.
+
+The evaluation of the global model it carries (the previous round's) rides on that stage as on a
+plaintext training message: its config comes in the FitIns config (``EVALUATE_PREFIX``), the site
+evaluates before it trains, and the evaluation's metrics go back in plaintext beside the training
+metrics (``EVALUATION_PREFIX``), as a separate evaluation reply would have sent them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, pa
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from fedscan.common.message_keys import CLIPPED_FRACTION, QUALITY_FACTOR
+from fedscan.common.message_keys import (
+    CLIPPED_FRACTION,
+    EVALUATE_FIRST,
+    EVALUATE_PREFIX,
+    EVALUATED_SITE,
+    EVALUATION_PREFIX,
+    QUALITY_FACTOR,
+)
 from fedscan.common.secagg_numerics import encode_update
 
 log = logging.getLogger("fedscan.client")
@@ -31,6 +43,9 @@ log = logging.getLogger("fedscan.client")
 # (global arrays, round config, context) -> (the trained model's state as numpy arrays by name, its
 # metrics, the site's name); this module is imported per message, so it does not import torch
 TrainFn = Callable[[ArrayRecord, dict, Context], tuple[Mapping[str, np.ndarray], dict[str, float], str]]
+# (global arrays, evaluation config, context) -> (the evaluation's metrics, the site's name), or None
+# when the evaluation failed (the site logs why and trains on)
+EvaluateFn = Callable[[ArrayRecord, dict, Context], tuple[dict[str, float], str] | None]
 
 
 def is_secure(msg: Message) -> bool:
@@ -42,6 +57,14 @@ def round_count(n: int, step: int) -> int:
     return n if step <= 1 else int(-(-n // step) * step)
 
 
+def split_evaluation(config: dict) -> tuple[dict, dict | None]:
+    """A FitIns config as (the training config, the evaluation config riding on it or None)."""
+    if not config.get(EVALUATE_FIRST):
+        return config, None
+    train = {k: v for k, v in config.items() if k != EVALUATE_FIRST and not k.startswith(EVALUATE_PREFIX)}
+    return train, {k[len(EVALUATE_PREFIX) :]: v for k, v in config.items() if k.startswith(EVALUATE_PREFIX)}
+
+
 def quantization_seed(seed: int, server_round: int, site: str) -> int:
     """The seed of a site's stochastic rounding in one round's SecAgg+ quantization: the run's
     seed, the round and the site's name, hashed (so each site and round draws its own)."""
@@ -50,11 +73,17 @@ def quantization_seed(seed: int, server_round: int, site: str) -> int:
 
 
 def secure_train(
-    msg: Message, context: Context, train: TrainFn, keys: Callable[[], list[str]], seed: int = 0
+    msg: Message,
+    context: Context,
+    train: TrainFn,
+    keys: Callable[[], list[str]],
+    seed: int = 0,
+    evaluate: EvaluateFn | None = None,
 ) -> Message:
     """Run SecAgg+ for this message; ``train(global_arrays, config, context)`` does the training
     (and reports the example count already rounded); ``keys()`` names the model's arrays in
-    order, asked for only in the stage that trains.
+    order, asked for only in the stage that trains; ``evaluate`` evaluates the global arrays
+    first when the server folded an evaluation into that stage.
 
     Flower's quantizer rounds stochastically with numpy's global generator, unseeded
     (``flwr.common.secure_aggregation.quantization.quantize``, right after this function's reply
@@ -71,7 +100,9 @@ def secure_train(
         if len(global_np) != len(model_keys):
             raise ValueError(f"the server sent {len(global_np)} arrays; the model has {len(model_keys)}")
         arrays = ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(model_keys, global_np, strict=True)})
-        local, metrics, site = train(arrays, dict(fitins.config), ctxt)
+        config, eval_config = split_evaluation(dict(fitins.config))
+        evaluation = evaluate(arrays, eval_config, ctxt) if evaluate and eval_config is not None else None
+        local, metrics, site = train(arrays, config, ctxt)
         for k, a in zip(model_keys, global_np, strict=True):  # the arrays pair with the names by position
             if np.shape(local[k]) != np.shape(a):
                 raise ValueError(
@@ -103,8 +134,12 @@ def secure_train(
             )
         scalars: dict[str, Scalar] = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
         scalars[CLIPPED_FRACTION] = clipped
+        if evaluation is not None:  # sent as a separate evaluation reply would send it: ints stay ints
+            eval_metrics, eval_site = evaluation
+            scalars.update({f"{EVALUATION_PREFIX}{k}": v for k, v in eval_metrics.items()})
+            scalars[EVALUATED_SITE] = eval_site
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), n, scalars)
-        server_round = int(cast(int, fitins.config.get("server-round", 0)))
+        server_round = int(cast(int, config.get("server-round", 0)))
         np.random.seed(quantization_seed(seed, server_round, site))  # noqa: NPY002 - Flower's quantizer draws from it
         return Message(fitres_to_recorddict(res, keep_input=False), reply_to=inner)
 

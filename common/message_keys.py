@@ -19,3 +19,12 @@ EVALUATE_CONFIG = "evaluate-config"
 EVALUATION = "evaluation"
 # in such a reply: the site evaluated, but its training failed ({"reason": a category, no details})
 TRAINING_FAILED = "training-failed"
+
+# under SecAgg+ the training message is the protocol's legacy FitIns, whose config holds scalars
+# only: the evaluation config rides there with each key under EVALUATE_PREFIX (and the flag
+# EVALUATE_FIRST), and the site's evaluation metrics come back among the FitRes metrics under
+# EVALUATION_PREFIX, its name under EVALUATED_SITE (``fedscan.server.secagg``, ``fedscan.client.secagg``)
+EVALUATE_FIRST = "evaluate-first"
+EVALUATE_PREFIX = "evaluate."
+EVALUATION_PREFIX = "evaluation."
+EVALUATED_SITE = "evaluation-site"

@@ -258,7 +258,6 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=ConfigRecord(),
             timeout=run.round_timeout,
             on_round=after_round,
-            fold=not run.secagg,  # SecAgg+'s stages carry the training messages
         )
     except BaseException as exc:
         rounds.fail(exc)

@@ -15,8 +15,10 @@ reply is split off into an evaluation reply of its own, and a site whose trainin
 it evaluated becomes an error reply for training.
 
 Round r is therefore finished (recorded, checkpointed, reported) once round r+1's replies are in,
-with the strategy state saved right after round r's aggregation. Under SecAgg+ the training
-messages go through the protocol's own stages and are not folded.
+with the strategy state saved right after round r's aggregation. Under SecAgg+ the folded
+training messages go through the protocol's stages (``fedscan.server.secagg.SecureTrainGrid``),
+the evaluation riding on the stage that trains, and come back as one aggregate plus each site's
+evaluation.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def split_replies(
         site = {"site": content["site"]} if "site" in content.config_records else {}
         if EVALUATION in content.metric_records:
             evaluated.append(Message(RecordDict({"metrics": content[EVALUATION], **site}), reply_to=ev))
+            if set(content.keys()) <= {EVALUATION, "site"}:
+                continue  # the evaluation alone: under SecAgg+ the training came back as one aggregate
         if TRAINING_FAILED in content.config_records:
             reason = str(content.config_records[TRAINING_FAILED].get("reason", "site training failed"))
             trained.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=sent))
@@ -115,7 +119,8 @@ def run_rounds(
     """Train for ``num_rounds`` rounds; return the last global model. ``on_round(r, arrays,
     state)`` gets each round once its evaluation is in, with the global model after round r and
     the strategy's state as it was right after round r's aggregation (round 0: the initial
-    model). Without ``fold``, the same as Flower's ``Strategy.start``: two exchanges a round."""
+    model). Without ``fold``, the same as Flower's ``Strategy.start``: two exchanges a round (the
+    reference the folded order is tested against)."""
     on_round(0, initial, copy.deepcopy(strategy.state()))
     arrays = initial
     pending: tuple[int, ArrayRecord, dict[str, Any]] | None = None  # trained, not yet evaluated

@@ -14,6 +14,12 @@ on it unchanged: it sees one reply whose weights are the secure mean (a server o
 FedAdam then steps from it). Aggregators that need each site's update (a median, a trimmed
 mean) cannot be robust on a single record.
 
+The evaluation of the previous round's model rides on the stage that trains, as it rides on a
+plaintext training message (``fedscan.server.round_loop``): each site's evaluation config goes
+into its FitIns config, and the evaluation metrics it sends beside its masked vector come back
+to the strategy as that site's evaluation reply. A SecAgg+ round is then the protocol's four
+exchanges, with no evaluation exchange of its own.
+
 Flower's implementation of the protocol (Bell et al., "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead", CCS 2020) is used as is, except for one correction to which sites
 count as dropped (``DropoutSafeSecAggPlus``).
@@ -22,7 +28,7 @@ count as dropped (``DropoutSafeSecAggPlus``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -41,7 +47,16 @@ from flwr.serverapp import Grid
 
 from fedscan.common.config import RunConfig, SecAggPlan
 from fedscan.common.errors import FedscanError
-from fedscan.common.message_keys import CLIPPED_FRACTION, COMPUTE_SECONDS
+from fedscan.common.message_keys import (
+    CLIPPED_FRACTION,
+    COMPUTE_SECONDS,
+    EVALUATE_CONFIG,
+    EVALUATE_FIRST,
+    EVALUATE_PREFIX,
+    EVALUATED_SITE,
+    EVALUATION,
+    EVALUATION_PREFIX,
+)
 from fedscan.common.secagg_numerics import MODULUS, decode_aggregate
 from fedscan.server.strategies import SECURE_AGGREGATE
 
@@ -50,10 +65,12 @@ log = logging.getLogger("fedscan.server")
 
 class _OneAggregate(LegacyStrategy):
     """The legacy strategy SecAggPlusWorkflow drives: it sends every connected site the round's
-    instructions and keeps the one aggregate the protocol reconstructs."""
+    instructions (the round's config, and each site's own part of it: the evaluation riding on
+    it) and keeps the one aggregate the protocol reconstructs."""
 
-    def __init__(self, config: dict[str, Scalar]) -> None:
+    def __init__(self, config: dict[str, Scalar], per_site: Mapping[int, Mapping[str, Scalar]]) -> None:
         self.config = config
+        self.per_site = per_site
         self.aggregate: Parameters | None = None
         self.num_examples = 0
         self.metrics: list[dict[str, Scalar]] = []
@@ -65,7 +82,10 @@ class _OneAggregate(LegacyStrategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        return [(proxy, FitIns(parameters, dict(self.config))) for proxy in client_manager.all().values()]
+        return [
+            (proxy, FitIns(parameters, {**self.config, **self.per_site.get(int(proxy.node_id), {})}))
+            for proxy in client_manager.all().values()
+        ]
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
@@ -100,15 +120,19 @@ def secure_train_round(
     train_config: ConfigRecord,
     workflow: SecAggPlusWorkflow,
     node_ids: list[int],
+    per_site: Mapping[int, Mapping[str, Scalar]] | None = None,
 ) -> tuple[ArrayRecord | None, int, list[dict[str, Scalar]]]:
     """Run SecAgg+ for one round over all connected sites.
 
-    ``deltas_of``: the global weights the sites train from. Returns the example-weighted mean of
+    ``deltas_of``: the global weights the sites train from; ``per_site``: config entries for one
+    site's FitIns only, by node ID (the evaluation riding on it). Returns the example-weighted mean of
     the sites' deltas (None when the protocol could not finish, e.g. too few sites left), the
     total example count, and each survivor's plaintext scalar metrics."""
     # the round's config as a legacy FitIns holds it: Scalar values, the only ones the sites'
     # recorddict_to_fitins accepts
-    strategy = _OneAggregate({**cast(dict[str, Scalar], dict(train_config)), "server-round": server_round})
+    strategy = _OneAggregate(
+        {**cast(dict[str, Scalar], dict(train_config)), "server-round": server_round}, per_site or {}
+    )
     manager = SimpleClientManager()
     run_id = context.run_id
     for node_id in node_ids:
@@ -139,11 +163,14 @@ class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
     removes exactly the masks that are in the sum.
 
     Also, the stage that trains (masking) waits ``train_timeout`` when that is longer than the
-    other stages' timeout: it includes the sites' local training."""
+    other stages' timeout: it includes the sites' local training (and the evaluation before it).
+    The evaluation metrics a site sent beside its masked vector are taken out of its training
+    metrics into ``evaluations`` (node ID -> (site, metrics)), kept even if the round then fails."""
 
     def __init__(self, *, train_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.train_timeout = train_timeout
+        self.evaluations: dict[int, tuple[str, dict[str, Scalar]]] = {}
 
     def share_keys_stage(self, grid: Grid, context: Any, state: Any) -> bool:
         super().share_keys_stage(grid, context, state)
@@ -161,6 +188,31 @@ class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
             return super().collect_masked_vectors_stage(grid, context, state)
         finally:
             self.timeout = stage_timeout
+            for proxy, fitres in state.legacy_results:
+                site = fitres.metrics.pop(EVALUATED_SITE, None)
+                evaluation = {
+                    k[len(EVALUATION_PREFIX) :]: fitres.metrics.pop(k)
+                    for k in list(fitres.metrics)
+                    if k.startswith(EVALUATION_PREFIX)
+                }
+                if site is not None:
+                    self.evaluations[int(proxy.node_id)] = (str(site), evaluation)
+
+
+def folded_config(msg: Message) -> dict[str, Scalar]:
+    """The evaluation config a training message carries (``EVALUATE_CONFIG``, from
+    ``fedscan.server.round_loop.fold_evaluation``) as FitIns config entries; empty without one."""
+    if EVALUATE_CONFIG not in msg.content.config_records:
+        return {}
+    entries: dict[str, Scalar] = {EVALUATE_FIRST: True}
+    for key, value in msg.content.config_records[EVALUATE_CONFIG].items():
+        if not isinstance(value, (bool, int, float, str, bytes)):  # a legacy FitIns holds scalars only
+            raise FedscanError(
+                f"the evaluation config's {key!r} is a {type(value).__name__}: under SecAgg+ the "
+                "evaluation rides on the training message, whose config holds single values only"
+            )
+        entries[f"{EVALUATE_PREFIX}{key}"] = value
+    return entries
 
 
 def make_workflow(run: RunConfig, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflow:
@@ -207,7 +259,9 @@ def _summary(metrics: list[dict[str, Scalar]], n: int) -> dict[str, MetricRecord
 class SecureTrainGrid:
     """A Grid whose training round runs SecAgg+: the strategy's train messages go out through
     the protocol, and the strategy gets back one reply, the secure aggregate, as if one site had
-    sent it. Evaluation and everything else pass through unchanged. Per round, ``aggregates``
+    sent it, plus each site's evaluation that rode on the protocol's stage that trains (as a
+    training reply carrying only ``EVALUATION``, the shape ``split_replies`` takes apart).
+    Evaluation-only messages and everything else pass through unchanged. Per round, ``aggregates``
     counts the aggregated records handed to the strategy and ``sites_aggregated`` the sites whose
     masked updates are in the aggregate (0 when the round failed)."""
 
@@ -225,8 +279,13 @@ class SecureTrainGrid:
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         messages = list(messages)
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if not train:
             return self._grid.send_and_receive(messages, timeout=timeout)
+        # sites evaluated but not trained this round: their evaluation on its own, before the protocol
+        alone = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
+        evaluated = list(self._grid.send_and_receive(alone, timeout=timeout)) if alone else []
+        messages = train
         first = messages[0]
         global_arrays = first.content.array_records["arrays"]  # as FedAvg.configure_train names them
         config = first.content.config_records["config"]
@@ -241,15 +300,30 @@ class SecureTrainGrid:
         log.info(
             "round %d: SecAgg+ over %d sites (%d needed to unmask)", server_round, len(nodes), plan.threshold
         )
+        workflow = make_workflow(self.run, plan, len(nodes))
         delta, n, metrics = secure_train_round(
             self._grid,
             self._context,
             server_round,
             global_arrays,
             config,
-            make_workflow(self.run, plan, len(nodes)),
+            workflow,
             nodes,
+            {m.metadata.dst_node_id: folded_config(m) for m in messages},
         )
+        # each site's evaluation, as the training reply of a folded plaintext exchange carries it
+        # (``fedscan.server.round_loop.split_replies`` makes it the site's evaluation reply)
+        evaluations = getattr(workflow, "evaluations", {})
+        for msg in messages:
+            if msg.metadata.dst_node_id in evaluations:
+                site, values = evaluations[msg.metadata.dst_node_id]
+                part = RecordDict(
+                    {
+                        EVALUATION: MetricRecord(cast(dict[str, MetricRecordValues], values)),
+                        "site": ConfigRecord({"name": site}),
+                    }
+                )
+                evaluated.append(Message(content=part, reply_to=msg))
         self.sites_aggregated[server_round] = len(metrics)
         problems = []
         if delta is None:
@@ -273,7 +347,14 @@ class SecureTrainGrid:
             if self._progress:
                 self._progress("%s", text)
         if delta is None:
-            return []
+            # the protocol stopped before some sites reached the stage that trains: the evaluation
+            # they were to send goes to them on its own, as it did before it was folded
+            missed = [
+                m
+                for m in messages
+                if EVALUATE_CONFIG in m.content.config_records and m.metadata.dst_node_id not in evaluations
+            ]
+            return evaluated + (self._evaluate_alone(missed, global_arrays, timeout) if missed else [])
         try:
             new_global = _decode(global_arrays, delta)
         except ValueError as exc:
@@ -288,7 +369,22 @@ class SecureTrainGrid:
             }
         )
         self.aggregates[server_round] = self.aggregates.get(server_round, 0) + 1
-        return [Message(content=content, reply_to=first)]
+        return [Message(content=content, reply_to=first), *evaluated]
+
+    def _evaluate_alone(
+        self, folded: list[Message], global_arrays: ArrayRecord, timeout: float | None
+    ) -> list[Message]:
+        """The evaluations that rode on ``folded`` training messages, as messages of their own."""
+        messages = [
+            Message(
+                RecordDict({"arrays": global_arrays, "config": m.content.config_records[EVALUATE_CONFIG]}),
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=MessageType.EVALUATE,
+                group_id=m.metadata.group_id,
+            )
+            for m in folded
+        ]
+        return list(self._grid.send_and_receive(messages, timeout=timeout))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

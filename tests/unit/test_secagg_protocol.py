@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow
@@ -97,6 +97,7 @@ class WireGrid:
         self.drop = drop
         self.broken = broken  # sites whose training ends with NaN weights
         self.dead: set[int] = set()
+        self.configs: dict[int, tuple[dict, dict]] = {}  # site -> (training config, evaluation config)
         self.state = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in NODES
         }
@@ -109,12 +110,20 @@ class WireGrid:
             msg.metadata.__dict__["_message_id"] = f"m{self.sent}"
             msg = message_from_proto(message_to_proto(msg))
             nid = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.EVALUATE:  # an evaluation on its own
+                if nid not in self.dead:
+                    metrics = MetricRecord({"dice": nid % 9 / 10, "num-examples": COUNTS[nid]})
+                    site = ConfigRecord({"name": f"site-{nid % 100}"})
+                    self.configs[nid] = ({}, dict(msg.content.config_records["config"]))
+                    replies.append(Message(RecordDict({"metrics": metrics, "site": site}), reply_to=msg))
+                continue
             if self.drop.get(nid) == msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]:
                 self.dead.add(nid)
             if nid in self.dead:
                 continue
 
             def train(arrays, config, ctxt, nid=nid):  # noqa: ANN001, ANN202
+                self.configs[nid] = (config, self.configs.get(nid, ({}, {}))[1])
                 model = _model()
                 model.load_state_dict(_trained(nid))
                 if nid in self.broken:
@@ -125,8 +134,13 @@ class WireGrid:
                     "x",
                 )
 
+            def evaluate(arrays, config, ctxt, nid=nid):  # noqa: ANN001, ANN202
+                assert all(np.array_equal(arrays[k].numpy(), v.numpy()) for k, v in _global().items())
+                self.configs[nid] = ({}, config)
+                return {"dice": nid % 9 / 10, "num-examples": COUNTS[nid]}, f"site-{nid % 100}"
+
             try:
-                reply = secure_train(msg, self.state[nid], train, lambda: list(_global()))
+                reply = secure_train(msg, self.state[nid], train, lambda: list(_global()), evaluate=evaluate)
             except Exception:  # noqa: BLE001  a ClientApp that raises sends Flower an error reply
                 self.dead.add(nid)
                 continue
@@ -460,3 +474,95 @@ def test_what_a_site_sends_under_secagg_is_what_the_readme_lists() -> None:
     for stage, want in enumerate(expected):
         for reply in replies[stage * len(NODES) : (stage + 1) * len(NODES)]:
             assert {k: sorted(v.keys()) for k, v in reply.content.items()} == want, stage
+
+
+def _folded(server_round: int) -> tuple[list[Message], list[Message]]:
+    """Round ``server_round``'s training messages and the previous round's evaluation messages."""
+    arrays = ArrayRecord(_global())
+    train = [
+        Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round, "lr": 0.1})}),
+            dst_node_id=n,
+            message_type=MessageType.TRAIN,
+        )
+        for n in NODES
+    ]
+    evaluate = [
+        Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round - 1})}),
+            dst_node_id=n,
+            message_type=MessageType.EVALUATE,
+        )
+        for n in NODES
+    ]
+    return train, evaluate
+
+
+def test_a_round_that_stops_before_training_still_evaluates_the_live_sites() -> None:
+    """Three of five sites gone at setup: the protocol stops before the stage that trains, so the
+    evaluation that was to ride on it goes to every site on its own; the two live ones answer."""
+    from fedscan.server.round_loop import fold_evaluation, split_replies
+
+    wire = WireGrid({k: Stage.SETUP for k in (33, 44, BIG)})
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    grid = SecureTrainGrid(wire, ctx, RunConfig(secagg=True))
+    train, evaluate = _folded(3)
+    trained, evaluated = split_replies(
+        grid.send_and_receive(fold_evaluation(train, evaluate)), train, evaluate
+    )
+    assert trained == [] and grid.sites_aggregated == {3: 0}
+    assert {m.metadata.src_node_id: m.content["site"]["name"] for m in evaluated} == {
+        11: "site-11",
+        22: "site-22",
+    }
+    assert wire.configs[11] == ({}, {"server-round": 2})
+
+
+def test_the_evaluation_rides_on_the_stage_that_trains() -> None:
+    """Round 2's training messages carry round 1's evaluation (as ``fold_evaluation`` folds it):
+    each site evaluates the global model before it trains, its metrics come back beside its
+    masked vector, and ``split_replies`` gives the strategy one aggregate and each site's own
+    evaluation reply; a site that drops out before its masked vector sends no evaluation."""
+    from fedscan.server.round_loop import fold_evaluation, split_replies
+
+    wire = WireGrid({BIG: Stage.COLLECT_MASKED_VECTORS})
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    grid = SecureTrainGrid(wire, ctx, RunConfig(secagg=True))
+    arrays = ArrayRecord(_global())
+    train = [
+        Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2, "lr": 0.1})}),
+            dst_node_id=n,
+            message_type=MessageType.TRAIN,
+        )
+        for n in NODES
+    ]
+    evaluate = [
+        Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "tta": "off"})}),
+            dst_node_id=n,
+            message_type=MessageType.EVALUATE,
+        )
+        for n in NODES
+    ]
+    replies = grid.send_and_receive(fold_evaluation(train, evaluate))
+    trained, evaluated = split_replies(replies, train, evaluate)
+    survivors = [11, 22, 33, 44]
+    assert wire.sent == 4 * 5 - 1  # the protocol's four stages, no evaluation exchange (BIG left at stage 3)
+    assert len(trained) == 1 and trained[0].content["site"]["name"] == SECURE_AGGREGATE
+    assert "evaluation.dice" not in trained[0].content["metrics"]  # the training summary holds no evaluation
+    got = {
+        m.metadata.src_node_id: (
+            m.metadata.message_type,
+            m.content["site"]["name"],
+            dict(m.content["metrics"]),
+        )
+        for m in evaluated
+    }
+    assert got == {
+        n: (MessageType.EVALUATE, f"site-{n % 100}", {"dice": n % 9 / 10, "num-examples": COUNTS[n]})
+        for n in survivors
+    }
+    assert all(isinstance(got[n][2]["num-examples"], int) for n in survivors)  # counts stay integers
+    for n in survivors:  # each site got its evaluation config apart from its training config
+        assert wire.configs[n] == ({"server-round": 2, "lr": 0.1}, {"server-round": 1, "tta": "off"}), n
