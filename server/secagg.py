@@ -170,7 +170,7 @@ class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
     def __init__(self, *, train_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.train_timeout = train_timeout
-        self.evaluations: dict[int, tuple[str, dict[str, Scalar]]] = {}
+        self.evaluations: dict[int, tuple[str, dict[str, int | float]]] = {}
 
     def share_keys_stage(self, grid: Grid, context: Any, state: Any) -> bool:
         super().share_keys_stage(grid, context, state)
@@ -195,8 +195,21 @@ class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
                     for k in list(fitres.metrics)
                     if k.startswith(EVALUATION_PREFIX)
                 }
-                if site is not None:
-                    self.evaluations[int(proxy.node_id)] = (str(site), evaluation)
+                if site is None:
+                    continue
+                # what a MetricRecord holds (numbers); anything else a site sent is left out, said once
+                numbers = {
+                    k: v
+                    for k, v in evaluation.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+                if len(numbers) < len(evaluation):
+                    log.warning(
+                        "site %s sent %d evaluation value(s) that are not numbers; they are left out",
+                        site,
+                        len(evaluation) - len(numbers),
+                    )
+                self.evaluations[int(proxy.node_id)] = (str(site), numbers)
 
 
 def folded_config(msg: Message) -> dict[str, Scalar]:

@@ -98,6 +98,7 @@ class WireGrid:
         self.broken = broken  # sites whose training ends with NaN weights
         self.dead: set[int] = set()
         self.configs: dict[int, tuple[dict, dict]] = {}  # site -> (training config, evaluation config)
+        self.extra_evaluation: dict = {}  # sent beside each site's evaluation metrics
         self.state = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in NODES
         }
@@ -137,7 +138,11 @@ class WireGrid:
             def evaluate(arrays, config, ctxt, nid=nid):  # noqa: ANN001, ANN202
                 assert all(np.array_equal(arrays[k].numpy(), v.numpy()) for k, v in _global().items())
                 self.configs[nid] = ({}, config)
-                return {"dice": nid % 9 / 10, "num-examples": COUNTS[nid]}, f"site-{nid % 100}"
+                return {
+                    "dice": nid % 9 / 10,
+                    "num-examples": COUNTS[nid],
+                    **self.extra_evaluation,
+                }, f"site-{nid % 100}"
 
             try:
                 reply = secure_train(msg, self.state[nid], train, lambda: list(_global()), evaluate=evaluate)
@@ -566,3 +571,20 @@ def test_the_evaluation_rides_on_the_stage_that_trains() -> None:
     assert all(isinstance(got[n][2]["num-examples"], int) for n in survivors)  # counts stay integers
     for n in survivors:  # each site got its evaluation config apart from its training config
         assert wire.configs[n] == ({"server-round": 2, "lr": 0.1}, {"server-round": 1, "tta": "off"}), n
+
+
+def test_an_evaluation_value_that_is_not_a_number_is_left_out() -> None:
+    """A site (a hostile one) sends text among its evaluation metrics: the server keeps its numbers
+    and the round goes on, instead of failing on a MetricRecord that cannot hold text."""
+    from fedscan.server.round_loop import fold_evaluation, split_replies
+
+    wire = WireGrid({})
+    wire.extra_evaluation = {"note": "/data/patient-0042", "flag": True}
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    grid = SecureTrainGrid(wire, ctx, RunConfig(secagg=True))
+    train, evaluate = _folded(2)
+    trained, evaluated = split_replies(
+        grid.send_and_receive(fold_evaluation(train, evaluate)), train, evaluate
+    )
+    assert len(trained) == 1 and len(evaluated) == len(NODES)
+    assert all(set(m.content["metrics"]) == {"dice", "num-examples"} for m in evaluated)
