@@ -197,7 +197,7 @@ class DropoutSafeSecAggPlus(SecAggPlusWorkflow):
                 }
                 if site is None:
                     continue
-                # what a MetricRecord holds (numbers); anything else a site sent is left out, said once
+                # what a MetricRecord holds (numbers); anything else a site sent is left out, with a warning
                 numbers = {
                     k: v
                     for k, v in evaluation.items()
@@ -228,7 +228,7 @@ def folded_config(msg: Message) -> dict[str, Scalar]:
     return entries
 
 
-def make_workflow(run: RunConfig, plan: SecAggPlan, n_sites: int) -> SecAggPlusWorkflow:
+def make_workflow(run: RunConfig, plan: SecAggPlan, n_sites: int) -> DropoutSafeSecAggPlus:
     """The SecAgg+ workflow with the run's parameters (its ``secure_aggregation`` group, and the
     round's timeout for the stage that trains). Sharing with everyone is passed as the fraction 1.0:
     Flower takes integer share counts only above 2."""
@@ -326,7 +326,7 @@ class SecureTrainGrid:
         )
         # each site's evaluation, as the training reply of a folded plaintext exchange carries it
         # (``fedscan.server.round_loop.split_replies`` makes it the site's evaluation reply)
-        evaluations = getattr(workflow, "evaluations", {})
+        evaluations = workflow.evaluations
         for msg in messages:
             if msg.metadata.dst_node_id in evaluations:
                 site, values = evaluations[msg.metadata.dst_node_id]
