@@ -30,7 +30,7 @@ from typing import IO, Any, overload
 import psutil
 
 from fedscan.common.errors import FedscanError
-from fedscan.common.run_events import RunEvent, decode
+from fedscan.common.run_events import RunEvent, RunFinished, decode
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +241,12 @@ class FlowerProcess:
                     self.stop()
                     return None
 
-    def stop(self) -> None:
-        """Stop the process and everything it started (once); then let the reader finish the output."""
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop the process and everything it started (once): SIGTERM, and SIGKILL for what is still
+        running ``grace`` seconds later; then let the reader finish the output."""
         if self.proc is not None and not self._stopped:
             self._stopped = True
-            stop_process_tree(self.proc)
+            stop_process_tree(self.proc, timeout=grace)
         if self._reader is not None:
             self._reader.join(timeout=60)
 
@@ -340,16 +341,32 @@ def follow_run(
     log_path: Path,
     on_event: Callable[[RunEvent], None],
     give_up: Callable[[], bool] | None = None,
+    until_finished: bool = False,
 ) -> None:
     """Follow a run with `flwr log RUN --stream` until it ends: its whole output goes to the log, and
     every run event the ServerApp writes (``fedscan.common.run_events``) to ``on_event``.
 
-    ``give_up`` is asked every second; when it says so, following stops with RunNotFollowed."""
+    ``give_up`` is asked every second; when it says so, following stops with RunNotFollowed. With
+    ``until_finished``, following ends as soon as the ServerApp's RunFinished event has been handed
+    over: its work is done and written, and what Flower still does after it is left to the caller
+    to stop (the simulation engine takes about 10 s to shut Ray down, see ``server/simulate.py``)."""
+
+    finished = threading.Event()
+
+    def on_run_event(event: RunEvent) -> None:
+        on_event(event)
+        if until_finished and isinstance(event, RunFinished):
+            finished.set()
+
+    def stop_following() -> bool:
+        return finished.is_set() or (give_up is not None and give_up())
 
     cmd = [flower_exe("flwr"), "log", str(run_id), connection, "--stream"]
-    with FlowerProcess(cmd, offline_env(home), log_path, event_reader(on_event)) as proc:
-        code = proc.wait(give_up)
+    with FlowerProcess(cmd, offline_env(home), log_path, event_reader(on_run_event)) as proc:
+        code = proc.wait(stop_following, every=0.2)
         proc.stop()  # the reader has handed over every line before we look at what came
+    if code is None and finished.is_set():
+        return
     if code is None:
         raise RunNotFollowed(f"stopped following run {run_id}", hint=f"see {log_path}")
     if code != 0:

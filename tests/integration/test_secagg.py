@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_robustness import run_in_process
 from test_simulate import run_cli
 
-from fedscan.common.config import RunConfig
+from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.secagg_numerics import error_bound
 from fedscan.common.tasks.local_training import open_site
@@ -49,14 +50,27 @@ def assert_matches_plaintext(
 
 @pytest.mark.integration
 def test_secagg_equals_plaintext_within_the_quantization_step(synth_root: Path, tmp_path: Path) -> None:
-    reports = {}
-    for mode in ("--secagg", "--no-secagg"):
-        out = tmp_path / mode
-        res = run_cli(
-            "simulate", "--data-root", str(synth_root), "--rounds", "1", "--out", str(out), mode, *ARGS
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-        reports[mode] = json.loads((out / "report.json").read_text())
+    out = tmp_path / "--secagg"
+    res = run_cli(
+        "simulate", "--data-root", str(synth_root), "--rounds", "1", "--out", str(out), "--secagg", *ARGS
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    # plaintext: fedscan's ServerApp and ClientApp in this process (test_robustness.py's harness,
+    # torch on one thread as in each Ray actor), which saves a second start of Flower's engine
+    plain_cfg = RunConfig(
+        data_root=synth_root,
+        sites=2,
+        rounds=1,
+        image_size=32,
+        local_epochs=1,
+        seed=1,
+        device="cpu",
+        secagg=False,
+        output=tmp_path / "--no-secagg",
+        cache_dir=tmp_path / "plain-cache",
+    )
+    run_in_process(AppConfig(run=plain_cfg, site_names=[s.name for s in discover_sites(synth_root)]))
+    reports = {m: json.loads((tmp_path / m / "report.json").read_text()) for m in ("--secagg", "--no-secagg")}
     sec, plain = reports["--secagg"], reports["--no-secagg"]
     assert sec["secagg"] is True and plain["secagg"] is False
     # what the aggregation step received: one record per round under SecAgg+, one per site without

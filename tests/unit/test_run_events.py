@@ -9,9 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from pydantic import ValidationError
 
+from fedscan.common import flower_runtime
 from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.errors import FedscanError
 from fedscan.common.flower_runtime import FlowerProcess, event_reader
@@ -174,3 +176,32 @@ def test_a_process_s_events_are_found_among_its_other_output(tmp_path: Path) -> 
     ]
     text = log_path.read_text()
     assert "Starting logstream" in text and "partial line without its end" in text
+
+
+def test_following_until_finished_ends_at_the_servers_last_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedscan simulate` follows a run until the ServerApp's RunFinished, not until Flower's run ends
+    (the simulation engine's Ray shutdown): a `flwr log` that never ends is stopped once that event
+    has been handed over, with every event before it."""
+    fake = tmp_path / "flwr"
+    pid_file = tmp_path / "pid"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys, threading\n"
+        "from fedscan.common.run_events import RunFinished, RunStarted, write_event\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "write_event(RunStarted(sites=2, rounds=1))\n"
+        "write_event(RunFinished(metric='dice', mean=0.5))\n"
+        "threading.Event().wait()  # Flower still shutting down: this never ends by itself\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(flower_runtime, "flower_exe", lambda name: str(fake))
+    got: list[RunEvent] = []
+    log_path = tmp_path / "flower.log"
+    flower_runtime.follow_run(7, "conn", tmp_path / "home", log_path, got.append, until_finished=True)
+    assert got == [RunStarted(sites=2, rounds=1), RunFinished(metric="dice", mean=0.5)]
+    assert not psutil.pid_exists(int(pid_file.read_text())) or (
+        psutil.Process(int(pid_file.read_text())).status() == psutil.STATUS_ZOMBIE
+    )
+    assert '"run_finished"' in log_path.read_text()
