@@ -17,10 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_robustness import run_in_process
+from test_robustness import run_plaintext_reference
 from test_simulate import FEDSCAN, flower_processes, run_cli
 
-from fedscan.common.config import AppConfig, RunConfig
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.flower_runtime import flower_exe, free_port, offline_env, stop_process_tree
 
@@ -173,21 +172,7 @@ def test_two_rounds_through_fedscan_run_match_simulation(fed: Federation) -> Non
     # the same run simulated: fedscan's ServerApp and ClientApp in this process (test_robustness.py's
     # harness, torch on one thread as in each Ray actor; the simulate tests cover Flower's engine,
     # whose start-up and shutdown would add about 35 s here)
-    sim_out = fed.root / "sim"
-    reference = RunConfig(
-        data_root=fed.data,
-        sites=3,
-        rounds=2,
-        image_size=32,
-        local_epochs=1,
-        seed=3,
-        device="cpu",
-        secagg=False,
-        output=sim_out,
-        cache_dir=fed.root / "sim-cache",
-    )
-    run_in_process(AppConfig(run=reference, site_names=SITES))
-    simulated = json.loads((sim_out / "report.json").read_text())
+    simulated = run_plaintext_reference(fed.data, SITES, fed.root / "sim", rounds=2, seed=3)
     assert simulated["sites"] == report["sites"] and simulated["secagg"] is False
     assert [h["aggregation"]["records_seen_by_strategy"] for h in simulated["history"]] == [3, 3]
     for site in SITES:

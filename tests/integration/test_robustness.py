@@ -85,6 +85,28 @@ def run_in_process(cfg: AppConfig) -> None:
         torch.set_num_threads(threads)
 
 
+def run_plaintext_reference(
+    data_root: Path, site_names: list[str], out: Path, *, rounds: int, seed: int
+) -> dict:
+    """A small plaintext FedAvg run over ``site_names`` with ``run_in_process`` (32-pixel slices, one
+    local epoch, CPU): the reference the SecAgg+ and deployment tests compare with, without a Ray
+    start. Its cache goes beside ``out``; returns its report.json."""
+    run = RunConfig(
+        data_root=data_root,
+        sites=len(site_names),
+        rounds=rounds,
+        image_size=32,
+        local_epochs=1,
+        seed=seed,
+        device="cpu",
+        secagg=False,
+        output=out,
+        cache_dir=out.parent / f"{out.name}-cache",
+    )
+    run_in_process(AppConfig(run=run, site_names=site_names))
+    return json.loads((out / "report.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five small synthetic hospitals (8 patients each, 2 of them for validation), as `fedscan synth`

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_robustness import run_in_process
+from test_robustness import run_plaintext_reference
 from test_simulate import run_cli
 
-from fedscan.common.config import AppConfig, RunConfig
+from fedscan.common.config import RunConfig
 from fedscan.common.data.layout import discover_sites
 from fedscan.common.secagg_numerics import error_bound
 from fedscan.common.tasks.local_training import open_site
@@ -57,21 +57,9 @@ def test_secagg_equals_plaintext_within_the_quantization_step(synth_root: Path, 
     assert res.returncode == 0, res.stdout + res.stderr
     # plaintext: fedscan's ServerApp and ClientApp in this process (test_robustness.py's harness,
     # torch on one thread as in each Ray actor), which saves a second start of Flower's engine
-    plain_cfg = RunConfig(
-        data_root=synth_root,
-        sites=2,
-        rounds=1,
-        image_size=32,
-        local_epochs=1,
-        seed=1,
-        device="cpu",
-        secagg=False,
-        output=tmp_path / "--no-secagg",
-        cache_dir=tmp_path / "plain-cache",
-    )
-    run_in_process(AppConfig(run=plain_cfg, site_names=[s.name for s in discover_sites(synth_root)]))
-    reports = {m: json.loads((tmp_path / m / "report.json").read_text()) for m in ("--secagg", "--no-secagg")}
-    sec, plain = reports["--secagg"], reports["--no-secagg"]
+    names = [s.name for s in discover_sites(synth_root)]
+    plain = run_plaintext_reference(synth_root, names, tmp_path / "--no-secagg", rounds=1, seed=1)
+    sec = json.loads((out / "report.json").read_text())
     assert sec["secagg"] is True and plain["secagg"] is False
     # what the aggregation step received: one record per round under SecAgg+, one per site without
     assert [h["aggregation"]["records_seen_by_strategy"] for h in sec["history"]] == [1]

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from test_deployment import Federation
-from test_robustness import run_in_process
+from test_robustness import run_plaintext_reference
 from test_secagg import assert_matches_plaintext
 from test_simulate import FEDSCAN, flower_processes, run_cli
 
-from fedscan.common.config import AppConfig, RunConfig
+from fedscan.common.config import RunConfig
 from fedscan.common.data.synthetic import synthesize
 from fedscan.common.flower_runtime import stop_process_tree
 from fedscan.common.models.registry import build_model
@@ -149,19 +149,7 @@ def test_secagg_survives_a_dropout_and_fails_cleanly_below_the_threshold(tmp_pat
         # plaintext FedAvg over the four, by fedscan's ServerApp and ClientApp in this process
         # (test_robustness.py's harness: no Ray to start; torch on one thread, as the sites train)
         plain = tmp_path / "plain"
-        reference = RunConfig(
-            data_root=survivors,
-            sites=4,
-            rounds=1,
-            image_size=32,
-            local_epochs=1,
-            seed=2,
-            device="cpu",
-            secagg=False,
-            output=plain,
-            cache_dir=tmp_path / "plain-cache",
-        )
-        run_in_process(AppConfig(run=reference, site_names=SITES[:4]))
+        run_plaintext_reference(survivors, SITES[:4], plain, rounds=1, seed=2)
         assert_matches_plaintext(
             out / "checkpoints" / "round-001.pt",
             plain / "checkpoints" / "round-001.pt",
